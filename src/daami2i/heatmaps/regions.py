@@ -1,0 +1,170 @@
+"""Regions of the latent grid as weight maps: the single input of every self-attention query.
+
+A pixel list, a box, a polygon, several polygons and a guide heat map are all turned into one
+non-negative weight map ``g`` of the grid's (height, width); the query is then ``S g / sum(g)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import QueryError
+
+Size = tuple[int, int]  # (height, width)
+
+
+def _grid_text(grid: Size) -> str:
+    return f"{grid[0]}x{grid[1]} (height x width) grid"
+
+
+def pixel_weights(pix_ids: Iterable[int], grid: Size) -> torch.Tensor:
+    """Weights of a list of row-major pixel ids: each id counts once per occurrence.
+
+    >>> pixel_weights([0, 5], (2, 3))
+    tensor([[1., 0., 0.],
+            [0., 0., 1.]])
+    """
+    n = grid[0] * grid[1]
+    if isinstance(pix_ids, (int, np.integer)):
+        pix_ids = [int(pix_ids)]
+    if isinstance(pix_ids, torch.Tensor):
+        pix_ids = pix_ids.flatten().tolist()
+    try:
+        ids = [int(i) for i in pix_ids]
+    except (TypeError, ValueError) as exc:
+        raise QueryError(
+            f"pixel ids must be integers (row-major latent indices), got {pix_ids!r}"
+        ) from exc
+    if not ids:
+        raise QueryError(
+            f"the pixel list is empty: pass at least one row-major id in [0, {n - 1}] of the {_grid_text(grid)}"
+        )
+    bad = [i for i in ids if not 0 <= i < n]
+    if bad:
+        raise QueryError(
+            f"pixel ids must lie in [0, {n - 1}] on the {_grid_text(grid)} (id = row * {grid[1]} + column); "
+            f"got out-of-range ids {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
+    counts = torch.bincount(torch.tensor(ids), minlength=n).to(torch.float32)
+    return counts.view(grid)
+
+
+def box_weights(x1: int, y1: int, x2: int, y2: int, grid: Size) -> torch.Tensor:
+    """Weights of the latent box columns ``x1 <= x < x2``, rows ``y1 <= y < y2`` (half-open).
+
+    >>> box_weights(1, 0, 3, 1, (2, 3))
+    tensor([[0., 1., 1.],
+            [0., 0., 0.]])
+    """
+    h, w = grid
+    for name, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise QueryError(f"box corner {name} must be an integer latent coordinate, got {v!r}")
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise QueryError(
+            f"box (x1={x1}, y1={y1}, x2={x2}, y2={y2}) is empty or outside the {_grid_text(grid)}: "
+            f"expected 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h} "
+            "(x is the column, y the row; x2 and y2 are exclusive, like Python slices)"
+        )
+    g = torch.zeros(grid)
+    g[y1:y2, x1:x2] = 1.0
+    return g
+
+
+def _as_polygon(contour: Any, image_size: Size, index: int) -> np.ndarray:
+    try:
+        pts = np.asarray(contour, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise QueryError(f"contour {index} must be a list of [x, y] points, got {contour!r}") from exc
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise QueryError(
+            f"contour {index} must be a list of [x, y] points (shape (n, 2)), got an array of shape {pts.shape}"
+        )
+    if len(np.unique(pts, axis=0)) < 3:
+        raise QueryError(
+            f"contour {index} needs at least 3 distinct [x, y] points to enclose an area, got {pts.tolist()}"
+        )
+    if not np.isfinite(pts).all():
+        raise QueryError(f"contour {index} holds non-finite coordinates: {pts.tolist()}")
+    h, w = image_size
+    out = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+    if out.any():
+        raise QueryError(
+            f"contour {index} has points outside the {h}x{w} (height x width) image: {pts[out].tolist()[:5]}; "
+            f"points are [x, y] image-pixel coordinates with 0 <= x <= {w} and 0 <= y <= {h}"
+        )
+    return pts
+
+
+def _check_image_size(image_size: Any) -> Size:
+    try:
+        h, w = (int(v) for v in image_size)
+    except (TypeError, ValueError) as exc:
+        raise QueryError(f"image size must be (height, width) in pixels, got {image_size!r}") from exc
+    if h <= 0 or w <= 0:
+        raise QueryError(f"image size must be positive (height, width), got {image_size!r}")
+    return h, w
+
+
+def polygon_weights(contours: Sequence[Any], image_size: Size, grid: Size) -> torch.Tensor:
+    """Fraction of each latent cell covered by the union of the polygons.
+
+    Polygons are lists of ``[x, y]`` points in image-pixel coordinates. An image pixel belongs to
+    the region when its centre lies inside a polygon (matplotlib's point-in-path test); a latent
+    cell's weight is the mean over the image pixels it spans (area pooling).
+
+    >>> polygon_weights([[[0, 0], [4, 0], [4, 8], [0, 8]]], (8, 8), (2, 2))
+    tensor([[1., 0.],
+            [1., 0.]])
+    """
+    from matplotlib.path import Path as MplPath
+
+    h, w = _check_image_size(image_size)
+    if isinstance(contours, (str, bytes)) or not isinstance(contours, Sequence) or len(contours) == 0:
+        raise QueryError(f"expected a non-empty list of contours (each a list of [x, y] points), got {contours!r}")
+    ys, xs = np.mgrid[0:h, 0:w]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+    inside = np.zeros(h * w, dtype=bool)
+    for i, contour in enumerate(contours):
+        inside |= MplPath(_as_polygon(contour, (h, w), i)).contains_points(centres)
+    mask = torch.from_numpy(inside.reshape(h, w).astype(np.float32))
+    cover = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], grid)[0, 0]
+    if float(cover.sum()) == 0.0:
+        raise QueryError(
+            "the contour(s) enclose no image pixel centre: the region is empty; "
+            "check that points are [x, y] in image pixels of an image of (height, width) "
+            f"{(h, w)}"
+        )
+    return cover
+
+
+def guide_weights(guide: Any, grid: Size) -> torch.Tensor:
+    """Check a guide heat map (tensor, array or heat-map object) and return it as float32 weights."""
+    value = getattr(guide, "value", guide)
+    try:
+        g = torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise QueryError(f"a guide must be a heat map or a {grid} tensor, got {type(guide).__name__}") from exc
+    g = g.detach().cpu()
+    if tuple(g.shape) != tuple(grid):
+        hint = ""
+        if g.ndim == 2 and g.shape[0] > grid[0]:
+            hint = " (an expanded image-size map? pass the heat map object or its .value instead)"
+        raise QueryError(
+            f"guide must have the latent grid's shape {tuple(grid)} (height, width), got {tuple(g.shape)}{hint}"
+        )
+    if not torch.isfinite(g).all():
+        raise QueryError("guide holds NaN or infinite values")
+    if (g < 0).any():
+        raise QueryError(
+            f"guide weights must be non-negative, got a minimum of {float(g.min()):.4g}; "
+            "shift or clamp it first (e.g. guide.clamp(min=0))"
+        )
+    if float(g.sum()) <= 0.0 or math.isclose(float(g.sum()), 0.0):
+        raise QueryError("guide weights sum to zero: nothing to weight the self-attention columns with")
+    return g

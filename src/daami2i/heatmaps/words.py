@@ -1,0 +1,92 @@
+"""Word maps (DAAM): token lookup and per-(layer, head) aggregation of cross-attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import QueryError
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """Cross-attention of one layer for one image, summed over steps, kept per head."""
+
+    name: str
+    size: Size  # (h, w) of this layer's resolution
+    sums: torch.Tensor  # shape: (heads, h*w, tokens) float32
+
+
+def clean_token(token: str) -> str:
+    return token.replace("</w>", "")
+
+
+def token_rows(
+    tokenizer: Any,
+    prompt_tokens: Sequence[str],
+    word: str,
+    word_idx: int | None = None,
+    offset_idx: int = 0,
+    n_rows: int | None = None,
+) -> list[int]:
+    """Rows of the cross-attention map (start token = row 0) that belong to ``word``.
+
+    With ``word_idx=None`` every occurrence of the word's token sequence in the prompt is merged
+    (DAAM's behaviour), shifted by ``offset_idx``; otherwise the token at position ``word_idx`` of
+    the tokenized prompt (0 = first token after the start token) is used.
+    """
+    tokens = [clean_token(t) for t in prompt_tokens]
+    if word_idx is not None:
+        if not isinstance(word_idx, int) or not 0 <= word_idx < len(tokens):
+            raise QueryError(
+                f"word_idx must be a token position in [0, {len(tokens) - 1}] of the prompt tokens {tokens}, got {word_idx!r}"
+            )
+        rows = [word_idx + 1]
+    else:
+        if not isinstance(word, str) or not word.strip():
+            raise QueryError(f"word must be a non-empty string, got {word!r}")
+        search = [clean_token(t) for t in tokenizer.tokenize(word.lower())]
+        n = len(search)
+        starts = [i + offset_idx for i in range(len(tokens) - n + 1) if tokens[i : i + n] == search]
+        rows = [s + j + 1 for s in starts for j in range(n)]
+        if not rows:
+            raise QueryError(
+                f"word {word!r} (tokens {search}) is not in the prompt; its tokens are {tokens}. "
+                "Pass one of these words, or word_idx=<position> for a single token."
+            )
+    if n_rows is not None:
+        bad = [r for r in rows if not 0 <= r < n_rows]
+        if bad:
+            raise QueryError(
+                f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw "
+                "(the prompt was truncated, or offset_idx moves it out of range)"
+            )
+    return rows
+
+
+def aggregate_layers(layers: Sequence[CrossAttentionLayer], grid: Size) -> torch.Tensor:
+    """DAAM's aggregation: each (layer, head) map is upsampled bicubically to the grid and clamped
+    at 0, then all are averaged. Returns (tokens, h, w) float32."""
+    if not layers:
+        raise QueryError(
+            "no cross-attention was captured: trace with cross_attention=True to compute word maps"
+        )
+    total: torch.Tensor | None = None
+    count = 0
+    for layer in layers:
+        heads, _, n_tok = layer.sums.shape
+        h, w = layer.size
+        maps = layer.sums.transpose(1, 2).reshape(heads * n_tok, 1, h, w)
+        if (h, w) != tuple(grid):
+            maps = F.interpolate(maps, size=grid, mode="bicubic", align_corners=False)
+        maps = maps.clamp(min=0).view(heads, n_tok, *grid).sum(0)
+        total = maps if total is None else total + maps
+        count += heads
+    assert total is not None
+    return total / count

@@ -1,0 +1,217 @@
+"""Tiny offline Stable Diffusion pipelines built from configs with the real diffusers classes.
+
+Nothing is downloaded: the CLIP BPE tokenizer is the real one (vocabulary shipped with daami2i) and
+every weight is random. Use these for tests, examples and benchmarks::
+
+    >>> from daami2i.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline("sd2")
+    >>> image = pipe("a cat", num_inference_steps=2, height=128, width=96).images[0]
+    >>> image.size  # PIL gives (width, height)
+    (96, 128)
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Style = Literal["sd1", "sd2", "sd2-v"]
+Kind = Literal["text2img", "img2img", "inpaint"]
+
+CLIP_VOCAB_SIZE = 49408
+
+
+def clip_tokenizer_path() -> Path:
+    """Folder holding the real CLIP BPE tokenizer (``vocab.json``, ``merges.txt``)."""
+    return Path(str(resources.files("daami2i") / "assets" / "clip-tokenizer"))
+
+
+def clip_tokenizer() -> Any:
+    """The real CLIP BPE tokenizer, built offline.
+
+    >>> clip_tokenizer()("a photo of a cat").input_ids
+    [49406, 320, 1125, 539, 320, 2368, 49407]
+    """
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_path()), local_files_only=True)
+    if len(tok) != CLIP_VOCAB_SIZE:  # an incomplete load silently gives a 2-token vocabulary
+        raise RuntimeError(f"CLIP tokenizer has {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}: assets are damaged")
+    return tok
+
+
+def _text_encoder(hidden: int, seed: int, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(seed: int, scale_factor: int = 8) -> Any:
+    from diffusers import AutoencoderKL
+
+    levels = {2: 2, 4: 3, 8: 4}[scale_factor]
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+    ).eval()
+
+
+def _scheduler(prediction_type: str = "epsilon") -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_unet(style: Style | Literal["sdxl"] = "sd2", sample_size: int = 64, seed: int = 0) -> Any:
+    """A small ``UNet2DConditionModel`` with the layout of the named family.
+
+    ``sd1``/``sd2``: cross-attention down/up blocks at latent factors 1 and 2, mid block at 4
+    (SD-2 style uses linear projections and per-level head counts). ``sdxl``: attention at factors
+    2 and 4 only, two transformer layers at the deepest level, text-time conditioning.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    if style == "sdxl":
+        return UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 32,
+            norm_num_groups=8,
+        ).eval()
+    if style not in ("sd1", "sd2", "sd2-v"):
+        raise ValueError(f"style must be 'sd1', 'sd2', 'sd2-v' or 'sdxl', got {style!r}")
+    sd2 = style != "sd1"
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_sd_pipeline(
+    style: Style = "sd2",
+    kind: Kind = "text2img",
+    sample_size: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A random Stable Diffusion 1.x / 2.x style pipeline (text2img, img2img or inpaint).
+
+    The VAE scales by 8 like the real one, so ``sample_size=64`` gives 512x512 images with a
+    64x64 latent, as ``stabilityai/stable-diffusion-2-base`` does. ``sd2-v`` is the v-prediction
+    (768) layout; use ``sample_size=96`` for its 96x96 latent.
+    """
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    classes = {
+        "text2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    pipe = classes[kind](
+        vae=_vae(seed + 1),
+        text_encoder=_text_encoder(32, seed + 2),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(style, sample_size, seed + 3),
+        scheduler=_scheduler("v_prediction" if style == "sd2-v" else "epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_sdxl_pipeline(kind: Kind = "text2img", sample_size: int = 128, seed: int = 0) -> Any:
+    """A random SDXL-style pipeline: two text encoders, attention at latent factors 2 and 4."""
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    classes = {
+        "text2img": StableDiffusionXLPipeline,
+        "img2img": StableDiffusionXLImg2ImgPipeline,
+        "inpaint": StableDiffusionXLInpaintPipeline,
+    }
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    kwargs: dict[str, Any] = {}
+    if kind != "text2img":
+        kwargs["requires_aesthetics_score"] = False
+    pipe = classes[kind](
+        vae=_vae(seed + 1),
+        text_encoder=_text_encoder(32, seed + 2),
+        text_encoder_2=_text_encoder(32, seed + 4, with_projection=True),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=tiny_unet("sdxl", sample_size, seed + 3),
+        scheduler=_scheduler(),
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

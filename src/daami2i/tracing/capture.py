@@ -1,0 +1,107 @@
+"""The capturing processor: wraps a layer's original attention processor and records its attention.
+
+The original processor runs untouched (SDPA, xformers, LoRA, ... whatever was installed); the
+query and key it computes are read with forward hooks on ``attn.to_q`` / ``attn.to_k`` for the
+duration of the call, and the probabilities are recomputed from them in float32, in chunks of query
+rows, and added to the store. So the layer's output is exactly the original one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import TraceError
+
+if TYPE_CHECKING:
+    from .trace import Trace
+    from .unet import AttentionSite
+
+
+class CapturingProcessor:
+    """Wraps ``original`` for one attention site; transparent to diffusers' kwargs filtering."""
+
+    def __init__(self, original: Any, site: AttentionSite, tracer: Trace) -> None:
+        self.original = original
+        self.site = site
+        self.tracer = tracer
+        # Attention.forward drops kwargs the processor's __call__ does not declare: advertise the
+        # original's parameters so wrapping changes nothing about which kwargs reach it.
+        try:
+            sig = inspect.signature(original.__call__)
+        except (TypeError, ValueError):
+            sig = None
+        if sig is not None:
+
+            def _call(*args: Any, **kwargs: Any) -> Any:
+                return CapturingProcessor.__call__(self, *args, **kwargs)
+
+            _call.__signature__ = sig  # type: ignore[attr-defined]
+            self.__dict__["__call__"] = _call
+
+    def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.tracer._wants(self.site):
+            return self.original(attn, *args, **kwargs)
+        slot: dict[str, torch.Tensor] = {}
+
+        def keep(key: str) -> Any:
+            def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+                slot.setdefault(key, output)
+
+            return hook
+
+        hq = attn.to_q.register_forward_hook(keep("q"))
+        hk = attn.to_k.register_forward_hook(keep("k"))
+        try:
+            out = self.original(attn, *args, **kwargs)
+        finally:
+            hq.remove()
+            hk.remove()
+        if "q" not in slot or "k" not in slot:
+            raise TraceError(
+                f"the attention processor {type(self.original).__name__} of layer {self.site.name} did not call "
+                "attn.to_q / attn.to_k, so its attention cannot be captured "
+                "(fused QKV projections? call pipe.unfuse_qkv_projections() before tracing)"
+            )
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.tracer._capture(self.site, attn, slot["q"], slot["k"], mask)
+        return out
+
+
+@torch.no_grad()
+def attention_probs_chunks(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, chunk_bytes: int
+):
+    """Yield ``(start, stop, probs)`` with float32 probabilities (b, heads, stop - start, keys).
+
+    ``q`` (B, N, heads*d) and ``k`` (B, T, heads*d) are the projections the layer computed; only the
+    batch entries ``rows`` are used. Query rows are processed in chunks so that no
+    (b x heads x N x T) tensor is alive at once: each chunk holds at most ``chunk_bytes``.
+    """
+    heads = attn.heads
+    b, b_all = rows.numel(), q.shape[0]
+    q = q[rows]
+    k = k[rows]
+    n_q, n_k = q.shape[1], k.shape[1]
+    d = q.shape[-1] // heads
+    q = q.view(b, n_q, heads, d).transpose(1, 2)
+    k = k.view(b, n_k, heads, d).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    q = q.float() * float(attn.scale)
+    kt = k.float().transpose(-1, -2)
+    bias = None
+    if mask is not None:
+        full = attn.prepare_attention_mask(mask, n_k, b_all)  # (b_all * heads, 1 or N, T)
+        bias = full.view(b_all, heads, full.shape[-2], full.shape[-1])[rows].float()
+    step = max(1, chunk_bytes // (b * heads * n_k * 4))
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        scores = q[:, :, start:stop] @ kt
+        if bias is not None:
+            scores = scores + (bias if bias.shape[-2] == 1 else bias[:, :, start:stop])
+        yield start, stop, scores.softmax(dim=-1)

@@ -1,0 +1,346 @@
+"""``daami2i.trace``: the context manager that captures attention while a pipeline generates."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ConfigError, QueryError, TraceError
+from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.selfattn import Direction, check_direction
+from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
+from .capture import CapturingProcessor, attention_probs_chunks
+from .unet import AttentionSite, find_sites, size_at, unet_of
+
+Halves = Literal["cond", "uncond", "both"]
+FactorSpec = str | Iterable[int] | None
+
+_ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # UNets currently traced
+
+
+class Trace:
+    """Capture self- and cross-attention of a Stable Diffusion pipeline while it generates.
+
+    >>> from daami2i.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> with trace(pipe) as trc:
+    ...     image = pipe("a red cat", num_inference_steps=2, height=64, width=64).images[0]
+    ...     ghm = trc.compute_global_heat_map()
+    >>> ghm.compute_word_heat_map("cat").expand_as(image).shape
+    torch.Size([64, 64])
+
+    Args:
+        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, img2img, inpaint).
+        self_attention / cross_attention: capture each kind at all (both on by default).
+        self_factors: resolutions of self-attention to capture, as latent downsampling factors:
+            ``"highest"`` (default, like daam-i2i: the highest self-attention resolution only),
+            ``"all"``, or an iterable such as ``(1, 2)``.
+        cross_factors: ``"daam"`` (default: down and up blocks, every factor except 8, like DAAM),
+            ``"all"`` (mid block too), or an iterable of factors.
+        self_layers / cross_layers: explicit layer names (see :attr:`layer_names`) to capture
+            instead of the factor rule.
+        steps: denoising step indices (0-based) to capture; ``None`` captures all.
+        halves: which half of the classifier-free-guidance batch to keep: ``"cond"`` (default),
+            ``"uncond"`` or ``"both"`` (their mean, as daam-i2i does). Without guidance there is
+            only one half and ``"cond"``/``"both"`` use it.
+        direction: default pixel-map direction, ``"attended_by"`` (the seed's column: how much every
+            pixel attends to the region) or ``"attends_to"`` (where the region looks).
+        chunk_mb: upper bound, in MiB, of one chunk of recomputed attention probabilities.
+        store_device: where stores live (default: the device of the UNet).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        self_attention: bool = True,
+        cross_attention: bool = True,
+        self_factors: FactorSpec = "highest",
+        cross_factors: FactorSpec = "daam",
+        self_layers: Iterable[str] | None = None,
+        cross_layers: Iterable[str] | None = None,
+        steps: Iterable[int] | Callable[[int], bool] | None = None,
+        halves: Halves = "cond",
+        direction: Direction = "attended_by",
+        chunk_mb: float = 64.0,
+        store_device: torch.device | str | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.unet = unet_of(pipe)
+        if not callable(getattr(pipe, "check_inputs", None)):
+            raise ConfigError(f"{type(pipe).__name__} has no check_inputs method: daami2i cannot see its prompts")
+        if halves not in ("cond", "uncond", "both"):
+            raise ConfigError(f"halves must be 'cond', 'uncond' or 'both', got {halves!r}")
+        self.halves: Halves = halves
+        self.direction = check_direction(direction)
+        if not chunk_mb > 0:
+            raise ConfigError(f"chunk_mb must be positive, got {chunk_mb!r}")
+        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.store_device = store_device
+        self.sites = find_sites(self.unet)
+        self_sites = [s for s in self.sites if s.kind == "self"]
+        if not self_sites:
+            raise ConfigError(f"{type(self.unet).__name__} has no attention layers to trace")
+        self.grid_factor = min(s.factor for s in self_sites)
+        self.selected = (
+            self._select("self", self_factors, self_layers) if self_attention else []
+        ) + (self._select("cross", cross_factors, cross_layers) if cross_attention else [])
+        if not self.selected:
+            raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
+        if callable(steps):
+            self._step_ok: Callable[[int], bool] = steps
+        elif steps is None:
+            self._step_ok = lambda _step: True
+        else:
+            wanted = {int(s) for s in steps}
+            self._step_ok = wanted.__contains__
+        self.generations: list[Generation] = []
+        self._current: Generation | None = None
+        self._step = -1
+        self._active = False
+        self._originals: dict[str, Any] = {}
+        self._handles: list[Any] = []
+        self._had_check_inputs_attr = False
+        self._saved_check_inputs: Any = None
+
+    # -- configuration --------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> dict[str, tuple[str, int]]:
+        """Every attention layer of the UNet: name -> (kind, factor)."""
+        return {s.name: (s.kind, s.factor) for s in self.sites}
+
+    def _select(self, kind: str, factors: FactorSpec, layers: Iterable[str] | None) -> list[AttentionSite]:
+        pool = [s for s in self.sites if s.kind == kind]
+        if layers is not None:
+            names = list(layers)
+            known = {s.name for s in pool}
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ConfigError(
+                    f"unknown {kind}-attention layer(s) {unknown}; the {kind}-attention layers are {sorted(known)}"
+                )
+            return [s for s in pool if s.name in set(names)]
+        available = sorted({s.factor for s in pool})
+        if factors == "highest":
+            return [s for s in pool if s.factor == min(available)]
+        if factors == "all":
+            return pool
+        if factors == "daam" and kind == "cross":
+            return [s for s in pool if s.block != "mid" and s.factor != 8]
+        if isinstance(factors, str) or factors is None:
+            raise ConfigError(
+                f"{kind}_factors must be 'highest', 'all'{', daam' if kind == 'cross' else ''} or an iterable of "
+                f"factors from {available}, got {factors!r}"
+            )
+        wanted = {int(f) for f in factors}
+        missing = wanted - set(available)
+        if missing:
+            raise ConfigError(f"{kind}-attention has no layers at factor(s) {sorted(missing)}; available: {available}")
+        return [s for s in pool if s.factor in wanted]
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        if self.unet in _ACTIVE or any(
+            isinstance(s.module.get_processor(), CapturingProcessor) for s in self.sites
+        ):
+            raise TraceError(
+                "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
+                "before entering another"
+            )
+        for s in self.sites:
+            if getattr(s.module, "fused_projections", False):
+                raise TraceError(
+                    f"layer {s.name} uses fused QKV projections, which hide the query and key: "
+                    "call pipe.unfuse_qkv_projections() before tracing"
+                )
+        _ACTIVE.add(self.unet)
+        try:
+            for s in self.selected:
+                original = s.module.get_processor()
+                self._originals[s.name] = original
+                s.module.set_processor(CapturingProcessor(original, s, self))
+            self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            self._had_check_inputs_attr = "check_inputs" in self.pipe.__dict__
+            self._saved_check_inputs = self.pipe.__dict__.get("check_inputs")
+            original_check = self.pipe.check_inputs
+
+            def check_inputs(*args: Any, **kwargs: Any) -> Any:
+                self._begin(args[0] if args else kwargs.get("prompt"))
+                return original_check(*args, **kwargs)
+
+            object.__setattr__(self.pipe, "check_inputs", check_inputs)
+            self._active = True
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            for s in self.selected:
+                if s.name in self._originals:
+                    s.module.set_processor(self._originals[s.name])
+            for h in self._handles:
+                h.remove()
+            if self._had_check_inputs_attr:
+                object.__setattr__(self.pipe, "check_inputs", self._saved_check_inputs)
+            elif "check_inputs" in self.pipe.__dict__:
+                object.__delattr__(self.pipe, "check_inputs")
+        finally:
+            self._originals.clear()
+            self._handles.clear()
+            self._active = False
+            _ACTIVE.discard(self.unet)
+
+    # -- capture --------------------------------------------------------------------------------
+    def _begin(self, prompt: Any) -> None:
+        prompts: list[str | None] | None
+        if prompt is None:
+            prompts = None
+        elif isinstance(prompt, str):
+            prompts = [prompt]
+        else:
+            prompts = [p if isinstance(p, str) else None for p in prompt]
+        self._current = Generation(index=len(self.generations), grid_size=(0, 0), prompts=prompts, halves=self.halves)
+        self.generations.append(self._current)
+        self._step = -1
+
+    def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        if self._current is None:  # the UNet was called without the pipeline's __call__
+            self._begin(None)
+        gen = self._current
+        assert gen is not None
+        self._step += 1
+        gen.steps_run = self._step + 1
+        if gen.latent_size is None:
+            self._setup_generation(gen, sample)
+        if self._step_ok(self._step):
+            gen.steps_captured.append(self._step)
+
+    def _setup_generation(self, gen: Generation, sample: torch.Tensor) -> None:
+        gen.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        gen.grid_size = size_at(gen.latent_size, self.grid_factor)
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
+        batch = int(sample.shape[0])
+        gen.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        if gen.cfg and batch % 2:
+            raise TraceError(f"classifier-free guidance is on but the UNet batch ({batch}) is odd")
+        gen.n_images = batch // 2 if gen.cfg else batch
+        if self.halves == "uncond" and not gen.cfg:
+            raise TraceError(
+                "halves='uncond' was asked for but this generation runs without classifier-free guidance "
+                "(guidance_scale <= 1), so there is no unconditional half; use halves='cond'"
+            )
+        n = gen.n_images
+        if not gen.cfg:
+            rows = [[i] for i in range(n)]
+        else:
+            rows = {"cond": [[n + i] for i in range(n)], "uncond": [[i] for i in range(n)],
+                    "both": [[i, n + i] for i in range(n)]}[self.halves]
+        self._rows = torch.tensor(rows, device=sample.device)  # (n_images, halves)
+        self._store_device = torch.device(self.store_device) if self.store_device is not None else sample.device
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if gen.prompts is not None and n % len(gen.prompts) == 0:
+            per = n // len(gen.prompts)
+            gen.image_prompts = [gen.prompts[i // per] for i in range(n)]
+        else:
+            gen.image_prompts = [None] * n
+        gen.image_tokens = [
+            tokenizer.tokenize(p.lower()) if (p is not None and tokenizer is not None) else None for p in gen.image_prompts
+        ]
+
+    def _wants(self, site: AttentionSite) -> bool:
+        return self._current is not None and self._current.steps_captured[-1:] == [self._step]
+
+    def _capture(self, site: AttentionSite, attn: Any, q: torch.Tensor, k: torch.Tensor, mask: Any) -> None:
+        gen = self._current
+        assert gen is not None and gen.latent_size is not None
+        n_q = q.shape[1]
+        size = size_at(gen.latent_size, site.factor)
+        if size[0] * size[1] != n_q:
+            raise TraceError(
+                f"layer {site.name} saw {n_q} query tokens, but a {gen.latent_size} latent at factor {site.factor} "
+                f"has {size[0] * size[1]}: this UNet's layout is not one daami2i understands"
+            )
+        rows = self._rows
+        n_img, n_halves = rows.shape
+        dev = self._store_device
+        n_k = k.shape[1]
+        if site.kind == "self":
+            store = gen.self_attention.get(site.factor)
+            if store is None:
+                store = SelfAttentionStore(site.factor, size, torch.zeros(n_img, n_q, n_k, device=dev))
+                gen.self_attention[site.factor] = store
+            for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
+                p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k).mean(1)
+                store.add(site.name, start, stop, p.to(dev))
+        else:
+            cstore = gen.cross_attention.get(site.name)
+            if cstore is None:
+                cstore = CrossAttentionStore(
+                    site.name, site.factor, size, torch.zeros(n_img, attn.heads, n_q, n_k, device=dev)
+                )
+                gen.cross_attention[site.name] = cstore
+            for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
+                p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
+                cstore.add(start, stop, p.to(dev))
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def last_generation(self) -> Generation:
+        """The most recent pipeline call's captured data."""
+        if not self.generations or self.generations[-1].latent_size is None:
+            raise TraceError(
+                "nothing has been captured yet: call the pipeline inside `with daami2i.trace(pipe) as trc:` "
+                "before computing heat maps"
+            )
+        return self.generations[-1]
+
+    def compute_global_heat_map(
+        self,
+        prompt: str | None = None,
+        image_idx: int = 0,
+        factors: Iterable[int] | None = None,
+        direction: Direction | None = None,
+        generation: int = -1,
+    ) -> GlobalHeatMap:
+        """Heat maps of one generated image (``image_idx`` in the batch) of the last generation.
+
+        ``prompt`` overrides the text used to look words up (default: the image's own prompt);
+        ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call.
+        """
+        gen = self.last_generation if generation == -1 else self._generation(generation)
+        gen.check_image(image_idx)
+        tokens = gen.image_tokens[image_idx]
+        text = gen.image_prompts[image_idx]
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if prompt is not None:
+            if tokenizer is None:
+                raise QueryError("the pipeline has no tokenizer to split the given prompt with")
+            text, tokens = prompt, tokenizer.tokenize(prompt.lower())
+        return GlobalHeatMap(
+            grid_size=gen.grid_size,
+            self_levels=gen.self_levels(image_idx, factors) if gen.self_attention else [],
+            cross_layers=gen.cross_layers(image_idx, factors) if gen.cross_attention else [],
+            prompt=text,
+            prompt_tokens=tokens,
+            tokenizer=tokenizer,
+            image_size=gen.image_size,
+            direction=direction or self.direction,
+        )
+
+    def _generation(self, index: int) -> Generation:
+        if not -len(self.generations) <= index < len(self.generations):
+            raise QueryError(f"generation must be in [0, {len(self.generations) - 1}], got {index}")
+        return self.generations[index]
+
+
+trace = Trace
