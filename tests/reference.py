@@ -1,0 +1,145 @@
+"""Dense references: attention probabilities recorded explicitly, upsampled the naive way, then selected.
+
+Nothing here uses daami2i's algebra: the recorder computes probabilities with diffusers' own
+``Attention.get_attention_scores``, and every query is a plain selection on the dense
+(grid x grid) matrix built by upsampling each recorded map with ``F.interpolate``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class RecordingProcessor:
+    """Explicit attention that records the probabilities of every call, per layer, in call order."""
+
+    def __init__(self, name: str, book: dict):
+        self.name = name
+        self.book = book
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        b, n, _ = hidden_states.shape
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(ctx))
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, None)  # (b * heads, n, t), batch-major
+        self.book[self.name].append(
+            attn.get_attention_scores(q.float(), k.float(), None).view(b, attn.heads, n, -1).detach().clone()
+        )
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextmanager
+def recording(unet):
+    """Install recorders on every attention layer; yields {layer name: [probs per call]}."""
+    book: dict = defaultdict(list)
+    originals = unet.attn_processors
+    unet.set_attn_processor({n: RecordingProcessor(n[: -len(".processor")], book) for n in originals})
+    try:
+        yield book
+    finally:
+        unet.set_attn_processor(dict(originals))
+
+
+def factor_of(name: str, n_down: int, n_up: int) -> int:
+    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", name)
+    if m is None:
+        return 2 ** (n_down - 1)
+    level = int(m.group(2)) if m.group(1) == "down_blocks" else n_up - 1 - int(m.group(2))
+    return 2**level
+
+
+def size_at(latent, factor):
+    h, w = latent
+    while factor > 1:
+        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor // 2
+    return h, w
+
+
+def batch_rows(n_images: int, cfg: bool, halves: str, image: int) -> list[int]:
+    if not cfg:
+        return [image]
+    return {"cond": [n_images + image], "uncond": [image], "both": [image, n_images + image]}[halves]
+
+
+def up(x: torch.Tensor, size) -> torch.Tensor:
+    """Naive bicubic resize of the last two dims."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    lead = x.shape[:-2]
+    y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=tuple(size), mode="bicubic", align_corners=False)
+    return y.reshape(*lead, *size)
+
+
+def dense_self(book, layers, latent, grid, rows, steps=None) -> torch.Tensor:
+    """Dense (grid x grid) self-attention: per layer, every recorded map upsampled on both axes,
+    mean over heads and halves, summed over steps; mean over layers."""
+    total = torch.zeros(grid[0] * grid[1], grid[0] * grid[1], dtype=torch.float64)
+    for name, factor in layers:
+        h, w = size_at(latent, factor)
+        for step, probs in enumerate(book[name]):
+            if steps is not None and step not in steps:
+                continue
+            p = probs[rows].double().mean(dim=(0, 1))  # (N_r queries, N_r keys)
+            p = up(p.view(h * w, h, w), grid).reshape(h * w, -1)  # keys upsampled
+            p = up(p.T.reshape(-1, h, w), grid).reshape(grid[0] * grid[1], -1).T  # queries upsampled
+            total += p
+    return (total / len(layers)).float()
+
+
+def dense_cross(book, layers, latent, grid, rows, steps=None) -> torch.Tensor:
+    """DAAM reference: per (layer, head) sum over steps, each (token) map upsampled to the grid and
+    clamped at 0, mean over all (layer, head). Returns (tokens, h, w)."""
+    maps = []
+    for name, factor in layers:
+        h, w = size_at(latent, factor)
+        acc = None
+        for step, probs in enumerate(book[name]):
+            if steps is not None and step not in steps:
+                continue
+            p = probs[rows].double().mean(0)  # (heads, N, T)
+            acc = p if acc is None else acc + p
+        for head in acc:
+            per_token = head.T.reshape(-1, h, w).float()
+            maps.append(up(per_token, grid).clamp(min=0))
+    return torch.stack(maps).mean(0)
+
+
+def column_query(dense: torch.Tensor, weights: torch.Tensor, grid) -> torch.Tensor:
+    g = weights.flatten().double()
+    return (dense.double() @ (g / g.sum())).view(grid).float()
+
+
+def row_query(dense: torch.Tensor, weights: torch.Tensor, grid) -> torch.Tensor:
+    g = weights.flatten().double()
+    return ((g / g.sum()) @ dense.double()).view(grid).float()
+
+
+def inside_polygon(points, image_size) -> np.ndarray:
+    """Even-odd test of every image pixel centre, written independently of daami2i."""
+    h, w = image_size
+    ys, xs = np.mgrid[0:h, 0:w]
+    px, py = xs + 0.5, ys + 0.5
+    inside = np.zeros((h, w), dtype=bool)
+    pts = np.asarray(points, dtype=float)
+    for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0)):
+        if y0 == y1:
+            continue
+        crosses = (py >= min(y0, y1)) & (py < max(y0, y1))
+        x_at = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (px < x_at)
+    return inside
+
+
+def block_mean(mask: np.ndarray, grid) -> torch.Tensor:
+    h, w = mask.shape
+    gh, gw = grid
+    return torch.from_numpy(mask.astype(np.float32)).view(gh, h // gh, gw, w // gw).mean(dim=(1, 3))
