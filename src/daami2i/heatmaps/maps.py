@@ -77,7 +77,8 @@ class HeatMap:
         h, w = image_size_of(image)
         im = F.interpolate(self.value[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
         if not absolute:
-            im = (im - im.min()) / (im.max() - im.min() + 1e-8)
+            lo, span = im.min(), im.max() - im.min()
+            im = (im - lo) / span if float(span) > 0 else torch.zeros_like(im)  # a flat map has no peak
         if threshold is not None:
             im = (im > threshold).float()
         return im

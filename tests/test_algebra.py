@@ -1,0 +1,50 @@
+"""Unit tests of the pure algebra: resampling operators and region weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daami2i.heatmaps import regions, resample
+
+
+@pytest.mark.parametrize("src, dst", [((4, 4), (16, 16)), ((3, 5), (12, 20)), ((8, 12), (16, 24)), ((6, 6), (6, 6))])
+def test_upsample_matches_interpolate(src, dst):
+    x = torch.randn(3, *src)
+    ref = F.interpolate(x[:, None], size=dst, mode="bicubic", align_corners=False)[:, 0]
+    assert torch.allclose(resample.upsample(x, dst), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("src, dst", [((4, 4), (16, 16)), ((3, 5), (12, 20))])
+def test_adjoint_is_the_transpose(src, dst):
+    x = torch.randn(*src, dtype=torch.float32)
+    y = torch.randn(*dst, dtype=torch.float32)
+    lhs = (resample.upsample(x, dst) * y).sum()
+    rhs = (x * resample.adjoint(y, src)).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_pixel_weights_count_occurrences():
+    w = regions.pixel_weights([0, 0, 7], (2, 4))
+    assert w.tolist() == [[2, 0, 0, 0], [0, 0, 0, 1]]
+
+
+def test_box_weights_are_half_open():
+    w = regions.box_weights(1, 0, 3, 2, (3, 4))
+    assert w.tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+
+
+def test_polygon_coverage_is_area_fraction():
+    # left half of a 16 x 32 image plus a triangle: coverage per 8x8 cell
+    w = regions.polygon_weights([[[0, 0], [16, 0], [16, 16], [0, 16]]], (16, 32), (2, 4))
+    assert w.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    tri = regions.polygon_weights([[[0, 0], [8.2, 0], [0, 8.2]]], (8, 8), (1, 1))
+    assert tri.item() == pytest.approx(36 / 64)  # pixel centres (x + .5, y + .5) with x + y + 1 < 8.2
+
+
+def test_union_of_polygons_counts_overlap_once():
+    a = [[0, 0], [8, 0], [8, 8], [0, 8]]
+    b = [[4, 0], [12, 0], [12, 8], [4, 8]]
+    w = regions.polygon_weights([a, b], (8, 16), (1, 2))
+    assert w.tolist() == [[1.0, 0.5]]

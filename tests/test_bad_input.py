@@ -1,0 +1,168 @@
+"""Bad input gets a clear error: what was expected, what was received."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import daami2i
+from daami2i import QueryError
+
+
+@pytest.fixture(scope="module")
+def ghm(sd2):
+    with daami2i.trace(sd2) as trc:
+        sd2("a red cat and a dog", num_inference_steps=1, height=64, width=96)
+    return trc.compute_global_heat_map()  # grid 8 x 12, image 64 x 96
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([], "empty"),
+        ([0, 96], r"\[0, 95\].*96"),
+        ([-1], "out-of-range"),
+        (["a"], "integers"),
+    ],
+)
+def test_pixel_ids(ghm, ids, match):
+    with pytest.raises(QueryError, match=match):
+        ghm.compute_pixel_heat_map(ids)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(5, 0, 3, 4), (0, 4, 3, 4), (0, 0, 13, 4), (0, 0, 4, 9), (-1, 0, 2, 2), (0.5, 0, 2, 2)],
+)
+def test_boxes(ghm, box):
+    with pytest.raises(QueryError, match="box|integer"):
+        ghm.compute_bbox_heat_map(*box)
+
+
+def test_box_message_says_the_convention(ghm):
+    with pytest.raises(QueryError, match=r"0 <= x1 < x2 <= 12 and 0 <= y1 < y2 <= 8.*exclusive"):
+        ghm.compute_bbox_heat_map(0, 0, 13, 4)
+
+
+@pytest.mark.parametrize(
+    "contour, match",
+    [
+        ([[0, 0], [10, 10]], "at least 3"),
+        ([[0, 0], [10, 10], [0, 0]], "at least 3"),
+        ([[0, 0], [97, 10], [5, 50]], "outside"),
+        ([[0, 0], [10, -1], [5, 50]], "outside"),
+        ([0, 1, 2], r"shape \(n, 2\)"),
+        ([[0, 0], [10, float("nan")], [5, 50]], "non-finite"),
+    ],
+)
+def test_contours(ghm, contour, match):
+    with pytest.raises(QueryError, match=match):
+        ghm.compute_contour_heat_map(contour, 64, 96)
+
+
+def test_segmentation_needs_a_list(ghm):
+    with pytest.raises(QueryError, match="non-empty list of contours"):
+        ghm.compute_segmentation_heat_map([], 64, 96)
+
+
+@pytest.mark.parametrize(
+    "guide, match",
+    [
+        (torch.ones(12, 8), r"\(8, 12\).*\(12, 8\)"),
+        (torch.ones(64, 96), "expanded image-size map"),
+        (-torch.ones(8, 12), "non-negative"),
+        (torch.zeros(8, 12), "sum to zero"),
+        (torch.full((8, 12), float("nan")), "NaN"),
+        ("cat", "guide"),
+    ],
+)
+def test_guides(ghm, guide, match):
+    with pytest.raises(QueryError, match=match):
+        ghm.compute_guided_heat_map(guide)
+
+
+def test_guide_zero_inside_contour(ghm):
+    guide = torch.zeros(8, 12)
+    guide[0, 0] = 1
+    with pytest.raises(QueryError, match="zero everywhere inside"):
+        ghm.compute_contour_heat_map([[50, 30], [90, 30], [90, 60]], 64, 96, guide_heatmap=guide)
+
+
+def test_unknown_word_lists_tokens(ghm):
+    with pytest.raises(QueryError, match=r"'horse'.*not in the prompt.*\['a', 'red', 'cat', 'and', 'a', 'dog'\]"):
+        ghm.compute_word_heat_map("horse")
+    with pytest.raises(ValueError):  # DAAM raised ValueError: still caught
+        ghm.compute_word_heat_map("horse")
+
+
+def test_bad_word_idx_and_direction(ghm):
+    with pytest.raises(QueryError, match="word_idx"):
+        ghm.compute_word_heat_map("cat", word_idx=6)
+    with pytest.raises(QueryError, match="direction"):
+        ghm.compute_pixel_heat_map([0], direction="columns")
+
+
+def test_bad_diffusion_parameters(ghm):
+    with pytest.raises(QueryError, match="iterations"):
+        ghm.compute_pixel_diffused_heat_map([0], iterations=0)
+    with pytest.raises(QueryError, match="threshold"):
+        ghm.compute_pixel_diffused_heat_map([0], threshold=1.5)
+
+
+def test_query_before_generation(sd2):
+    with daami2i.trace(sd2) as trc:
+        with pytest.raises(daami2i.TraceError, match="nothing has been captured yet"):
+            trc.compute_global_heat_map()
+
+
+def test_image_idx_out_of_range(sd2):
+    with daami2i.trace(sd2) as trc:
+        sd2("a cat", num_inference_steps=1, height=64, width=64)
+    with pytest.raises(QueryError, match=r"image_idx must be in \[0, 0\]"):
+        trc.compute_global_heat_map(image_idx=1)
+
+
+def test_expand_as_rejects_unknown_images(ghm):
+    with pytest.raises(QueryError, match="PIL image"):
+        ghm.compute_pixel_heat_map([0]).expand_as("image.png")
+
+
+def test_unsupported_pipeline():
+    class NotAPipeline:
+        transformer = object()
+
+    with pytest.raises(daami2i.UnsupportedPipelineError, match="UNet2DConditionModel.*SD3 and Flux"):
+        daami2i.trace(NotAPipeline())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(halves="neg"), "halves"),
+        (dict(self_factors=(3,)), r"no layers at factor\(s\) \[3\]"),
+        (dict(self_factors="daam"), "self_factors must be"),
+        (dict(cross_layers=["nope"]), "unknown cross-attention layer"),
+        (dict(self_attention=False, cross_attention=False), "nothing to capture"),
+        (dict(direction="up"), "direction"),
+        (dict(chunk_mb=0), "chunk_mb"),
+    ],
+)
+def test_bad_trace_options(sd2, kwargs, match):
+    with pytest.raises(daami2i.Daami2iError, match=match):
+        daami2i.trace(sd2, **kwargs)
+
+
+def test_uncond_without_guidance(sd2):
+    with pytest.raises(daami2i.TraceError, match="no unconditional half"):
+        with daami2i.trace(sd2, halves="uncond"):
+            sd2("a cat", num_inference_steps=1, height=64, width=64, guidance_scale=1.0)
+
+
+def test_fused_projections_are_refused(sd2):
+    sd2.unet.fuse_qkv_projections()
+    try:
+        with pytest.raises(daami2i.TraceError, match="unfuse_qkv_projections"):
+            with daami2i.trace(sd2):
+                pass
+    finally:
+        sd2.unet.unfuse_qkv_projections()
