@@ -39,8 +39,8 @@ def test_polygon_coverage_is_area_fraction():
     # left half of a 16 x 32 image plus a triangle: coverage per 8x8 cell
     w = regions.polygon_weights([[[0, 0], [16, 0], [16, 16], [0, 16]]], (16, 32), (2, 4))
     assert w.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
-    tri = regions.polygon_weights([[[0, 0], [8.2, 0], [0, 8.2]]], (8, 8), (1, 1))
-    assert tri.item() == pytest.approx(36 / 64)  # pixel centres (x + .5, y + .5) with x + y + 1 < 8.2
+    tri = regions.polygon_weights([[[0, 0], [8.2, 0], [0, 8.2]]], (10, 10), (1, 1))
+    assert tri.item() == pytest.approx(36 / 100)  # pixel centres (x + .5, y + .5) with x + y + 1 < 8.2
 
 
 def test_union_of_polygons_counts_overlap_once():
