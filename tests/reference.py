@@ -38,11 +38,19 @@ class RecordingProcessor:
 
 
 @contextmanager
-def recording(unet):
-    """Install recorders on every attention layer; yields {layer name: [probs per call]}."""
+def recording(unet, only=None):
+    """Install recorders on every attention layer (or the names in ``only``); yields
+    {layer name: [probs per call]}."""
     book: dict = defaultdict(list)
     originals = unet.attn_processors
-    unet.set_attn_processor({n: RecordingProcessor(n[: -len(".processor")], book) for n in originals})
+    unet.set_attn_processor(
+        {
+            n: RecordingProcessor(n[: -len(".processor")], book)
+            if only is None or n[: -len(".processor")] in only
+            else p
+            for n, p in originals.items()
+        }
+    )
     try:
         yield book
     finally:

@@ -22,6 +22,8 @@ def test_seed_readme_runs_as_written():
 
     assert isinstance(output_image[0], Image.Image) and output_image[0].size == (512, 512)
     assert global_heat_map.grid_size == (64, 64)
+    # the self-attention store of a 512 x 512 SD-2-base-shaped image: one 4096 x 4096 float32 matrix
+    assert trc.last_generation.nbytes("self") == 4096 * 4096 * 4 <= 90e6
 
     maps = {
         "pixel": global_heat_map.compute_pixel_heat_map(list(range(1024))),
