@@ -150,11 +150,11 @@ class Trace:
                 "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
                 "before entering another"
             )
-        for s in self.sites:
-            if getattr(s.module, "fused_projections", False):
+        for s in self.selected:
+            if "Fused" in type(s.module.get_processor()).__name__:
                 raise TraceError(
-                    f"layer {s.name} uses fused QKV projections, which hide the query and key: "
-                    "call pipe.unfuse_qkv_projections() before tracing"
+                    f"layer {s.name} runs {type(s.module.get_processor()).__name__}, whose fused QKV projection "
+                    "hides the query and key: call pipe.unfuse_qkv_projections() before tracing"
                 )
         _ACTIVE.add(self.unet)
         try:
