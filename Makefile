@@ -1,0 +1,26 @@
+# Two commands for a new user: `make demo` (example end to end, offline, writes a PNG) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(RUN) $(BIN)/python examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(RUN) $(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(RUN) $(BIN)/python benchmarks/capture.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
