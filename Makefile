@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(RUN) $(BIN)/python benchmarks/capture.py
+
+lint: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/ruff check src tests benchmarks examples scripts
+	$(BIN)/ruff format --check src tests benchmarks examples scripts
+	$(BIN)/mypy src/daami2i --ignore-missing-imports
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -25,10 +25,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import daami2i  # noqa: E402
-from daami2i.testing import _scheduler, _vae, clip_tokenizer, tiny_sd_pipeline  # noqa: E402
+import daami2i
+from daami2i.testing import _scheduler, _vae, clip_tokenizer, tiny_sd_pipeline
 
 
 def sd2_sized_pipeline():
@@ -47,12 +47,25 @@ def sd2_sized_pipeline():
         layers_per_block=2,
     ).eval()
     text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
-                       num_attention_heads=16, max_position_embeddings=77)
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=1024,
+            num_hidden_layers=1,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+        )
     ).eval()
     pipe = StableDiffusionPipeline(
-        vae=_vae(1), text_encoder=text, tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        vae=_vae(1),
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -152,8 +165,10 @@ def main() -> None:
     for r in results:
         for v in ("untraced", "default", "everything"):
             x = r[v]
-            print(f"{r['case']:6} {v:11} {x['seconds']:8.2f} {x['ratio']:6.2f} {x['peak_rss_delta_mib']:9.0f} "
-                  f"{x['peak_over_untraced_mib']:11.0f} {x['store_mib']:9.1f}")
+            print(
+                f"{r['case']:6} {v:11} {x['seconds']:8.2f} {x['ratio']:6.2f} {x['peak_rss_delta_mib']:9.0f} "
+                f"{x['peak_over_untraced_mib']:11.0f} {x['store_mib']:9.1f}"
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
     print(f"wrote {args.json}")

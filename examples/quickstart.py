@@ -17,11 +17,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
-import daami2i  # noqa: E402
-from daami2i.testing import tiny_sd_pipeline  # noqa: E402
+import daami2i
+from daami2i.testing import tiny_sd_pipeline
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         "'table' guided by self-attn": ghm.compute_guided_heat_map(table),
     }
     fig = Figure(figsize=(3 * len(panels), 3.4))
-    for ax, (title, hm) in zip(fig.subplots(1, len(panels)), panels.items()):
+    for ax, (title, hm) in zip(fig.subplots(1, len(panels)), panels.items(), strict=False):
         if hm is None:
             ax.imshow(image)
             ax.set_title(title)
@@ -61,7 +61,8 @@ def main() -> None:
     gen = trc.last_generation
     print(
         f"traced {gen.steps_run} steps of a {gen.image_size[0]}x{gen.image_size[1]} image in {elapsed:.1f}s; "
-        f"self-attention store {gen.nbytes('self') / 2**20:.0f} MiB, cross-attention {gen.nbytes('cross') / 2**20:.1f} MiB"
+        f"self-attention store {gen.nbytes('self') / 2**20:.0f} MiB, "
+        f"cross-attention {gen.nbytes('cross') / 2**20:.1f} MiB"
     )
     print(f"wrote {args.out}")
 

@@ -138,7 +138,7 @@ def inside_polygon(points, image_size) -> np.ndarray:
     px, py = xs + 0.5, ys + 0.5
     inside = np.zeros((h, w), dtype=bool)
     pts = np.asarray(points, dtype=float)
-    for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0)):
+    for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0), strict=False):
         if y0 == y1:
             continue
         crosses = (py >= min(y0, y1)) & (py < max(y0, y1))

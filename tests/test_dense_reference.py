@@ -39,9 +39,7 @@ def run_traced(pipe, prompt, trace_kwargs=None, steps=2, **call):
 def selected_layers(pipe, trc, kind):
     unet = pipe.unet
     n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
-    return [
-        (s.name, factor_of(s.name, n_down, n_up)) for s in trc.selected if s.kind == kind
-    ]
+    return [(s.name, factor_of(s.name, n_down, n_up)) for s in trc.selected if s.kind == kind]
 
 
 def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
@@ -67,7 +65,14 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
 
     # guided by a word map: the merged map
     word = ghm.tokens[-1].replace("</w>", "")
-    token_maps = dense_cross(book, selected_layers(pipe, trc, "cross"), latent, grid, batch_rows(gen.n_images, gen.cfg, halves, image_idx), steps)
+    token_maps = dense_cross(
+        book,
+        selected_layers(pipe, trc, "cross"),
+        latent,
+        grid,
+        batch_rows(gen.n_images, gen.cfg, halves, image_idx),
+        steps,
+    )
     word_ref = token_maps[[i + 1 for i, t in enumerate(ghm.tokens) if t.replace("</w>", "") == word]].mean(0)
     wm = ghm.compute_word_heat_map(word)
     assert_close(wm.value, word_ref)
@@ -76,8 +81,19 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
     # contours in image pixels; coverage of each latent cell
     H, W = gen.image_size
     # coordinates chosen so that no image pixel centre lies exactly on an edge (a tie either rule may break)
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11], [0, H * 0.8 + 0.11]]
-    quad = [[W * 0.1 + 0.27, H * 0.05 + 0.27], [W * 0.4 + 0.27, H * 0.05 + 0.27], [W * 0.4 + 0.27, H * 0.3 + 0.27], [W * 0.1 + 0.27, H * 0.3 + 0.27]]
+    tri = [
+        [0, H * 0.6 + 0.37],
+        [W * 0.5 + 0.21, H * 0.2 + 0.13],
+        [W, H * 0.6 + 0.37],
+        [W, H * 0.8 + 0.11],
+        [0, H * 0.8 + 0.11],
+    ]
+    quad = [
+        [W * 0.1 + 0.27, H * 0.05 + 0.27],
+        [W * 0.4 + 0.27, H * 0.05 + 0.27],
+        [W * 0.4 + 0.27, H * 0.3 + 0.27],
+        [W * 0.1 + 0.27, H * 0.3 + 0.27],
+    ]
     cover = block_mean(inside_polygon(tri, (H, W)), grid)
     assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(dense, cover, grid))
     union = block_mean(inside_polygon(tri, (H, W)) | inside_polygon(quad, (H, W)), grid)
@@ -144,7 +160,10 @@ def test_guidance_off_uses_the_only_half(sd2):
 
 def test_step_and_layer_selection(sd2):
     self_layer = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
-    cross_layers = ["down_blocks.1.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2"]
+    cross_layers = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "mid_block.attentions.0.transformer_blocks.0.attn2",
+    ]
     opts = dict(steps=[1, 2], self_layers=[self_layer], cross_layers=cross_layers)
     trc, book, _ = run_traced(sd2, "a red cat", opts, steps=3, height=64, width=64)
     assert trc.last_generation.steps_captured == [1, 2]

@@ -108,3 +108,18 @@ def test_tracing_does_not_change_images(sd2, scale):
     with daami2i.trace(sd2, self_factors="all", cross_factors="all", halves="both" if scale > 1 else "cond"):
         traced = sd2("a red cat", generator=torch.Generator().manual_seed(3), **kw).images
     assert torch.equal(plain, traced)
+
+
+def test_previous_generation_is_freed_unless_kept(sd2):
+    call = dict(num_inference_steps=1, height=64, width=64)
+    with daami2i.trace(sd2) as trc:
+        sd2("a red cat", **call)
+        sd2("a blue dog", **call)
+    assert len(trc.generations) == 1 and trc.last_generation.index == 1
+    assert trc.compute_global_heat_map().prompt == "a blue dog"
+    with daami2i.trace(sd2, keep="all") as trc:
+        sd2("a red cat", **call)
+        sd2("a blue dog", **call)
+    assert [g.index for g in trc.generations] == [0, 1]
+    assert trc.compute_global_heat_map(generation=0).prompt == "a red cat"
+    assert trc.compute_global_heat_map().prompt == "a blue dog"

@@ -97,4 +97,3 @@ def test_daam_word_map_parity(sd1):
         ref = expand(maps[rows].mean(0), (h_img, w_img), eps=1e-8)
         ours = ghm.compute_word_heat_map(word).expand_as(image)
         assert (ours - ref).abs().max() < 1e-3, word
-

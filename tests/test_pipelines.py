@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import daami2i
-from daami2i.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from daami2i.testing import tiny_sd_pipeline
 from reference import batch_rows, column_query, dense_cross, dense_self, recording
 from test_dense_reference import assert_close, check_all_queries, run_traced, selected_layers
 
@@ -80,7 +80,9 @@ def test_half_precision_pipelines_accumulate_in_float32(dtype):
     w = torch.zeros(grid[0] * grid[1])
     w[[0, 5, 9]] = 1
     assert_close(ghm.compute_pixel_heat_map([0, 5, 9]).value, column_query(dense, w, grid))
-    cross = dense_cross(book, selected_layers(pipe, trc, "cross"), gen.latent_size, grid, batch_rows(1, True, "cond", 0))
+    cross = dense_cross(
+        book, selected_layers(pipe, trc, "cross"), gen.latent_size, grid, batch_rows(1, True, "cond", 0)
+    )
     assert_close(ghm.compute_word_heat_map("cat").value, cross[3])
 
 

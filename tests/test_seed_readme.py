@@ -43,7 +43,7 @@ def test_seed_readme_runs_as_written():
     }
     fig, axes = plt.subplots(1, len(maps))
     try:
-        for ax, (name, hm) in zip(axes, maps.items()):
+        for ax, (name, hm) in zip(axes, maps.items(), strict=False):
             pixel_heatmap = hm.expand_as(output_image[0]).numpy()
             assert pixel_heatmap.shape == (512, 512), name
             assert pixel_heatmap.min() >= 0.0 and pixel_heatmap.max() <= 1.0, name

@@ -69,7 +69,7 @@ def _vae(seed: int, scale_factor: int = 8) -> Any:
 
     levels = {2: 2, 4: 3, 8: 4}[scale_factor]
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    vae: Any = AutoencoderKL(
         block_out_channels=(8,) * levels,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
@@ -77,7 +77,8 @@ def _vae(seed: int, scale_factor: int = 8) -> Any:
         layers_per_block=1,
         norm_num_groups=8,
         mid_block_add_attention=False,
-    ).eval()
+    )
+    return vae.eval()
 
 
 def _scheduler(prediction_type: str = "epsilon") -> Any:
@@ -104,8 +105,9 @@ def tiny_unet(style: Style | Literal["sdxl"] = "sd2", sample_size: int = 64, see
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    unet: Any
     if style == "sdxl":
-        return UNet2DConditionModel(
+        unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=4,
             out_channels=4,
@@ -121,11 +123,12 @@ def tiny_unet(style: Style | Literal["sdxl"] = "sd2", sample_size: int = 64, see
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=8 * 6 + 32,
             norm_num_groups=8,
-        ).eval()
+        )
+        return unet.eval()
     if style not in ("sd1", "sd2", "sd2-v"):
         raise ValueError(f"style must be 'sd1', 'sd2', 'sd2-v' or 'sdxl', got {style!r}")
     sd2 = style != "sd1"
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -137,7 +140,8 @@ def tiny_unet(style: Style | Literal["sdxl"] = "sd2", sample_size: int = 64, see
         use_linear_projection=sd2,
         cross_attention_dim=32,
         norm_num_groups=8,
-    ).eval()
+    )
+    return unet.eval()
 
 
 def tiny_sd_pipeline(
@@ -159,7 +163,7 @@ def tiny_sd_pipeline(
         StableDiffusionPipeline,
     )
 
-    classes = {
+    classes: dict[str, Any] = {
         "text2img": StableDiffusionPipeline,
         "img2img": StableDiffusionImg2ImgPipeline,
         "inpaint": StableDiffusionInpaintPipeline,
@@ -189,7 +193,7 @@ def tiny_sdxl_pipeline(kind: Kind = "text2img", sample_size: int = 128, seed: in
         StableDiffusionXLPipeline,
     )
 
-    classes = {
+    classes: dict[str, Any] = {
         "text2img": StableDiffusionXLPipeline,
         "img2img": StableDiffusionXLImg2ImgPipeline,
         "inpaint": StableDiffusionXLInpaintPipeline,

@@ -34,7 +34,7 @@ def plot_overlay(
         fig = Figure(figsize=(5, 5))
         ax = fig.add_subplot()
     else:
-        fig = ax.figure
+        fig = ax.figure  # type: ignore[assignment]
     arr = np.asarray(image)
     ax.imshow(arr)
     ax.imshow(heat_map.expand_as(image, absolute=absolute, threshold=threshold).numpy(), cmap=cmap, alpha=alpha)

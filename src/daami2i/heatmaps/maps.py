@@ -40,7 +40,8 @@ def image_size_of(image: Any) -> Size:
     if isinstance(image, (tuple, list)) and len(image) == 2 and all(isinstance(v, (int, np.integer)) for v in image):
         return int(image[0]), int(image[1])
     raise QueryError(
-        f"expected a PIL image, an (H, W[, C]) array, a (C, H, W) tensor or a (height, width) tuple, got {type(image).__name__}"
+        "expected a PIL image, an (H, W[, C]) array, a (C, H, W) tensor or a (height, width) tuple, "
+        f"got {type(image).__name__}"
     )
 
 
@@ -170,7 +171,9 @@ class GlobalHeatMap:
         """Mean self-attention map of a list of row-major latent pixel ids."""
         return self._region(regions.pixel_weights(pix_ids, self.grid_size), direction)
 
-    def compute_bbox_heat_map(self, x1: int, y1: int, x2: int, y2: int, direction: Direction | None = None) -> PixelHeatMap:
+    def compute_bbox_heat_map(
+        self, x1: int, y1: int, x2: int, y2: int, direction: Direction | None = None
+    ) -> PixelHeatMap:
         """Mean self-attention map of the latent box columns [x1, x2) x rows [y1, y2)."""
         return self._region(regions.box_weights(x1, y1, x2, y2, self.grid_size), direction)
 

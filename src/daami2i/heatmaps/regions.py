@@ -22,7 +22,7 @@ def _grid_text(grid: Size) -> str:
     return f"{grid[0]}x{grid[1]} (height x width) grid"
 
 
-def pixel_weights(pix_ids: Iterable[int], grid: Size) -> torch.Tensor:
+def pixel_weights(pix_ids: Iterable[int] | int, grid: Size) -> torch.Tensor:
     """Weights of a list of row-major pixel ids: each id counts once per occurrence.
 
     >>> pixel_weights([0, 5], (2, 3))
@@ -37,9 +37,7 @@ def pixel_weights(pix_ids: Iterable[int], grid: Size) -> torch.Tensor:
     try:
         ids = [int(i) for i in pix_ids]
     except (TypeError, ValueError) as exc:
-        raise QueryError(
-            f"pixel ids must be integers (row-major latent indices), got {pix_ids!r}"
-        ) from exc
+        raise QueryError(f"pixel ids must be integers (row-major latent indices), got {pix_ids!r}") from exc
     if not ids:
         raise QueryError(
             f"the pixel list is empty: pass at least one row-major id in [0, {n - 1}] of the {_grid_text(grid)}"

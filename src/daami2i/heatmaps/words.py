@@ -45,7 +45,8 @@ def token_rows(
     if word_idx is not None:
         if not isinstance(word_idx, int) or not 0 <= word_idx < len(tokens):
             raise QueryError(
-                f"word_idx must be a token position in [0, {len(tokens) - 1}] of the prompt tokens {tokens}, got {word_idx!r}"
+                f"word_idx must be a token position in [0, {len(tokens) - 1}] of the prompt tokens {tokens}, "
+                f"got {word_idx!r}"
             )
         rows = [word_idx + 1]
     else:
@@ -74,9 +75,7 @@ def aggregate_layers(layers: Sequence[CrossAttentionLayer], grid: Size) -> torch
     """DAAM's aggregation: each (layer, head) map is upsampled bicubically to the grid and clamped
     at 0, then all are averaged. Returns (tokens, h, w) float32."""
     if not layers:
-        raise QueryError(
-            "no cross-attention was captured: trace with cross_attention=True to compute word maps"
-        )
+        raise QueryError("no cross-attention was captured: trace with cross_attention=True to compute word maps")
     total: torch.Tensor | None = None
     count = 0
     for layer in layers:

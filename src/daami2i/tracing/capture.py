@@ -9,6 +9,7 @@ rows, and added to the store. So the layer's output is exactly the original one.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,7 +74,7 @@ class CapturingProcessor:
 @torch.no_grad()
 def attention_probs_chunks(
     attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, chunk_bytes: int
-):
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, probs)`` with float32 probabilities (b, heads, stop - start, keys).
 
     ``q`` (B, N, heads*d) and ``k`` (B, T, heads*d) are the projections the layer computed; only the

@@ -50,6 +50,9 @@ class Trace:
             pixel attends to the region) or ``"attends_to"`` (where the region looks).
         chunk_mb: upper bound, in MiB, of one chunk of recomputed attention probabilities.
         store_device: where stores live (default: the device of the UNet).
+        keep: ``"last"`` (default) frees the previous generation's maps when the pipeline is
+            called again inside the same trace; ``"all"`` keeps every generation (see
+            ``compute_global_heat_map(generation=...)``).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Trace:
         direction: Direction = "attended_by",
         chunk_mb: float = 64.0,
         store_device: torch.device | str | None = None,
+        keep: Literal["last", "all"] = "last",
     ) -> None:
         self.pipe = pipe
         self.unet = unet_of(pipe)
@@ -80,14 +84,17 @@ class Trace:
             raise ConfigError(f"chunk_mb must be positive, got {chunk_mb!r}")
         self.chunk_bytes = int(chunk_mb * 2**20)
         self.store_device = store_device
+        if keep not in ("last", "all"):
+            raise ConfigError(f"keep must be 'last' or 'all', got {keep!r}")
+        self.keep = keep
         self.sites = find_sites(self.unet)
         self_sites = [s for s in self.sites if s.kind == "self"]
         if not self_sites:
             raise ConfigError(f"{type(self.unet).__name__} has no attention layers to trace")
         self.grid_factor = min(s.factor for s in self_sites)
-        self.selected = (
-            self._select("self", self_factors, self_layers) if self_attention else []
-        ) + (self._select("cross", cross_factors, cross_layers) if cross_attention else [])
+        self.selected = (self._select("self", self_factors, self_layers) if self_attention else []) + (
+            self._select("cross", cross_factors, cross_layers) if cross_attention else []
+        )
         if not self.selected:
             raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
         if callable(steps):
@@ -100,6 +107,8 @@ class Trace:
         self.generations: list[Generation] = []
         self._current: Generation | None = None
         self._step = -1
+        self._rows: torch.Tensor | None = None  # (n_images, halves) batch rows kept, set per generation
+        self._store_device: torch.device | None = None
         self._active = False
         self._originals: dict[str, Any] = {}
         self._handles: list[Any] = []
@@ -143,9 +152,7 @@ class Trace:
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> Trace:
-        if self.unet in _ACTIVE or any(
-            isinstance(s.module.get_processor(), CapturingProcessor) for s in self.sites
-        ):
+        if self.unet in _ACTIVE or any(isinstance(s.module.get_processor(), CapturingProcessor) for s in self.sites):
             raise TraceError(
                 "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
                 "before entering another"
@@ -207,7 +214,10 @@ class Trace:
             prompts = [prompt]
         else:
             prompts = [p if isinstance(p, str) else None for p in prompt]
-        self._current = Generation(index=len(self.generations), grid_size=(0, 0), prompts=prompts, halves=self.halves)
+        index = self.generations[-1].index + 1 if self.generations else 0
+        if self.keep == "last":
+            self.generations.clear()  # free the previous maps before new ones are allocated
+        self._current = Generation(index=index, grid_size=(0, 0), prompts=prompts, halves=self.halves)
         self.generations.append(self._current)
         self._step = -1
 
@@ -220,6 +230,8 @@ class Trace:
         self._step += 1
         gen.steps_run = self._step + 1
         if gen.latent_size is None:
+            if not isinstance(sample, torch.Tensor):
+                raise TraceError(f"the UNet was called without a latent sample tensor (got {type(sample).__name__})")
             self._setup_generation(gen, sample)
         if self._step_ok(self._step):
             gen.steps_captured.append(self._step)
@@ -243,8 +255,11 @@ class Trace:
         if not gen.cfg:
             rows = [[i] for i in range(n)]
         else:
-            rows = {"cond": [[n + i] for i in range(n)], "uncond": [[i] for i in range(n)],
-                    "both": [[i, n + i] for i in range(n)]}[self.halves]
+            rows = {
+                "cond": [[n + i] for i in range(n)],
+                "uncond": [[i] for i in range(n)],
+                "both": [[i, n + i] for i in range(n)],
+            }[self.halves]
         self._rows = torch.tensor(rows, device=sample.device)  # (n_images, halves)
         self._store_device = torch.device(self.store_device) if self.store_device is not None else sample.device
         tokenizer = getattr(self.pipe, "tokenizer", None)
@@ -254,7 +269,8 @@ class Trace:
         else:
             gen.image_prompts = [None] * n
         gen.image_tokens = [
-            tokenizer.tokenize(p.lower()) if (p is not None and tokenizer is not None) else None for p in gen.image_prompts
+            tokenizer.tokenize(p.lower()) if (p is not None and tokenizer is not None) else None
+            for p in gen.image_prompts
         ]
 
     def _wants(self, site: AttentionSite) -> bool:
@@ -270,9 +286,9 @@ class Trace:
                 f"layer {site.name} saw {n_q} query tokens, but a {gen.latent_size} latent at factor {site.factor} "
                 f"has {size[0] * size[1]}: this UNet's layout is not one daami2i understands"
             )
-        rows = self._rows
+        rows, dev = self._rows, self._store_device
+        assert rows is not None and dev is not None
         n_img, n_halves = rows.shape
-        dev = self._store_device
         n_k = k.shape[1]
         if site.kind == "self":
             store = gen.self_attention.get(site.factor)
@@ -315,7 +331,8 @@ class Trace:
         """Heat maps of one generated image (``image_idx`` in the batch) of the last generation.
 
         ``prompt`` overrides the text used to look words up (default: the image's own prompt);
-        ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call.
+        ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call
+        (a position in :attr:`generations`; earlier calls are kept with ``keep="all"``).
         """
         gen = self.last_generation if generation == -1 else self._generation(generation)
         gen.check_image(image_idx)
