@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import QueryError
-from ..heatmaps.selfattn import SelfAttentionLevel
+from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer
 
 Size = tuple[int, int]
@@ -46,10 +48,20 @@ class CrossAttentionStore:
     factor: int
     size: Size  # (h, w)
     sums: torch.Tensor  # shape: (n_images, heads, h*w, tokens) float32
+    # optional, one entry per captured step: shape (n_images, heads, h*w, step_tokens) float32
+    per_step: list[torch.Tensor] | None = None
+    step_tokens: int = 0  # token rows kept per step (start token + prompt tokens + end token)
+    last_step: int = -1  # the step the newest per-step entry belongs to
 
-    def add(self, start: int, stop: int, probs: torch.Tensor) -> None:
-        """Add probabilities (n_images, heads, stop - start, tokens) for query rows [start, stop)."""
+    def add(self, start: int, stop: int, probs: torch.Tensor, step: int = 0) -> None:
+        """Add probabilities (n_images, heads, stop - start, tokens) of ``step`` for query rows [start, stop)."""
         self.sums[:, :, start:stop] += probs
+        if self.per_step is not None:
+            if step != self.last_step:
+                self.last_step = step
+                n_img, heads, n_q, _ = self.sums.shape
+                self.per_step.append(self.sums.new_zeros(n_img, heads, n_q, self.step_tokens))
+            self.per_step[-1][:, :, start:stop] += probs[..., : self.step_tokens]
 
 
 @dataclass
@@ -70,14 +82,18 @@ class Generation:
     image_tokens: list[list[str] | None] = field(default_factory=list)
     self_attention: dict[int, SelfAttentionStore] = field(default_factory=dict)
     cross_attention: dict[str, CrossAttentionStore] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the trace options, for the record
+    images: list[Any] = field(default_factory=list)  # the pipeline's output images (PIL), when seen
 
     def nbytes(self, kind: str = "all") -> int:
-        """Bytes held by the stores of ``kind`` ("self", "cross" or "all")."""
+        """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps" or "all")."""
         total = 0
         if kind in ("self", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.self_attention.values())
         if kind in ("cross", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.cross_attention.values())
+        if kind in ("cross_steps", "all"):
+            total += sum(t.numel() * t.element_size() for s in self.cross_attention.values() for t in s.per_step or [])
         return total
 
     def check_image(self, image_idx: int) -> None:
@@ -99,6 +115,35 @@ class Generation:
             )
         return wanted
 
+    def heat_map(
+        self,
+        image_idx: int = 0,
+        tokenizer: Any = None,
+        prompt: str | None = None,
+        factors: Iterable[int] | None = None,
+        direction: Direction = "attended_by",
+        steps: Iterable[int] | None = None,
+    ) -> GlobalHeatMap:
+        """The :class:`GlobalHeatMap` of one image; ``steps`` restricts word maps to those steps
+        (needs per-step cross-attention, ``trace(..., cross_steps=True)``)."""
+        self.check_image(image_idx)
+        tokens = self.image_tokens[image_idx] if self.image_tokens else None
+        text = self.image_prompts[image_idx] if self.image_prompts else None
+        if prompt is not None:
+            if tokenizer is None:
+                raise QueryError("no tokenizer is available to split the given prompt")
+            text, tokens = prompt, tokenizer.tokenize(prompt.lower())
+        return GlobalHeatMap(
+            grid_size=self.grid_size,
+            self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
+            cross_layers=self.cross_layers(image_idx, factors, steps) if self.cross_attention else [],
+            prompt=text,
+            prompt_tokens=tokens,
+            tokenizer=tokenizer,
+            image_size=self.image_size,
+            direction=direction,
+        )
+
     def self_levels(self, image_idx: int, factors: Iterable[int] | None = None) -> list[SelfAttentionLevel]:
         self.check_image(image_idx)
         use = self._check_factors(factors, set(self.self_attention), "self")
@@ -108,11 +153,24 @@ class Generation:
             if f in use and s.layers
         ]
 
-    def cross_layers(self, image_idx: int, factors: Iterable[int] | None = None) -> list[CrossAttentionLayer]:
+    def cross_layers(
+        self, image_idx: int, factors: Iterable[int] | None = None, steps: Iterable[int] | None = None
+    ) -> list[CrossAttentionLayer]:
         self.check_image(image_idx)
         use = self._check_factors(factors, {s.factor for s in self.cross_attention.values()}, "cross")
+        stores = [s for s in self.cross_attention.values() if s.factor in use]
+        if steps is None:
+            return [CrossAttentionLayer(s.layer, s.size, s.sums[image_idx]) for s in stores]
+        wanted = {int(t) for t in steps}
+        positions = [i for i, t in enumerate(self.steps_captured) if t in wanted]
+        if any(s.per_step is None for s in stores):
+            raise QueryError(
+                "word maps for chosen steps need per-step cross-attention: trace with cross_steps=True "
+                "(self-attention steps are chosen before the run with trace(steps=...))"
+            )
+        if not positions:
+            raise QueryError(f"none of the steps {sorted(wanted)} was captured; captured steps: {self.steps_captured}")
         return [
-            CrossAttentionLayer(s.layer, s.size, s.sums[image_idx])
-            for s in self.cross_attention.values()
-            if s.factor in use
+            CrossAttentionLayer(s.layer, s.size, sum(s.per_step[i][image_idx] for i in positions))  # type: ignore[index,misc]
+            for s in stores
         ]

@@ -53,6 +53,11 @@ class Trace:
         keep: ``"last"`` (default) frees the previous generation's maps when the pipeline is
             called again inside the same trace; ``"all"`` keeps every generation (see
             ``compute_global_heat_map(generation=...)``).
+        cross_steps: also keep cross-attention per step (only the prompt's token rows), so word
+            maps can later be computed for any range of steps. Self-attention is not kept per step
+            (64 MiB per step at 512 px); choose its steps before the run with ``steps``.
+        max_store_mb: refuse a generation whose stores would exceed this many MiB; the check runs
+            at the first UNet call, before any denoising, and the error gives the size needed.
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class Trace:
         chunk_mb: float = 64.0,
         store_device: torch.device | str | None = None,
         keep: Literal["last", "all"] = "last",
+        cross_steps: bool = False,
+        max_store_mb: float | None = None,
     ) -> None:
         self.pipe = pipe
         self.unet = unet_of(pipe)
@@ -87,6 +94,12 @@ class Trace:
         if keep not in ("last", "all"):
             raise ConfigError(f"keep must be 'last' or 'all', got {keep!r}")
         self.keep = keep
+        self.cross_steps = bool(cross_steps)
+        if steps is not None and not callable(steps):
+            steps = [int(t) for t in steps]
+        if max_store_mb is not None and not max_store_mb > 0:
+            raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
+        self.max_store_mb = max_store_mb
         self.sites = find_sites(self.unet)
         self_sites = [s for s in self.sites if s.kind == "self"]
         if not self_sites:
@@ -97,23 +110,32 @@ class Trace:
         )
         if not self.selected:
             raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
+        self._self_factors = sorted({s.factor for s in self.selected if s.kind == "self"})
+        self._cross_sites = [s for s in self.selected if s.kind == "cross"]
+        self.config: dict[str, Any] = {  # recorded with each generation (experiment manifests)
+            "self_layers": [s.name for s in self.selected if s.kind == "self"],
+            "cross_layers": [s.name for s in self._cross_sites],
+            "halves": halves,
+            "direction": direction,
+            "steps": None if steps is None or callable(steps) else sorted(int(t) for t in steps),
+            "cross_steps": self.cross_steps,
+        }
         if callable(steps):
             self._step_ok: Callable[[int], bool] = steps
         elif steps is None:
             self._step_ok = lambda _step: True
         else:
-            wanted = {int(s) for s in steps}
-            self._step_ok = wanted.__contains__
+            self._step_ok = set(steps).__contains__
         self.generations: list[Generation] = []
         self._current: Generation | None = None
         self._step = -1
         self._rows: torch.Tensor | None = None  # (n_images, halves) batch rows kept, set per generation
         self._store_device: torch.device | None = None
+        self._step_tokens = 77
         self._active = False
         self._originals: dict[str, Any] = {}
         self._handles: list[Any] = []
-        self._had_check_inputs_attr = False
-        self._saved_check_inputs: Any = None
+        self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, had instance attr, old)
 
     # -- configuration --------------------------------------------------------------------------
     @property
@@ -170,15 +192,23 @@ class Trace:
                 self._originals[s.name] = original
                 s.module.set_processor(CapturingProcessor(original, s, self))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
-            self._had_check_inputs_attr = "check_inputs" in self.pipe.__dict__
-            self._saved_check_inputs = self.pipe.__dict__.get("check_inputs")
-            original_check = self.pipe.check_inputs
+            check = self.pipe.check_inputs
 
             def check_inputs(*args: Any, **kwargs: Any) -> Any:
                 self._begin(args[0] if args else kwargs.get("prompt"))
-                return original_check(*args, **kwargs)
+                return check(*args, **kwargs)
 
-            object.__setattr__(self.pipe, "check_inputs", check_inputs)
+            self._patch(self.pipe, "check_inputs", check_inputs)
+            processor = getattr(self.pipe, "image_processor", None)
+            if processor is not None and callable(getattr(processor, "postprocess", None)):
+                post = processor.postprocess
+
+                def postprocess(*args: Any, **kwargs: Any) -> Any:
+                    out = post(*args, **kwargs)
+                    self._keep_images(out)
+                    return out
+
+                self._patch(processor, "postprocess", postprocess)
             self._active = True
         except BaseException:
             self._restore()
@@ -188,6 +218,12 @@ class Trace:
     def __exit__(self, *exc: Any) -> None:
         self._restore()
 
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        """Shadow ``obj.name`` with an instance attribute, remembering how to undo it."""
+        had = name in vars(obj)
+        self._patches.append((obj, name, had, vars(obj).get(name)))
+        object.__setattr__(obj, name, value)
+
     def _restore(self) -> None:
         try:
             for s in self.selected:
@@ -195,13 +231,15 @@ class Trace:
                     s.module.set_processor(self._originals[s.name])
             for h in self._handles:
                 h.remove()
-            if self._had_check_inputs_attr:
-                object.__setattr__(self.pipe, "check_inputs", self._saved_check_inputs)
-            elif "check_inputs" in self.pipe.__dict__:
-                object.__delattr__(self.pipe, "check_inputs")
+            for obj, name, had, old in reversed(self._patches):
+                if had:
+                    object.__setattr__(obj, name, old)
+                elif name in vars(obj):
+                    object.__delattr__(obj, name)
         finally:
             self._originals.clear()
             self._handles.clear()
+            self._patches.clear()
             self._active = False
             _ACTIVE.discard(self.unet)
 
@@ -232,11 +270,13 @@ class Trace:
         if gen.latent_size is None:
             if not isinstance(sample, torch.Tensor):
                 raise TraceError(f"the UNet was called without a latent sample tensor (got {type(sample).__name__})")
-            self._setup_generation(gen, sample)
+            context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            n_tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) else 77
+            self._setup_generation(gen, sample, n_tokens)
         if self._step_ok(self._step):
             gen.steps_captured.append(self._step)
 
-    def _setup_generation(self, gen: Generation, sample: torch.Tensor) -> None:
+    def _setup_generation(self, gen: Generation, sample: torch.Tensor, n_tokens: int) -> None:
         gen.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
         gen.grid_size = size_at(gen.latent_size, self.grid_factor)
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
@@ -272,6 +312,65 @@ class Trace:
             tokenizer.tokenize(p.lower()) if (p is not None and tokenizer is not None) else None
             for p in gen.image_prompts
         ]
+        gen.config = dict(self.config)
+        known = [len(t) for t in gen.image_tokens if t is not None]
+        self._step_tokens = (
+            min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
+        )
+        if self.max_store_mb is not None:
+            total = getattr(self.pipe, "_num_timesteps", None)
+            n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
+            need = self.estimate_nbytes(gen.latent_size, n, n_tokens, n_steps, self._step_tokens)
+            if need["total"] > self.max_store_mb * 2**20:
+                parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in need.items() if k != "total" and v)
+                raise TraceError(
+                    f"this generation would store {need['total'] / 2**20:.1f} MiB ({parts}) for {n} image(s) of "
+                    f"{gen.image_size[0]}x{gen.image_size[1]}, over max_store_mb={self.max_store_mb:g}; capture fewer "
+                    "resolutions, layers or steps, or raise max_store_mb"
+                )
+
+    def estimate_nbytes(
+        self,
+        latent_size: tuple[int, int],
+        n_images: int = 1,
+        n_tokens: int = 77,
+        n_steps: int | None = None,
+        step_tokens: int = 77,
+    ) -> dict[str, int]:
+        """Bytes this trace's stores take for one generation: ``{"self", "cross", "cross_steps", "total"}``.
+
+        ``latent_size`` is (height, width) of the latent (the image size divided by the VAE's 8);
+        ``n_steps`` (captured steps) only matters with ``cross_steps=True``.
+
+        >>> from daami2i.testing import tiny_sd_pipeline
+        >>> trace(tiny_sd_pipeline()).estimate_nbytes((64, 64))["self"] == 4096 * 4096 * 4
+        True
+        """
+        out = {"self": 0, "cross": 0, "cross_steps": 0}
+        for f in self._self_factors:
+            h, w = size_at(latent_size, f)
+            out["self"] += n_images * (h * w) ** 2 * 4
+        for site in self._cross_sites:
+            h, w = size_at(latent_size, site.factor)
+            per = n_images * site.module.heads * h * w * 4
+            out["cross"] += per * n_tokens
+            if self.cross_steps:
+                out["cross_steps"] += per * step_tokens * (n_steps if n_steps is not None else 50)
+        out["total"] = sum(out.values())
+        return out
+
+    def _keep_images(self, out: Any) -> None:
+        gen = self._current
+        if gen is None:
+            return
+        from diffusers.image_processor import VaeImageProcessor
+
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            out = VaeImageProcessor.pt_to_numpy(out.detach().float().cpu())
+        if getattr(out, "ndim", 0) == 4:
+            out = VaeImageProcessor.numpy_to_pil(out)
+        if isinstance(out, list) and out and all(hasattr(im, "save") for im in out):
+            gen.images = list(out)
 
     def _wants(self, site: AttentionSite) -> bool:
         return self._current is not None and self._current.steps_captured[-1:] == [self._step]
@@ -302,12 +401,17 @@ class Trace:
             cstore = gen.cross_attention.get(site.name)
             if cstore is None:
                 cstore = CrossAttentionStore(
-                    site.name, site.factor, size, torch.zeros(n_img, attn.heads, n_q, n_k, device=dev)
+                    site.name,
+                    site.factor,
+                    size,
+                    torch.zeros(n_img, attn.heads, n_q, n_k, device=dev),
+                    per_step=[] if self.cross_steps else None,
+                    step_tokens=min(self._step_tokens, n_k),
                 )
                 gen.cross_attention[site.name] = cstore
             for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
                 p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
-                cstore.add(start, stop, p.to(dev))
+                cstore.add(start, stop, p.to(dev), step=self._step)
 
     # -- results --------------------------------------------------------------------------------
     @property
@@ -327,31 +431,23 @@ class Trace:
         factors: Iterable[int] | None = None,
         direction: Direction | None = None,
         generation: int = -1,
+        steps: Iterable[int] | None = None,
     ) -> GlobalHeatMap:
         """Heat maps of one generated image (``image_idx`` in the batch) of the last generation.
 
         ``prompt`` overrides the text used to look words up (default: the image's own prompt);
         ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call
-        (a position in :attr:`generations`; earlier calls are kept with ``keep="all"``).
+        (a position in :attr:`generations`; earlier calls are kept with ``keep="all"``);
+        ``steps`` restricts word maps to those denoising steps (needs ``cross_steps=True``).
         """
         gen = self.last_generation if generation == -1 else self._generation(generation)
-        gen.check_image(image_idx)
-        tokens = gen.image_tokens[image_idx]
-        text = gen.image_prompts[image_idx]
-        tokenizer = getattr(self.pipe, "tokenizer", None)
-        if prompt is not None:
-            if tokenizer is None:
-                raise QueryError("the pipeline has no tokenizer to split the given prompt with")
-            text, tokens = prompt, tokenizer.tokenize(prompt.lower())
-        return GlobalHeatMap(
-            grid_size=gen.grid_size,
-            self_levels=gen.self_levels(image_idx, factors) if gen.self_attention else [],
-            cross_layers=gen.cross_layers(image_idx, factors) if gen.cross_attention else [],
-            prompt=text,
-            prompt_tokens=tokens,
-            tokenizer=tokenizer,
-            image_size=gen.image_size,
+        return gen.heat_map(
+            image_idx,
+            tokenizer=getattr(self.pipe, "tokenizer", None),
+            prompt=prompt,
+            factors=factors,
             direction=direction or self.direction,
+            steps=steps,
         )
 
     def _generation(self, index: int) -> Generation:
