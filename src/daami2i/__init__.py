@@ -12,6 +12,7 @@ Stable Diffusion pipelines on current diffusers::
 
 from .errors import ConfigError, Daami2iError, QueryError, TraceError, UnsupportedPipelineError
 from .heatmaps import GlobalHeatMap, HeatMap, PixelHeatMap, WordHeatMap
+from .storage.experiment import Experiment, ExperimentError, load_experiment
 from .tracing import Trace, trace
 
 __version__ = "0.3.0.dev0"
@@ -19,6 +20,8 @@ __version__ = "0.3.0.dev0"
 __all__ = [
     "ConfigError",
     "Daami2iError",
+    "Experiment",
+    "ExperimentError",
     "GlobalHeatMap",
     "HeatMap",
     "PixelHeatMap",
@@ -28,5 +31,6 @@ __all__ = [
     "UnsupportedPipelineError",
     "WordHeatMap",
     "__version__",
+    "load_experiment",
     "trace",
 ]

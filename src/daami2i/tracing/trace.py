@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -314,9 +316,7 @@ class Trace:
         ]
         gen.config = dict(self.config)
         known = [len(t) for t in gen.image_tokens if t is not None]
-        self._step_tokens = (
-            min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
-        )
+        self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
             n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
@@ -448,6 +448,42 @@ class Trace:
             factors=factors,
             direction=direction or self.direction,
             steps=steps,
+        )
+
+    def to_experiment(
+        self,
+        path: str | Path,
+        images: list[Any] | None = None,
+        seed: int | None = None,
+        generation: int = -1,
+        overwrite: bool = False,
+        **info: Any,
+    ) -> Path:
+        """Save the last generation (maps, images, prompts, tokens, pipeline identity) to a folder.
+
+        ``images`` defaults to the images the pipeline returned; ``seed`` and any extra keyword
+        (JSON-serialisable) are recorded in the manifest. Reopen with :func:`daami2i.load_experiment`.
+        """
+        from ..storage.experiment import save_experiment
+
+        gen = self.last_generation if generation == -1 else self._generation(generation)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        record = {
+            "seed": seed,
+            "pipeline": type(self.pipe).__name__,
+            "model": getattr(getattr(self.pipe, "config", None), "_name_or_path", None),
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "scheduler_config": dict(scheduler.config) if scheduler is not None else None,
+            "dtype": str(self.unet.dtype),
+            **info,
+        }
+        return save_experiment(
+            gen,
+            path,
+            images=images,
+            tokenizer=getattr(self.pipe, "tokenizer", None),
+            info=json.loads(json.dumps(record, default=str)),
+            overwrite=overwrite,
         )
 
     def _generation(self, index: int) -> Generation:
