@@ -97,10 +97,13 @@ class HeatMap:
 class PixelHeatMap(HeatMap):
     """A self-attention map for a region of the latent grid (pixels, box, contour, guide)."""
 
-    def __init__(self, value: torch.Tensor, weights: torch.Tensor, direction: Direction) -> None:
+    def __init__(
+        self, value: torch.Tensor, weights: torch.Tensor, direction: Direction, region: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(value)
         self.weights = weights  # shape: (h, w), the region weight map that produced this map
         self.direction = direction
+        self.region = region or {"kind": "weights"}  # what the region was, for plots
 
 
 class WordHeatMap(HeatMap):
@@ -159,9 +162,11 @@ class GlobalHeatMap:
         self.direction = selfattn.check_direction(direction)
 
     # -- self-attention ("image to image") -----------------------------------------------------
-    def _region(self, weights: torch.Tensor, direction: Direction | None) -> PixelHeatMap:
+    def _region(
+        self, weights: torch.Tensor, direction: Direction | None, region: dict[str, Any] | None = None
+    ) -> PixelHeatMap:
         d = selfattn.check_direction(direction or self.direction)
-        return PixelHeatMap(selfattn.query(self.self_levels, weights, self.grid_size, d), weights, d)
+        return PixelHeatMap(selfattn.query(self.self_levels, weights, self.grid_size, d), weights, d, region)
 
     def compute_region_heat_map(self, weights: Any, direction: Direction | None = None) -> PixelHeatMap:
         """The primitive behind every self-attention query: columns weighted by ``weights / sum``."""
@@ -169,13 +174,15 @@ class GlobalHeatMap:
 
     def compute_pixel_heat_map(self, pix_ids: Sequence[int] | int, direction: Direction | None = None) -> PixelHeatMap:
         """Mean self-attention map of a list of row-major latent pixel ids."""
-        return self._region(regions.pixel_weights(pix_ids, self.grid_size), direction)
+        w = regions.pixel_weights(pix_ids, self.grid_size)
+        return self._region(w, direction, {"kind": "pixels"})
 
     def compute_bbox_heat_map(
         self, x1: int, y1: int, x2: int, y2: int, direction: Direction | None = None
     ) -> PixelHeatMap:
         """Mean self-attention map of the latent box columns [x1, x2) x rows [y1, y2)."""
-        return self._region(regions.box_weights(x1, y1, x2, y2, self.grid_size), direction)
+        w = regions.box_weights(x1, y1, x2, y2, self.grid_size)
+        return self._region(w, direction, {"kind": "box", "box": (x1, y1, x2, y2)})
 
     def compute_contour_heat_map(
         self,
@@ -202,11 +209,16 @@ class GlobalHeatMap:
             w = w * regions.guide_weights(guide_heatmap, self.grid_size)
             if float(w.sum()) <= 0:
                 raise QueryError("the guide is zero everywhere inside the contour(s): nothing to weight")
-        return self._region(w, direction)
+        region = {
+            "kind": "contours",
+            "contours": [list(map(list, c)) for c in contours],
+            "image_size": (image_h, image_w),
+        }
+        return self._region(w, direction, region)
 
     def compute_guided_heat_map(self, guide_heatmap: Any, direction: Direction | None = None) -> PixelHeatMap:
         """Self-attention columns weighted by a guide map on the grid (e.g. a word map)."""
-        return self._region(regions.guide_weights(guide_heatmap, self.grid_size), direction)
+        return self._region(regions.guide_weights(guide_heatmap, self.grid_size), direction, {"kind": "guide"})
 
     def compute_diffused_heat_map(
         self,
@@ -240,6 +252,21 @@ class GlobalHeatMap:
     def token_maps(self) -> torch.Tensor:
         """Per-token maps, shape (tokens, h, w): DAAM's aggregation of the captured layers."""
         return aggregate_layers(self.cross_layers, self.grid_size).cpu()
+
+    @property
+    def words(self) -> list[str]:
+        """The prompt's distinct words (sub-word tokens joined, punctuation dropped), in order."""
+        out: list[str] = []
+        part = ""
+        for tok in self.tokens:
+            part += tok.replace("</w>", "")
+            if tok.endswith("</w>"):
+                if any(ch.isalnum() for ch in part) and part not in out:
+                    out.append(part)
+                part = ""
+        if part and any(ch.isalnum() for ch in part) and part not in out:
+            out.append(part)
+        return out
 
     @property
     def tokens(self) -> list[str]:

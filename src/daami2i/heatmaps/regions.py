@@ -120,7 +120,12 @@ def polygon_weights(contours: Sequence[Any], image_size: Size, grid: Size) -> to
     tensor([[1., 0.],
             [1., 0.]])
     """
-    from matplotlib.path import Path as MplPath
+    try:
+        from matplotlib.path import Path as MplPath
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise QueryError(
+            "contour queries need matplotlib's point-in-polygon test: pip install 'daami2i[plot]'"
+        ) from exc
 
     h, w = _check_image_size(image_size)
     if isinstance(contours, (str, bytes)) or not isinstance(contours, Sequence) or len(contours) == 0:

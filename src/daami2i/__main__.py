@@ -1,0 +1,5 @@
+"""``python -m daami2i`` runs the command line."""
+
+from .cli import main
+
+main()

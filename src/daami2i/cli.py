@@ -1,0 +1,367 @@
+"""The ``daami2i`` command line: generate and trace, answer queries on saved experiments, inspect them.
+
+    daami2i generate "a red cat on a table" --steps 20 -o outputs/cat
+    daami2i show outputs/cat/experiment --word cat
+    daami2i show outputs/cat/experiment --box 10,20,30,40 --guide-word cat -o box.png
+    daami2i info outputs/cat/experiment
+
+Exit codes: 0 success; 1 a failure while loading, generating or writing; 2 bad arguments or a
+query that cannot be answered; 3 a missing or unreadable experiment folder. Errors are one line with
+the fix; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+try:
+    import typer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise SystemExit("the daami2i command line needs its extra: pip install 'daami2i[cli]'") from exc
+
+from .errors import ConfigError, Daami2iError, QueryError, UnsupportedPipelineError
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_EXPERIMENT = 1, 2, 3
+DEFAULT_MODEL = "tiny"
+
+app = typer.Typer(
+    name="daami2i",
+    help="Attention heat maps for Stable Diffusion: generate and trace, then query saved experiments.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_STATE = {"debug": False}  # set by the root callback for this invocation
+
+
+def _debug() -> bool:
+    return _STATE["debug"]
+
+
+def friendly(func: F) -> F:
+    """Turn expected exceptions into one line on stderr and a meaningful exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .storage.experiment import ExperimentError
+
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if _debug():
+                raise
+            if isinstance(exc, CliError):
+                code = exc.code
+            elif isinstance(exc, ExperimentError):
+                code = EXIT_EXPERIMENT
+            elif isinstance(exc, (QueryError, ConfigError, UnsupportedPipelineError)):
+                code = EXIT_USAGE
+            else:
+                code = EXIT_FAILURE
+            kind = "" if isinstance(exc, (CliError, Daami2iError)) else f"{type(exc).__name__}: "
+            hint = "" if isinstance(exc, (CliError, Daami2iError)) else " (run with --debug for the traceback)"
+            typer.echo(f"error: {kind}{exc}{hint}", err=True)
+            raise typer.Exit(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"daami2i {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """daami2i: where each word acts (cross-attention) and what each region is tied to (self-attention)."""
+    ctx.obj = {"debug": debug}
+    _STATE["debug"] = debug
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the terminal to our progress and results
+
+
+# -- generate ---------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def _load_pipeline(model: str, device: str | None) -> Any:
+    import torch
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2, desc="load model", unit="stage", file=sys.stderr)
+    try:
+        if model == "tiny":
+            from .testing import tiny_sd_pipeline
+
+            pipe = tiny_sd_pipeline("sd2", sample_size=64)
+        else:
+            from diffusers import DiffusionPipeline
+
+            local = Path(model).expanduser()
+            if local.exists() and not (local / "model_index.json").is_file():
+                raise CliError(f"{local} is not a diffusers pipeline folder (no model_index.json)", EXIT_USAGE)
+            try:
+                pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model)
+            except Exception as exc:
+                offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+                hint = (
+                    " (HF_HUB_OFFLINE is set: pass a local pipeline folder, or unset it to download)"
+                    if offline
+                    else " (pass a local pipeline folder or a valid hub id)"
+                )
+                raise CliError(f"could not load model {model!r}: {str(exc).splitlines()[0]}{hint}") from exc
+        bar.update(1)
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = pipe.to(dev)
+        bar.update(1)
+    finally:
+        bar.close()
+    return pipe
+
+
+@app.command()
+@friendly
+def generate(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "-m", "--model", help="A local pipeline folder, a hub id, or 'tiny' (built-in, offline)."
+    ),
+    steps: int = typer.Option(20, "--steps", min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    height: int | None = typer.Option(None, "--height", help="Image height in pixels (multiple of 8)."),
+    width: int | None = typer.Option(None, "--width", help="Image width in pixels (multiple of 8)."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1 turns it off)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output folder [default: outputs/<prompt>]."),
+    device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
+    cross_steps: bool = typer.Option(False, "--cross-steps", help="Keep per-step word maps in the experiment."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
+) -> None:
+    """Generate an image while tracing; write the image, one overlay per word, and the experiment."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import trace
+    from .viz import plot_overlay, plot_word_grid
+
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise CliError(f"--{name} must be a positive multiple of 8 (the VAE's scale), got {value}", EXIT_USAGE)
+    out = out or Path("outputs") / _slug(prompt)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CliError(
+            f"{out} is not empty: choose another --out, or pass --overwrite to replace its files", EXIT_USAGE
+        )
+    pipe = _load_pipeline(model, device)
+    pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    with trace(pipe, cross_steps=cross_steps) as trc:
+        result = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            **size,
+        )
+    image = result.images[0]
+    ghm = trc.compute_global_heat_map()
+    words = ghm.words
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "words").mkdir(exist_ok=True)
+    with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
+        image.save(out / "image.png")
+        bar.update(1)
+        for word in words:
+            fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
+            fig.savefig(out / "words" / f"{_slug(word)}.png", dpi=100, bbox_inches="tight")
+            bar.update(1)
+        fig, _ = plot_word_grid(image, ghm)
+        fig.savefig(out / "words.png", dpi=80, bbox_inches="tight")
+        bar.update(1)
+        trc.to_experiment(out / "experiment", seed=seed, overwrite=overwrite, model_arg=model, steps=steps)
+        bar.update(1)
+    typer.echo(f"image:      {out / 'image.png'}")
+    typer.echo(f"word maps:  {out / 'words'}/ ({', '.join(words)}) and {out / 'words.png'}")
+    example = max(words, key=len)
+    typer.echo(f"experiment: {out / 'experiment'}  (try: daami2i show {out / 'experiment'} --word {example})")
+
+
+# -- show -------------------------------------------------------------------------------------------
+def _numbers(text: str, what: str, count: int | None = None) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise CliError(f"{what} must be numbers separated by commas, got {text!r}", EXIT_USAGE) from None
+    if count is not None and len(values) != count:
+        raise CliError(f"{what} needs {count} numbers, got {len(values)} in {text!r}", EXIT_USAGE)
+    return values
+
+
+def _ints(values: list[float], what: str) -> list[int]:
+    if any(v != int(v) for v in values):
+        raise CliError(f"{what} takes integer latent coordinates, got {values}", EXIT_USAGE)
+    return [int(v) for v in values]
+
+
+@app.command()
+@friendly
+def show(
+    experiment: Path = typer.Argument(..., help="An experiment folder (written by generate or Trace.to_experiment)."),
+    word: str | None = typer.Option(None, "--word", help="A word of the prompt: its cross-attention map."),
+    pixel: str | None = typer.Option(
+        None, "--pixel", help="Latent pixels 'X,Y' (x = column), several as 'X,Y X,Y': their self-attention map."
+    ),
+    box: str | None = typer.Option(None, "--box", help="Latent box 'X1,Y1,X2,Y2' (X2, Y2 exclusive)."),
+    contour: str | None = typer.Option(None, "--contour", help="Polygon in image pixels: 'x,y x,y x,y ...'."),
+    guide_word: str | None = typer.Option(
+        None, "--guide-word", help="Weight the --pixel/--box/--contour region by this word's map."
+    ),
+    merged: bool = typer.Option(False, "--merged", help="With --word: the word map refined by self-attention."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Draw the binary mask above this level."),
+    image_idx: int = typer.Option(0, "--image", help="Which image of a batch."),
+    direction: str = typer.Option("attended_by", "--direction", help="attended_by (columns) or attends_to (rows)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="PNG to write [default: inside the experiment]."),
+) -> None:
+    """Answer one query on a saved experiment, without the model, and write it as a PNG."""
+    from . import load_experiment
+    from .heatmaps import regions
+    from .viz import plot_mask, plot_overlay, plot_region
+
+    chosen = [n for n, v in (("--word", word), ("--pixel", pixel), ("--box", box), ("--contour", contour)) if v]
+    if len(chosen) != 1:
+        raise CliError(
+            f"give exactly one of --word, --pixel, --box, --contour (got {', '.join(chosen) or 'none'})", EXIT_USAGE
+        )
+    if guide_word and word:
+        raise CliError("--guide-word weights a --pixel/--box/--contour region; for a word use --merged", EXIT_USAGE)
+    if merged and not word:
+        raise CliError("--merged refines a --word map", EXIT_USAGE)
+    exp = load_experiment(experiment)
+    ghm = exp.compute_global_heat_map(image_idx=image_idx, direction=direction)  # type: ignore[arg-type]
+    image = exp.images[image_idx] if exp.images else ghm.image_size
+    guide = ghm.compute_word_heat_map(guide_word) if guide_word else None
+    if word:
+        hm: Any = ghm.compute_word_heat_map(word)
+        label = f"word-{_slug(word)}"
+        if merged:
+            hm = ghm.compute_guided_heat_map(hm)
+            label += "-merged"
+    elif pixel:
+        pairs = [_ints(_numbers(p, "--pixel", 2), "--pixel") for p in pixel.split()]
+        gh, gw = ghm.grid_size
+        bad = [p for p in pairs if not (0 <= p[0] < gw and 0 <= p[1] < gh)]
+        if bad:
+            raise CliError(f"--pixel {bad} is outside the {gh}x{gw} (height x width) latent grid", EXIT_USAGE)
+        ids = [y * gw + x for x, y in pairs]
+        if guide is None:
+            hm = ghm.compute_pixel_heat_map(ids)
+        else:
+            hm = ghm.compute_region_heat_map(regions.pixel_weights(ids, ghm.grid_size) * guide.value)
+            hm.region = {"kind": "pixels"}
+        label = "pixel-" + "-".join(f"{x}x{y}" for x, y in pairs)
+    elif box:
+        x1, y1, x2, y2 = _ints(_numbers(box, "--box", 4), "--box")
+        hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2)
+        if guide is not None:
+            weights = hm.weights * guide.value
+            hm = ghm.compute_region_heat_map(weights)
+            hm.region = {"kind": "box", "box": (x1, y1, x2, y2)}
+        label = f"box-{x1}-{y1}-{x2}-{y2}"
+    else:
+        assert contour is not None
+        pts = [_numbers(p, "--contour", 2) for p in contour.split()]
+        h, w = ghm.image_size or (0, 0)
+        hm = ghm.compute_contour_heat_map(pts, h, w, guide_heatmap=guide)
+        label = "contour"
+    if guide_word:
+        label += f"-guided-{_slug(guide_word)}"
+    if threshold is not None:
+        label += f"-mask{threshold:g}"
+    out = out or experiment / f"show-{label}.png"
+    if threshold is not None:
+        fig, _ = plot_mask(image, hm, threshold=threshold)
+    elif word:
+        fig, _ = plot_overlay(image, hm, title=word + (" (merged)" if merged else ""))
+    else:
+        fig, _ = plot_region(image, hm)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    v = hm.value
+    typer.echo(
+        f"wrote {out}  (map on the {v.shape[0]}x{v.shape[1]} grid, min {float(v.min()):.4g}, max {float(v.max()):.4g})"
+    )
+
+
+# -- info -------------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def info(experiment: Path = typer.Argument(..., help="An experiment folder.")) -> None:
+    """What an experiment holds: prompts, sizes, resolutions, steps and store sizes."""
+    from . import load_experiment
+
+    exp = load_experiment(experiment)
+    g, m = exp.generation, exp.manifest
+    meta = m.get("info", {})
+    mib = {k: v / 2**20 for k, v in m.get("nbytes", {}).items()}
+    lines = [
+        f"experiment  {experiment}",
+        f"pipeline    {meta.get('pipeline')} ({meta.get('model') or 'built in'}), scheduler {meta.get('scheduler')}, "
+        f"seed {meta.get('seed')}",
+    ]
+    for i, p in enumerate(g.image_prompts):
+        lines.append(f"image {i}     {p!r}")
+    lines += [
+        f"image size  {g.image_size[0]}x{g.image_size[1]} (height x width)" if g.image_size else "image size  unknown",
+        f"latent      {g.latent_size[0]}x{g.latent_size[1]}, grid {g.grid_size[0]}x{g.grid_size[1]}"
+        if g.latent_size
+        else "latent      unknown",
+        f"steps       {g.steps_run} run, captured {g.steps_captured}",
+        f"guidance    {'on' if g.cfg else 'off'}, halves kept: {g.halves}",
+    ]
+    for f, st in sorted(g.self_attention.items()):
+        lines.append(f"self-attn   factor {f}: {st.size[0]}x{st.size[1]}, {len(st.layers)} layer(s)")
+    factors: dict[int, list[str]] = {}
+    for ct in g.cross_attention.values():
+        factors.setdefault(ct.factor, []).append(ct.layer)
+    for f, layers in sorted(factors.items()):
+        per_step = any(g.cross_attention[n].per_step for n in layers)
+        lines.append(f"cross-attn  factor {f}: {len(layers)} layer(s){', per step' if per_step else ''}")
+    lines.append(
+        f"stores      self {mib.get('self', 0):.1f} MiB, cross {mib.get('cross', 0):.1f} MiB, "
+        f"per-step cross {mib.get('cross_steps', 0):.1f} MiB"
+    )
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
