@@ -13,7 +13,7 @@ Stable Diffusion pipelines on current diffusers::
 from .errors import ConfigError, Daami2iError, QueryError, TraceError, UnsupportedPipelineError
 from .heatmaps import GlobalHeatMap, HeatMap, PixelHeatMap, WordHeatMap
 from .storage.experiment import Experiment, ExperimentError, load_experiment
-from .tracing import Trace, trace
+from .tracing import Trace, trace, trace_image
 
 __version__ = "0.3.0.dev0"
 
@@ -33,4 +33,5 @@ __all__ = [
     "__version__",
     "load_experiment",
     "trace",
+    "trace_image",
 ]

@@ -134,6 +134,7 @@ class Trace:
         self._rows: torch.Tensor | None = None  # (n_images, halves) batch rows kept, set per generation
         self._store_device: torch.device | None = None
         self._step_tokens = 77
+        self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
         self._active = False
         self._originals: dict[str, Any] = {}
         self._handles: list[Any] = []
@@ -284,7 +285,10 @@ class Trace:
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
         batch = int(sample.shape[0])
-        gen.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        if self._cfg_override is not None:
+            gen.cfg = self._cfg_override
+        else:
+            gen.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if gen.cfg and batch % 2:
             raise TraceError(f"classifier-free guidance is on but the UNet batch ({batch}) is odd")
         gen.n_images = batch // 2 if gen.cfg else batch
