@@ -1,11 +1,10 @@
-"""Quickstart: trace a (tiny, offline, random-weight) Stable Diffusion pipeline and plot heat maps.
+"""Quickstart: trace the embedded shapes model offline and plot its heat maps.
 
-    python examples/quickstart.py [--out outputs/quickstart.png] [--steps 4]
+    python examples/quickstart.py [--prompt "a red circle and a blue square"] [--out outputs/quickstart.png]
 
-The pipeline is built from configs by ``daami2i.testing`` with the real diffusers / transformers
-classes and the real CLIP tokenizer, shaped like stable-diffusion-2-base (512 x 512 image, 64 x 64
-latent). Its weights are random, so the image is noise; the code is exactly what you run on a real
-model (replace the pipeline by ``StableDiffusionPipeline.from_pretrained(...)``).
+The embedded model (shipped inside daami2i, trained by ``python -m daami2i.shapes.train``) draws
+coloured circles, squares and triangles at 64x64. The code is exactly what you run on a real
+Stable Diffusion model: replace ``load_pipeline()`` by ``StableDiffusionPipeline.from_pretrained(...)``.
 """
 
 from __future__ import annotations
@@ -17,52 +16,52 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-from matplotlib.figure import Figure
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-import daami2i
-from daami2i.testing import tiny_sd_pipeline
+import daami2i  # noqa: E402
+from daami2i.shapes.model import DEFAULTS, load_pipeline  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart.png"))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--prompt", default="Dinner table with chairs and flower pot")
+    parser.add_argument("--prompt", default="a red circle and a blue square")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    pipe = tiny_sd_pipeline("sd2", sample_size=64)
+    pipe = load_pipeline()
     start = time.perf_counter()
     with daami2i.trace(pipe) as trc:
-        image = pipe(args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **DEFAULTS).images[0]
         ghm = trc.compute_global_heat_map()
     elapsed = time.perf_counter() - start
 
-    table = ghm.compute_word_heat_map("table")
-    panels = {
-        "image": None,
-        "pixels 0..1023": ghm.compute_pixel_heat_map(list(range(1024))),
-        "box (0, 10, 25, 64)": ghm.compute_bbox_heat_map(0, 10, 25, 64),
-        "contour": ghm.compute_contour_heat_map([[0, 300], [256, 100], [512, 300], [512, 400], [0, 400]], 512, 512),
-        "word 'table'": table,
-        "'table' guided by self-attn": ghm.compute_guided_heat_map(table),
-    }
-    fig = Figure(figsize=(3 * len(panels), 3.4))
-    for ax, (title, hm) in zip(fig.subplots(1, len(panels)), panels.items(), strict=False):
+    words = [w for w in ghm.words if w not in ("a", "and")]
+    panels: dict[str, daami2i.HeatMap | None] = {"image": None}
+    for word in words:
+        panels[f"'{word}'"] = ghm.compute_word_heat_map(word)
+    last = ghm.compute_word_heat_map(words[-1])
+    panels[f"'{words[-1]}' refined by self-attn"] = ghm.compute_guided_heat_map(last)
+    peak = int(last.value.argmax())  # the latent pixel where the last word acts most
+    panels[f"pixel {peak % ghm.grid_size[1]},{peak // ghm.grid_size[1]} (self-attn)"] = ghm.compute_pixel_heat_map(
+        [peak]
+    )
+    fig = Figure(figsize=(2.6 * len(panels), 3))
+    for ax, (title, hm) in zip(fig.subplots(1, len(panels)), panels.items(), strict=True):
         if hm is None:
             ax.imshow(image)
-            ax.set_title(title)
+            ax.set_title(args.prompt, fontsize=8)
             ax.axis("off")
         else:
             hm.plot_overlay(image, ax=ax, title=title)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=80)
+    fig.savefig(args.out, dpi=100)
     gen = trc.last_generation
     print(
-        f"traced {gen.steps_run} steps of a {gen.image_size[0]}x{gen.image_size[1]} image in {elapsed:.1f}s; "
-        f"self-attention store {gen.nbytes('self') / 2**20:.0f} MiB, "
-        f"cross-attention {gen.nbytes('cross') / 2**20:.1f} MiB"
+        f"traced {gen.steps_run} steps of a {gen.image_size[0]}x{gen.image_size[1]} image in {elapsed:.1f}s "
+        f"(stores: self {gen.nbytes('self') / 2**20:.2f} MiB, cross {gen.nbytes('cross') / 2**20:.2f} MiB)"
     )
     print(f"wrote {args.out}")
 

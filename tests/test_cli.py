@@ -23,10 +23,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    res = runner.invoke(
-        app,
-        ["generate", "a red cat with a flowerpot", "--steps", "2", "--height", "64", "--width", "96", "-o", str(out)],
-    )
+    res = runner.invoke(app, ["generate", "a red circle and a blue square", "--steps", "3", "-o", str(out)])
     assert res.exit_code == 0, res.output
     return out, res
 
@@ -35,50 +32,50 @@ def test_generate_writes_image_word_maps_and_experiment(generated):
     out, res = generated
     assert "experiment:" in res.output
     image = Image.open(out / "image.png")
-    assert image.size == (96, 64)
+    assert image.size == (64, 64)
     assert sorted(p.name for p in (out / "words").iterdir()) == [
         "a.png",
-        "cat.png",
-        "flowerpot.png",
+        "and.png",
+        "blue.png",
+        "circle.png",
         "red.png",
-        "with.png",
+        "square.png",
     ]
     assert (out / "words.png").is_file()
     exp = daami2i.load_experiment(out / "experiment")
-    assert exp.prompts == ["a red cat with a flowerpot"]
-    assert exp.manifest["info"]["seed"] == 0 and exp.manifest["info"]["steps"] == 2
+    assert exp.prompts == ["a red circle and a blue square"]
+    assert exp.manifest["info"]["seed"] == 0 and exp.manifest["info"]["steps"] == 3
     assert np.array_equal(np.asarray(exp.images[0]), np.asarray(image))
 
 
 def test_generate_is_reproducible_and_matches_the_api(generated, tmp_path):
     """The CLI's experiment holds the same maps as the library run with the same seed."""
-    from daami2i.testing import tiny_sd_pipeline
+    from daami2i.shapes.model import load_pipeline
 
     out, _ = generated
-    pipe = tiny_sd_pipeline("sd2", sample_size=64)
+    pipe = load_pipeline()
     with daami2i.trace(pipe) as trc:
         pipe(
-            "a red cat with a flowerpot",
-            num_inference_steps=2,
-            height=64,
-            width=96,
+            "a red circle and a blue square",
+            num_inference_steps=3,
+            guidance_scale=4.0,
             generator=torch.Generator().manual_seed(0),
         )
     live = trc.compute_global_heat_map()
     saved = daami2i.load_experiment(out / "experiment").compute_global_heat_map()
-    assert torch.allclose(live.compute_word_heat_map("cat").value, saved.compute_word_heat_map("cat").value)
+    assert torch.allclose(live.compute_word_heat_map("circle").value, saved.compute_word_heat_map("circle").value)
     assert torch.allclose(live.compute_pixel_heat_map([5]).value, saved.compute_pixel_heat_map([5]).value)
 
 
 @pytest.mark.parametrize(
     "args, name",
     [
-        (["--word", "cat"], "show-word-cat.png"),
-        (["--word", "flowerpot", "--merged"], "show-word-flowerpot-merged.png"),
+        (["--word", "circle"], "show-word-circle.png"),
+        (["--word", "square", "--merged"], "show-word-square-merged.png"),
         (["--pixel", "3,4 5,6"], "show-pixel-3x4-5x6.png"),
-        (["--box", "1,2,6,7", "--guide-word", "cat"], "show-box-1-2-6-7-guided-cat.png"),
-        (["--contour", "0,20 50,10 96,60 10,60"], "show-contour.png"),
-        (["--word", "cat", "--threshold", "0.5"], "show-word-cat-mask0.5.png"),
+        (["--box", "1,2,6,7", "--guide-word", "circle"], "show-box-1-2-6-7-guided-circle.png"),
+        (["--contour", "0,20 50,10 64,60 10,60"], "show-contour.png"),
+        (["--word", "red", "--threshold", "0.5"], "show-word-red-mask0.5.png"),
     ],
 )
 def test_show_answers_queries_without_the_model(generated, args, name):
@@ -103,13 +100,13 @@ def test_show_pixel_matches_the_api(generated, tmp_path):
     "args, code, message",
     [
         (["--word", "horse"], 2, "'horse'.*not in the prompt"),
-        (["--box", "1,2,99,9"], 2, "outside the 8x12"),
+        (["--box", "1,2,99,9"], 2, "outside the 16x16"),
         (["--pixel", "3"], 2, "needs 2 numbers"),
-        (["--pixel", "30,1"], 2, "outside the 8x12"),
+        (["--pixel", "30,1"], 2, "outside the 16x16"),
         (["--box", "1,2,x,4"], 2, "must be numbers"),
         ([], 2, "exactly one of"),
-        (["--word", "cat", "--pixel", "1,1"], 2, "exactly one of"),
-        (["--word", "cat", "--guide-word", "red"], 2, "--merged"),
+        (["--word", "circle", "--pixel", "1,1"], 2, "exactly one of"),
+        (["--word", "circle", "--guide-word", "red"], 2, "--merged"),
         (["--contour", "0,0 1,1"], 2, "at least 3"),
     ],
 )
@@ -136,13 +133,14 @@ def test_info(generated):
     res = runner.invoke(app, ["info", str(out / "experiment")])
     assert res.exit_code == 0, res.output
     for text in [
-        "'a red cat with a flowerpot'",
-        "64x96 (height x width)",
-        "grid 8x12",
-        "steps       2 run",
-        "self-attn   factor 1: 8x12",
+        "'a red circle and a blue square'",
+        "64x64 (height x width)",
+        "grid 16x16",
+        "steps       3 run",
+        "self-attn   factor 1: 16x16",
         "cross-attn  factor 2",
         "stores      self",
+        "seed 0",
     ]:
         assert text in res.output, text
 
@@ -184,7 +182,7 @@ def test_console_script_and_module_entry_points(generated):
     proc = subprocess.run(
         [sys.executable, "-m", "daami2i", "info", str(out / "experiment")], capture_output=True, text=True, env=env
     )
-    assert proc.returncode == 0 and "grid 8x12" in proc.stdout
+    assert proc.returncode == 0 and "grid 16x16" in proc.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "daami2i", "show", str(out / "experiment"), "--word", "zebra"],
         capture_output=True,
@@ -194,3 +192,12 @@ def test_console_script_and_module_entry_points(generated):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: word 'zebra'")
     manifest = json.loads((out / "experiment" / "manifest.json").read_text())
     assert manifest["format"] == "daami2i-experiment"
+
+
+def test_generate_with_the_tiny_random_model(tmp_path):
+    out = tmp_path / "tiny"
+    args = ["generate", "a red cat", "-m", "tiny", "--steps", "1", "--height", "64", "--width", "96", "-o", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert Image.open(out / "image.png").size == (96, 64)
+    assert daami2i.load_experiment(out / "experiment").manifest["info"]["model_arg"] == "tiny"

@@ -1,9 +1,9 @@
 """The ``daami2i`` command line: generate and trace, answer queries on saved experiments, inspect them.
 
-    daami2i generate "a red cat on a table" --steps 20 -o outputs/cat
-    daami2i show outputs/cat/experiment --word cat
-    daami2i show outputs/cat/experiment --box 10,20,30,40 --guide-word cat -o box.png
-    daami2i info outputs/cat/experiment
+    daami2i generate "a red circle and a blue square" -o outputs/shapes
+    daami2i show outputs/shapes/experiment --word circle
+    daami2i show outputs/shapes/experiment --box 2,2,8,8 --guide-word square -o box.png
+    daami2i info outputs/shapes/experiment
 
 Exit codes: 0 success; 1 a failure while loading, generating or writing; 2 bad arguments or a
 query that cannot be answered; 3 a missing or unreadable experiment folder. Errors are one line with
@@ -28,7 +28,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .errors import ConfigError, Daami2iError, QueryError, UnsupportedPipelineError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_EXPERIMENT = 1, 2, 3
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "shapes"
+MODEL_DEFAULTS = {  # sampling defaults per built-in model: (steps, guidance)
+    "shapes": (25, 4.0),
+    "tiny": (20, 7.5),
+}
 
 app = typer.Typer(
     name="daami2i",
@@ -116,7 +120,11 @@ def _load_pipeline(model: str, device: str | None) -> Any:
 
     bar = tqdm(total=2, desc="load model", unit="stage", file=sys.stderr)
     try:
-        if model == "tiny":
+        if model == "shapes":
+            from .shapes.model import load_pipeline
+
+            pipe = load_pipeline()
+        elif model == "tiny":
             from .testing import tiny_sd_pipeline
 
             pipe = tiny_sd_pipeline("sd2", sample_size=64)
@@ -150,13 +158,19 @@ def _load_pipeline(model: str, device: str | None) -> Any:
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
     model: str = typer.Option(
-        DEFAULT_MODEL, "-m", "--model", help="A local pipeline folder, a hub id, or 'tiny' (built-in, offline)."
+        DEFAULT_MODEL,
+        "-m",
+        "--model",
+        help="A local pipeline folder, a hub id, 'shapes' (the embedded offline model: coloured circles, squares "
+        "and triangles) or 'tiny' (random weights, for tests).",
     ),
-    steps: int = typer.Option(20, "--steps", min=1, help="Denoising steps."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: 25 for shapes, else 20]."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     height: int | None = typer.Option(None, "--height", help="Image height in pixels (multiple of 8)."),
     width: int | None = typer.Option(None, "--width", help="Image width in pixels (multiple of 8)."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1 turns it off)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale, <= 1 turns it off [default: 4 for shapes, else 7.5]."
+    ),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder [default: outputs/<prompt>]."),
     device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
     cross_steps: bool = typer.Option(False, "--cross-steps", help="Keep per-step word maps in the experiment."),
@@ -177,6 +191,9 @@ def generate(
         raise CliError(
             f"{out} is not empty: choose another --out, or pass --overwrite to replace its files", EXIT_USAGE
         )
+    default_steps, default_guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
+    steps = steps if steps is not None else default_steps
+    guidance = guidance if guidance is not None else default_guidance
     pipe = _load_pipeline(model, device)
     pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
