@@ -16,11 +16,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
-import daami2i  # noqa: E402
-from daami2i.shapes.model import DEFAULTS, load_pipeline  # noqa: E402
+import daami2i
+from daami2i.shapes.model import DEFAULTS, load_pipeline
 
 
 def main() -> None:
