@@ -14,7 +14,7 @@ def snapshot(pipe):
     return (
         dict(unet.attn_processors),
         {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in unet.named_modules()},
-        "check_inputs" in pipe.__dict__,
+        ("check_inputs" in vars(pipe), "postprocess" in vars(pipe.image_processor)),
     )
 
 
@@ -33,6 +33,7 @@ def test_restored_after_normal_run(sd2):
     before = snapshot(sd2)
     with daami2i.trace(sd2) as trc:
         assert any(isinstance(p, CapturingProcessor) for p in sd2.unet.attn_processors.values())
+        assert "check_inputs" in vars(sd2) and "postprocess" in vars(sd2.image_processor)
         sd2("a cat", num_inference_steps=1, height=64, width=64)
     assert_restored(sd2, before)
     # data survives the block

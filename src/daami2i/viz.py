@@ -36,6 +36,14 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize)
 
 
+def _fig_ax(ax: Axes | None, figsize: tuple[float, float] = (5, 5)) -> tuple[Figure, Axes]:
+    """The caller's axes and their figure, or a new figure (not pyplot) with one axes."""
+    if ax is None:
+        fig = _figure(figsize)
+        return fig, fig.add_subplot()
+    return ax.figure, ax  # type: ignore[return-value]
+
+
 def _as_array(image: Any) -> np.ndarray:
     if hasattr(image, "detach"):  # torch tensor (C, H, W) or (H, W)
         t = image.detach().float().cpu()
@@ -56,11 +64,7 @@ def plot_overlay(
     threshold: float | None = None,
 ) -> tuple[Figure, Axes]:
     """Draw ``heat_map`` expanded to ``image`` over the image; returns ``(fig, ax)``."""
-    if ax is None:
-        fig = _figure((5, 5))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure  # type: ignore[assignment]
+    fig, ax = _fig_ax(ax)
     ax.imshow(_as_array(image))
     ax.imshow(heat_map.expand_as(image, absolute=absolute, threshold=threshold).numpy(), cmap=cmap, alpha=alpha)
     if title is None:
@@ -81,11 +85,7 @@ def plot_mask(
     title: str | None = None,
 ) -> tuple[Figure, Axes]:
     """The binary mask ``expand_as(image, threshold=threshold)`` drawn in ``color`` over the image."""
-    if ax is None:
-        fig = _figure((5, 5))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure  # type: ignore[assignment]
+    fig, ax = _fig_ax(ax)
     mask = heat_map.expand_as(image, threshold=threshold).numpy()
     rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
     rgba[..., :3] = color

@@ -159,7 +159,7 @@ class ExplicitAttention:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None, **_: Any) -> Any:
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        b, n, _ = hidden_states.shape
+        b, n = hidden_states.shape[:2]
         h = attn.heads
         q = attn.to_q(hidden_states).view(b, n, h, -1).transpose(1, 2)
         k = attn.to_k(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
@@ -385,7 +385,7 @@ def train_unet(
 def assemble(work: Path, vae: Any, unet: Any, text: Any) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
         tokenizer=_TOK,

@@ -171,6 +171,7 @@ class Generation:
         if not positions:
             raise QueryError(f"none of the steps {sorted(wanted)} was captured; captured steps: {self.steps_captured}")
         return [
-            CrossAttentionLayer(s.layer, s.size, sum(s.per_step[i][image_idx] for i in positions))  # type: ignore[index,misc]
+            CrossAttentionLayer(s.layer, s.size, torch.stack([s.per_step[i][image_idx] for i in positions]).sum(0))
             for s in stores
+            if s.per_step is not None
         ]
