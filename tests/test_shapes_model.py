@@ -1,0 +1,78 @@
+"""The embedded shapes model: loads offline, draws what it is asked, and its maps mean something."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import daami2i
+from daami2i.shapes import make_scene
+from daami2i.shapes.checker import check, mask_of_color
+from daami2i.shapes.model import DEFAULTS, load_pipeline, model_path
+from daami2i.shapes.train import HELD_OUT
+
+# measured levels (benchmarks/shapes_quality.py, see README) minus a margin for small samples
+MIN_GATE = 0.55  # share of held-out prompts with every object right, on 24 prompts
+MIN_IOU_OVER_BASELINE = 0.15  # real mode: shape-word map IoU@0.4 minus the whole-image baseline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline()
+
+
+def iou(pred: np.ndarray, mask: np.ndarray) -> float:
+    return float((pred & mask).sum() / (pred | mask).sum())
+
+
+def test_loads_offline_as_an_ordinary_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    folder = model_path()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 3 and not any(p.suffix in (".bin", ".pt", ".pkl", ".ckpt") for p in files)
+    assert sum(p.stat().st_size for p in weights) < 12 * 2**20
+    sd = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    assert len(sd.tokenizer) == 49408
+    assert sd.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+
+
+def test_quality_gate(pipe):
+    ok = []
+    for i in range(24):
+        scene = make_scene(HELD_OUT + i)
+        image = pipe(scene.caption, generator=torch.Generator().manual_seed(i), **DEFAULTS).images[0]
+        ok.append(all(check(image, [(o.color, o.shape) for o in scene.objects])))
+    assert np.mean(ok) >= MIN_GATE, f"only {np.mean(ok):.0%} of held-out prompts drawn right"
+
+
+def test_shape_word_maps_overlap_their_objects_on_real_images(pipe):
+    """A regression in tracing or in the algebra shows up here by meaning, not only by numbers."""
+    scores, baseline = [], []
+    for i in range(16):
+        scene = make_scene(HELD_OUT + i)
+        trc = daami2i.trace_image(pipe, scene.image, scene.caption, generator=torch.Generator().manual_seed(i))
+        ghm = trc.compute_global_heat_map()
+        for obj, mask in zip(scene.objects, scene.masks, strict=True):
+            pred = ghm.compute_word_heat_map(obj.shape).expand_as(scene.image).numpy() > 0.4
+            scores.append(iou(pred, mask))
+            baseline.append(mask.mean())
+    assert np.mean(scores) >= np.mean(baseline) + MIN_IOU_OVER_BASELINE, (np.mean(scores), np.mean(baseline))
+
+
+def test_generated_word_maps_find_the_object(pipe):
+    hits = []
+    for i in range(12):
+        scene = make_scene(HELD_OUT + 100 + i, n_objects=2)
+        with daami2i.trace(pipe) as trc:
+            image = pipe(scene.caption, generator=torch.Generator().manual_seed(i), **DEFAULTS).images[0]
+        ghm = trc.compute_global_heat_map()
+        for obj in scene.objects:
+            mask = mask_of_color(image, obj.color)
+            if mask is None:
+                continue
+            m = ghm.compute_word_heat_map(obj.shape).expand_as(image).numpy()
+            hits.append(bool(mask.flat[int(m.argmax())]))  # the map's peak lies on the object
+    assert len(hits) >= 12 and np.mean(hits) >= 0.5, hits
