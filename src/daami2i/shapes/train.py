@@ -320,6 +320,8 @@ def train_unet(
     pool_size: int = 24576,
     drop: float = 0.1,
     log_every: int = 100,
+    ckpt_every: int = 250,
+    stop_after: int | None = None,
 ) -> tuple[Any, Any]:
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
@@ -374,8 +376,10 @@ def train_unet(
         if (step + 1) % log_every == 0:
             msg = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             print(f"unet step {step + 1}/{total} {msg} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % 250 == 0 or step + 1 == total:
+        if (step + 1) % ckpt_every == 0 or step + 1 == total or step + 1 == stop_after:
             save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"stage": "unet", "variant": variant})
+        if stop_after is not None and step + 1 >= stop_after:  # a time slice: resume later from here
+            break
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
@@ -422,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-vae", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this step (resume later)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ..testing import clip_tokenizer
@@ -448,7 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         args.cross_weight,
         args.self_weight,
         args.pool,
+        stop_after=args.stop_after,
     )
+    if args.stop_after is not None and args.stop_after < args.unet_steps + args.refine_steps:
+        print(f"stopped after step {args.stop_after}; run the same command without --stop-after to resume", flush=True)
+        return
     assemble(args.work, vae, unet, text)
     (args.work / "train.json").write_text(
         json.dumps({**{k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - t0})
