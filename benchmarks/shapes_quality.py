@@ -96,7 +96,7 @@ def main() -> None:
     if args.model == model_path():
         pipe = load_pipeline()
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(args.model), torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(str(args.model), dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
     t0 = time.time()
     gate = defaultdict(list)

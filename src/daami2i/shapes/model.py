@@ -29,7 +29,7 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device
     path = model_path()
     if not (path / "model_index.json").is_file():
         raise Daami2iError(f"the embedded shapes model is missing from {path}: reinstall daami2i")
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
