@@ -201,3 +201,14 @@ def test_generate_with_the_tiny_random_model(tmp_path):
     assert res.exit_code == 0, res.output
     assert Image.open(out / "image.png").size == (96, 64)
     assert daami2i.load_experiment(out / "experiment").manifest["info"]["model_arg"] == "tiny"
+
+
+def test_generate_from_a_local_pipeline_folder(tmp_path):
+    """-m takes any diffusers pipeline folder; here the embedded model's, loaded as float32 on the CPU."""
+    from daami2i.shapes.model import model_path
+
+    out = tmp_path / "local"
+    res = runner.invoke(app, ["generate", "a blue square", "-m", str(model_path()), "--steps", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    exp = daami2i.load_experiment(out / "experiment")
+    assert exp.manifest["info"]["dtype"] == "torch.float32" and exp.prompts == ["a blue square"]

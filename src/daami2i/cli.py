@@ -118,6 +118,7 @@ def _load_pipeline(model: str, device: str | None) -> Any:
     import torch
     from tqdm.auto import tqdm
 
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bar = tqdm(total=2, desc="load model", unit="stage", file=sys.stderr)
     try:
         if model == "shapes":
@@ -135,7 +136,9 @@ def _load_pipeline(model: str, device: str | None) -> Any:
             if local.exists() and not (local / "model_index.json").is_file():
                 raise CliError(f"{local} is not a diffusers pipeline folder (no model_index.json)", EXIT_USAGE)
             try:
-                pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model)
+                # half-precision weights run slowly (or not at all) on a CPU: load them as float32 there
+                dtype = torch.float32 if torch.device(dev).type == "cpu" else None
+                pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model, dtype=dtype)
             except Exception as exc:
                 offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
                 hint = (
@@ -145,7 +148,6 @@ def _load_pipeline(model: str, device: str | None) -> Any:
                 )
                 raise CliError(f"could not load model {model!r}: {str(exc).splitlines()[0]}{hint}") from exc
         bar.update(1)
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = pipe.to(dev)
         bar.update(1)
     finally:
