@@ -130,12 +130,16 @@ def polygon_weights(contours: Sequence[Any], image_size: Size, grid: Size) -> to
     h, w = _check_image_size(image_size)
     if isinstance(contours, (str, bytes)) or not isinstance(contours, Sequence) or len(contours) == 0:
         raise QueryError(f"expected a non-empty list of contours (each a list of [x, y] points), got {contours!r}")
-    ys, xs = np.mgrid[0:h, 0:w]
-    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
-    inside = np.zeros(h * w, dtype=bool)
+    inside = np.zeros((h, w), dtype=bool)
     for i, contour in enumerate(contours):
-        inside |= MplPath(_as_polygon(contour, (h, w), i)).contains_points(centres)
-    mask = torch.from_numpy(inside.reshape(h, w).astype(np.float32))
+        pts = _as_polygon(contour, (h, w), i)
+        # only the pixel centres inside the polygon's bounding box can be inside it
+        x0, y0 = (int(v) for v in np.floor(pts.min(0)))
+        x1, y1 = (min(int(v) + 1, n) for v, n in zip(np.ceil(pts.max(0)), (w, h), strict=True))
+        ys, xs = np.mgrid[y0:y1, x0:x1]
+        centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+        inside[y0:y1, x0:x1] |= MplPath(pts).contains_points(centres).reshape(y1 - y0, x1 - x0)
+    mask = torch.from_numpy(inside.astype(np.float32))
     cover = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], grid)[0, 0]
     if float(cover.sum()) == 0.0:
         raise QueryError(
