@@ -28,12 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import daami2i
-from daami2i.testing import _scheduler, _vae, clip_tokenizer, tiny_sd_pipeline
+from daami2i.testing import tiny_sd_pipeline
 
 
 def sd2_sized_pipeline():
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -46,29 +45,7 @@ def sd2_sized_pipeline():
         cross_attention_dim=1024,
         layers_per_block=2,
     ).eval()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=1024,
-            num_hidden_layers=1,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-        )
-    ).eval()
-    pipe = StableDiffusionPipeline(
-        vae=_vae(1),
-        text_encoder=text,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_sd_pipeline("sd2", unet=unet, text_width=1024)  # tiny VAE and text encoder around it
 
 
 def rss() -> int:

@@ -150,12 +150,16 @@ def tiny_sd_pipeline(
     sample_size: int = 64,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    unet: Any = None,
+    text_width: int = 32,
 ) -> Any:
     """A random Stable Diffusion 1.x / 2.x style pipeline (text2img, img2img or inpaint).
 
     The VAE scales by 8 like the real one, so ``sample_size=64`` gives 512x512 images with a
     64x64 latent, as ``stabilityai/stable-diffusion-2-base`` does. ``sd2-v`` is the v-prediction
-    (768) layout; use ``sample_size=96`` for its 96x96 latent.
+    (768) layout; use ``sample_size=96`` for its 96x96 latent. ``unet`` replaces the tiny
+    denoiser (e.g. one with real SD sizes, for benchmarks); its ``cross_attention_dim`` must equal
+    ``text_width``, the width of the text encoder.
     """
     from diffusers import (
         StableDiffusionImg2ImgPipeline,
@@ -172,9 +176,9 @@ def tiny_sd_pipeline(
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     pipe = classes[kind](
         vae=_vae(seed + 1),
-        text_encoder=_text_encoder(32, seed + 2),
+        text_encoder=_text_encoder(text_width, seed + 2),
         tokenizer=clip_tokenizer(),
-        unet=tiny_unet(style, sample_size, seed + 3),
+        unet=unet if unet is not None else tiny_unet(style, sample_size, seed + 3),
         scheduler=_scheduler("v_prediction" if style == "sd2-v" else "epsilon"),
         safety_checker=None,
         feature_extractor=None,
