@@ -114,6 +114,29 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
     assert_close(ghm.compute_pixel_diffused_heat_map(ids, iterations=4, threshold=0.4).value, diffused(w.view(grid)))
     assert_close(ghm.compute_diffused_heat_map(wm, iterations=4, threshold=0.4).value, diffused(word_ref))
 
+    # every pixel's diffused map at once (tiles of 8 x 8 seeds; these grids have partial tiles)
+    def diffused_margin(g0, iterations=4, threshold=0.4):
+        """The dense diffused map, and how close any thresholded value came to the threshold."""
+        m, margin = column_query(dense, g0, grid), float("inf")
+        for _ in range(iterations - 1):
+            g = (m - m.min()) / (m.max() - m.min())
+            margin = min(margin, (g - threshold).abs().min().item())
+            m = column_query(dense, torch.where(g >= threshold, g, torch.zeros_like(g)), grid)
+        return m, margin
+
+    every = ghm.compute_all_diffused_heat_maps(iterations=4, threshold=0.4)
+    assert every.shape == (n, *grid)
+    compared = 0
+    for p in range(n):
+        e = torch.zeros(n)
+        e[p] = 1
+        ref, margin = diffused_margin(e.view(grid))
+        if margin > 1e-5:  # else float rounding may put a value on either side of the threshold
+            assert_close(every[p], ref)
+            assert_close(every[p], ghm.compute_pixel_diffused_heat_map([p], iterations=4, threshold=0.4).value)
+            compared += 1
+    assert compared >= 0.9 * n
+
 
 CASES = {
     "sd1-nonsquare-batch2": ("sd1", ["a red cat", "two small dogs"], dict(height=128, width=96)),

@@ -247,6 +247,29 @@ class GlobalHeatMap:
         m = selfattn.diffuse(self.self_levels, g, self.grid_size, iterations, threshold, d)
         return PixelHeatMap(m, g, d)
 
+    def compute_all_diffused_heat_maps(
+        self,
+        iterations: int = 20,
+        threshold: float = 0.4,
+        direction: Direction | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """The diffused map of every latent pixel at once: shape (h*w, h, w); row ``p`` equals
+        ``compute_pixel_diffused_heat_map(p, iterations, threshold).heatmap`` (to float rounding).
+
+        Uses the sparsity of the thresholded maps (see :func:`daami2i.heatmaps.selfattn.diffuse_all`);
+        ``progress=True`` shows a progress bar over tiles of pixels.
+        """
+        d = selfattn.check_direction(direction or self.direction)
+        wrap = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            def wrap(it: Any) -> Any:
+                return tqdm(it, desc="diffused maps", unit="tile")
+
+        return selfattn.diffuse_all(self.self_levels, self.grid_size, iterations, threshold, d, wrap=wrap)
+
     # -- cross-attention ("text to image", DAAM) -----------------------------------------------
     @cached_property
     def token_maps(self) -> torch.Tensor:

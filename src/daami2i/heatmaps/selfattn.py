@@ -14,6 +14,7 @@ grid is ``S = sum_r U_r A_r U_r^T / L``. A query with weight map ``g`` returns
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,20 +59,56 @@ def query(
         raise QueryError("no self-attention was captured: trace with self_attention=True to use self-attention queries")
     batched = weights.dim() == 3
     g = weights if batched else weights.unsqueeze(0)
+    total = _query(levels, _oriented(levels, direction, contiguous=False), g, grid)
+    return total if batched else total[0]
+
+
+def _oriented(levels: list[SelfAttentionLevel], direction: Direction, contiguous: bool) -> list[torch.Tensor]:
+    """Per level, the matrix ``R`` with ``map = g_r @ R``: ``A^T`` for columns, ``A`` for rows.
+
+    ``contiguous=True`` copies, and flushes entries below 1e-30 to zero on the way: far-away softmax
+    probabilities can be denormal floats, which make CPU matrix products several times slower.
+    """
+    out = []
+    for level in levels:
+        r = level.sums.T if direction == "attended_by" else level.sums
+        if contiguous:
+            r = torch.where(r.abs() < 1e-30, torch.zeros((), device=r.device), r).contiguous()
+        out.append(r)
+    return out
+
+
+def _weighted_rows(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``g @ rows``, reading only the rows that some map in ``g`` weights (thresholded maps are sparse).
+
+    Only for contiguous ``rows``: gathering rows of a transposed view is a strided copy slower than
+    the dense product it would save.
+    """
+    if not rows.is_contiguous():
+        return g @ rows
+    support = (g != 0).any(0)  # (N,)
+    n = int(support.sum())
+    if n > rows.shape[0] // 2:
+        return g @ rows
+    idx = support.nonzero().squeeze(1)
+    return g[:, idx] @ rows[idx]
+
+
+def _query(levels: list[SelfAttentionLevel], oriented: list[torch.Tensor], g: torch.Tensor, grid: Size) -> torch.Tensor:
     device = levels[0].sums.device
     g = g.to(device=device, dtype=torch.float32)
     g = g / g.sum(dim=(-2, -1), keepdim=True)
     total = torch.zeros(g.shape[0], *grid, device=device)
     n_layers = 0
-    for level in levels:
+    for level, rows in zip(levels, oriented, strict=True):
         h, w = level.size
         gr = adjoint(g, level.size).reshape(g.shape[0], h * w)  # (B, N_r)
         # column direction: m[q] = sum_k A[q, k] g[k]  ->  m = g @ A^T ; rows: m[k] = sum_q g[q] A[q, k]
-        m = gr @ level.sums.T if direction == "attended_by" else gr @ level.sums
+        m = _weighted_rows(gr, rows)
         total += upsample(m.view(-1, h, w), grid)
         n_layers += level.n_layers
     total /= n_layers
-    return total if batched else total[0]
+    return total
 
 
 def threshold_normalised(m: torch.Tensor, threshold: float) -> torch.Tensor | None:
@@ -107,3 +144,72 @@ def diffuse(
             break
         m = query(levels, g, grid, direction)
     return m
+
+
+def diffuse_all(
+    levels: list[SelfAttentionLevel],
+    grid: Size,
+    iterations: int,
+    threshold: float,
+    direction: Direction = "attended_by",
+    tile: int = 16,
+    wrap: Callable[[Iterable[tuple[int, int]]], Iterable[tuple[int, int]]] | None = None,
+) -> torch.Tensor:
+    """:func:`diffuse` started from every grid pixel: shape (h*w, h, w), map ``p`` from pixel ``p``.
+
+    Dense, this is ``iterations`` products of two (h*w, h*w) matrices (about 1.4 TFLOP at 64x64).
+    The thresholds make it sparse: a map cut below ``threshold`` weights few pixels, so the seeds go
+    in square tiles of ``tile`` x ``tile`` neighbouring pixels, each tile's maps reading only the
+    rows of ``A`` that some of them weight (the union of their supports, small where attention is
+    local), and a tile's maps stay in cache through all iterations. ``wrap`` may wrap the tiles'
+    corners in a progress bar.
+
+    >>> a = torch.eye(4).add(0.1).softmax(-1)
+    >>> lv = [SelfAttentionLevel((2, 2), a, 1)]
+    >>> all_maps = diffuse_all(lv, (2, 2), 3, 0.4)
+    >>> one = diffuse(lv, torch.tensor([[0.0, 0.0], [1.0, 0.0]]), (2, 2), 3, 0.4)
+    >>> torch.allclose(all_maps[2], one)
+    True
+    """
+    check_direction(direction)
+    if not levels:
+        raise QueryError("no self-attention was captured: trace with self_attention=True to use self-attention queries")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise QueryError(f"iterations must be a positive integer, got {iterations!r}")
+    if not 0.0 <= float(threshold) < 1.0:
+        raise QueryError(f"threshold must be in [0, 1) (applied to the min-max normalised map), got {threshold!r}")
+    if not isinstance(tile, int) or tile < 1:
+        raise QueryError(f"tile must be a positive integer, got {tile!r}")
+    h, w = grid
+    n = h * w
+    device = levels[0].sums.device
+    oriented = _oriented(levels, direction, contiguous=True)
+    out = torch.empty(n, h, w, device=device)
+    corners: Iterable[tuple[int, int]] = [(y, x) for y in range(0, h, tile) for x in range(0, w, tile)]
+    for y0, x0 in wrap(corners) if wrap is not None else corners:
+        ys = torch.arange(y0, min(h, y0 + tile), device=device)
+        xs = torch.arange(x0, min(w, x0 + tile), device=device)
+        ids = (ys[:, None] * w + xs[None, :]).flatten()
+        g = torch.zeros(len(ids), n, device=device)
+        g[torch.arange(len(ids), device=device), ids] = 1.0
+        m = _query(levels, oriented, g.view(-1, h, w), grid)
+        active: torch.Tensor | None = None  # None: every map of the chunk is still growing
+        for _ in range(iterations - 1):
+            cur = m if active is None else m[active]
+            lo = cur.amin(dim=(-2, -1), keepdim=True)
+            hi = cur.amax(dim=(-2, -1), keepdim=True)
+            flat = (hi - lo).flatten() <= 1e-12 * hi.abs().flatten().clamp(min=1.0)
+            if bool(flat.any()):  # as in diffuse: a flat map has no region to grow, it stays as it is
+                keep = ~flat
+                idx = torch.arange(len(ids), device=device) if active is None else active
+                active, cur, lo, hi = idx[keep], cur[keep], lo[keep], hi[keep]
+                if active.numel() == 0:
+                    break
+            gn = (cur - lo) / (hi - lo)
+            gn.masked_fill_(gn < threshold, 0.0)
+            if active is None:
+                m = _query(levels, oriented, gn, grid)
+            else:
+                m[active] = _query(levels, oriented, gn, grid)
+        out[ids] = m
+    return out

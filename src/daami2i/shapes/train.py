@@ -8,13 +8,18 @@ resumes where its last checkpoint was and continues identically):
 
 1. ``vae``: an AutoencoderKL (64x64 RGB -> 4x16x16) trained on reconstruction (+ a tiny KL term).
 2. ``unet``: UNet2DConditionModel (attention at 16x16 and 8x8) and a 64-wide CLIPTextModel (real
-   CLIP BPE tokenizer), trained jointly on the epsilon-prediction loss with 10 % caption dropout
-   (so classifier-free guidance works). The ``supervised`` variant adds an auxiliary loss (weight
-   ``--cross-weight``) that pulls each colour / shape word's cross-attention toward its object's mask.
-3. ``refine`` (supervised only): a shorter stage adding a loss (weight ``--self-weight``) that pulls
-   each pixel's self-attention toward its own object (or the background).
+   CLIP BPE tokenizer), trained jointly on the epsilon-prediction loss, weighted by min-SNR-gamma
+   (``--snr-gamma``), with 10 % caption dropout (so classifier-free guidance works); learning rate
+   1e-3 with warm-up and cosine decay. At the end of this stage a copy of the checkpoint is kept
+   (``ckpt-base``): both variants continue from it.
+3. ``refine``: a shorter stage with its own warm-up and cosine decay (peak ``--refine-lr``). The
+   ``supervised`` variant adds two auxiliary losses here: one (weight ``--cross-weight``) pulls each
+   colour / shape word's cross-attention toward its object's mask, the other (weight
+   ``--self-weight``) each pixel's self-attention toward its own object (or the background).
 
-The ``unsupervised`` variant trains stage 2 with the diffusion loss alone, for an honest comparison.
+The ``unsupervised`` variant trains stage 3 with the diffusion loss alone, for an honest comparison;
+``--init-from runs/shapes/ckpt-base`` starts it from the supervised run's stage-2 checkpoint, so the
+two differ only in the auxiliary losses.
 Use one torch thread: on 2 shared cores, two threads in one process are much slower.
 Checkpoints (safetensors + JSON, no pickle) go to ``--work``; the final pipeline folder to
 ``--work/pipeline`` (copy it into ``src/daami2i/assets/shapes-model`` to ship it).
@@ -242,6 +247,20 @@ def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights min(SNR, gamma) / SNR of the epsilon loss (Hang et al. 2023); ones if gamma <= 0.
+
+    >>> a = torch.tensor([0.99, 0.5, 0.01])
+    >>> min_snr_weights(a, torch.tensor([0, 1, 2]), 5.0)
+    tensor([0.0505, 1.0000, 1.0000])
+    """
+    if gamma <= 0:
+        return torch.ones(t.shape)
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
 # -- stages -----------------------------------------------------------------------------------------
 def train_vae(work: Path, steps: int, batch: int, seed: int, log_every: int = 50) -> Any:
     out = work / "vae"
@@ -322,6 +341,10 @@ def train_unet(
     log_every: int = 100,
     ckpt_every: int = 250,
     stop_after: int | None = None,
+    snr_gamma: float = 5.0,
+    lr: float = 1e-3,
+    refine_lr: float = 3e-4,
+    init_from: Path | None = None,
 ) -> tuple[Any, Any]:
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
@@ -331,19 +354,28 @@ def train_unet(
     pool = make_pool(work, vae, pool_size)
     sink: dict[str, torch.Tensor] = {}
     supervised = variant == "supervised"
-    if supervised:
-        unet.set_attn_processor({n: ExplicitAttention(n[: -len(".processor")], sink) for n in unet.attn_processors})
+    explicit = False
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ckpt = work / "ckpt-unet"
-    start = load_ckpt(ckpt, {"unet": unet, "text": text}, opt)
-    total = steps + (refine_steps if supervised else 0)
+    modules = {"unet": unet, "text": text}
+    start = load_ckpt(ckpt, modules, opt)
+    if start == 0 and init_from is not None:
+        start = load_ckpt(Path(init_from), modules, opt)
+        if start != steps:
+            raise SystemExit(f"--init-from {init_from} holds step {start}, expected the end of stage 2 (step {steps})")
+        print(f"unet: starting from {init_from} (step {start})", flush=True)
+    total = steps + refine_steps
     empty = torch.tensor(_TOK("", padding="max_length", max_length=77).input_ids)
     alphas = sched.alphas_cumprod
     t0 = time.time()
     for step in range(start, total):
+        refining = step >= steps
         for g in opt.param_groups:
-            g["lr"] = _lr(step, total, 1e-3)
+            g["lr"] = _lr(step - steps, refine_steps, refine_lr, warmup=50) if refining else _lr(step, steps, lr)
+        if supervised and refining and not explicit:  # the auxiliary losses need the attention probabilities
+            unet.set_attn_processor({n: ExplicitAttention(n[: -len(".processor")], sink) for n in unet.attn_processors})
+            explicit = True
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(0, pool["mean"].shape[0], (batch,), generator=gen)
         eps = torch.randn(pool["mean"][idx].shape, generator=gen)
@@ -359,13 +391,14 @@ def train_unet(
         ctx = text(ids)[0]
         sink.clear()
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(alphas, t, snr_gamma)).mean()
         parts = {"diff": loss.item()}
-        if supervised and cross_weight > 0:
+        if supervised and cross_weight > 0 and refining:
             lc = cross_loss(sink, token_obj, labels, keep)
             loss = loss + cross_weight * lc
             parts["cross"] = lc.item()
-        if supervised and self_weight > 0 and step >= steps:
+        if supervised and self_weight > 0 and refining:
             ls = self_loss(sink, labels)
             loss = loss + self_weight * ls
             parts["self"] = ls.item()
@@ -377,7 +410,9 @@ def train_unet(
             msg = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             print(f"unet step {step + 1}/{total} {msg} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % ckpt_every == 0 or step + 1 == total or step + 1 == stop_after:
-            save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"stage": "unet", "variant": variant})
+            save_ckpt(ckpt, modules, opt, step + 1, {"stage": "refine" if refining else "unet", "variant": variant})
+        if step + 1 == steps:  # the common starting point of both variants' stage 3
+            save_ckpt(work / "ckpt-base", modules, opt, step + 1, {"stage": "unet", "variant": variant})
         if stop_after is not None and step + 1 >= stop_after:  # a time slice: resume later from here
             break
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -417,12 +452,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae", type=Path, default=None, help="reuse a trained VAE folder instead of stage 1")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-steps", type=int, default=3600)
-    p.add_argument("--refine-steps", type=int, default=900)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--refine-steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pool", type=int, default=24576, help="training scenes encoded once")
     p.add_argument("--cross-weight", type=float, default=0.1)
     p.add_argument("--self-weight", type=float, default=0.1)
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: plain MSE)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of stage 2")
+    p.add_argument("--refine-lr", type=float, default=3e-4, help="peak learning rate of stage 3")
+    p.add_argument("--init-from", type=Path, default=None, help="start stage 3 from this stage-2 checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-vae", action="store_true")
@@ -454,6 +493,10 @@ def main(argv: list[str] | None = None) -> None:
         args.self_weight,
         args.pool,
         stop_after=args.stop_after,
+        snr_gamma=args.snr_gamma,
+        lr=args.lr,
+        refine_lr=args.refine_lr,
+        init_from=args.init_from,
     )
     if args.stop_after is not None and args.stop_after < args.unet_steps + args.refine_steps:
         print(f"stopped after step {args.stop_after}; run the same command without --stop-after to resume", flush=True)
