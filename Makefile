@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-deps lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,18 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(RUN) $(BIN)/python -m pytest -q
+	$(RUN) $(BIN)/python benchmarks/capture.py --smoke --json outputs/bench-smoke.json
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed bench-deps
 	$(RUN) $(BIN)/python benchmarks/capture.py
+	$(RUN) $(BIN)/python benchmarks/queries.py
+	$(RUN) $(BIN)/python benchmarks/predecessors.py
+
+# daam 0.2.0 (PyPI) for the side-by-side benchmark, kept out of the package's environment
+bench-deps: .bench/daam/daam
+
+.bench/daam/daam:
+	$(BIN)/pip install -q --no-deps --target .bench/daam daam==0.2.0
 
 lint: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
@@ -29,4 +38,4 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy src/daami2i --ignore-missing-imports
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .bench

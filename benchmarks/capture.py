@@ -30,13 +30,18 @@ import torch
 import daami2i
 from daami2i.testing import tiny_sd_pipeline
 
+# The tiny pipeline is almost all attention, so materialising its 4096 x 4096 probabilities costs
+# about 3.2x (docs/benchmarks.md); a guard against accidental quadratic copies, not a timing test.
+SMOKE_BOUND = 8.0
 
-def sd2_sized_pipeline():
+
+def sd2_sized_pipeline(sample_size: int = 32):
+    """A UNet with stable-diffusion-2-base's sizes (random weights) inside the tiny VAE / text encoder."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=sample_size,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -122,8 +127,15 @@ def main() -> None:
     p.add_argument("--sd2-size", type=int, default=256, help="image side of the sd2 case (latent = size / 8)")
     p.add_argument("--sd2-steps", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("outputs/bench-capture.json"))
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"CI guard: tiny case only, 3 repeats; exit 1 if the default capture costs more than {SMOKE_BOUND}x",
+    )
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if args.smoke:
+        args.cases, args.repeats = "tiny", 3
     results = []
     for case in args.cases.split(","):
         if case == "tiny":
@@ -149,6 +161,14 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
     print(f"wrote {args.json}")
+    if args.smoke:
+        ratio = results[0]["default"]["ratio"]
+        if ratio > SMOKE_BOUND:
+            raise SystemExit(
+                f"capture smoke test FAILED: traced/untraced = {ratio:.2f}x on the tiny pipeline, bound {SMOKE_BOUND}x "
+                "(measured about 3.2x when written): look for an accidental O(N^2) copy or a lost chunking"
+            )
+        print(f"capture smoke test passed: {ratio:.2f}x <= {SMOKE_BOUND}x")
 
 
 if __name__ == "__main__":
