@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,3 +49,25 @@ def test_union_of_polygons_counts_overlap_once():
     b = [[4, 0], [12, 0], [12, 8], [4, 8]]
     w = regions.polygon_weights([a, b], (8, 16), (1, 2))
     assert w.tolist() == [[1.0, 0.5]]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (37, 53), (128, 128)])
+def test_blockwise_polygon_test_equals_testing_every_pixel(size):
+    """The block shortcut of the contour rasteriser decides every pixel as the brute-force test does."""
+    from matplotlib.path import Path as MplPath
+
+    from daami2i.heatmaps.regions import _inside_centres
+
+    h, w = size
+    rng = np.random.default_rng(h * w)
+    ys, xs = np.mgrid[0:h, 0:w]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+    polygons = [rng.uniform(0, 1, (k, 2)) * [w, h] for k in (3, 5, 9, 17) for _ in range(5)]  # often self-intersecting
+    polygons.append(np.array([[0.0, 0.0], [w, 0.3], [w, 1.2], [0.0, 0.9]]))  # a sliver one pixel high
+    polygons.append(np.array([[2.0, 2.0], [2.7, h - 2.0], [3.4, 2.0]]))  # a needle under one pixel wide
+    for pts in polygons:
+        path = MplPath(pts)
+        slow = path.contains_points(centres).reshape(h, w)
+        for block in (2, 8, 16):
+            fast = _inside_centres(path, pts, (h, w), block=block)
+            assert (fast == slow).all(), (pts.tolist(), block, int((fast != slow).sum()))

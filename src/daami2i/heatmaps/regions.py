@@ -133,12 +133,7 @@ def polygon_weights(contours: Sequence[Any], image_size: Size, grid: Size) -> to
     inside = np.zeros((h, w), dtype=bool)
     for i, contour in enumerate(contours):
         pts = _as_polygon(contour, (h, w), i)
-        # only the pixel centres inside the polygon's bounding box can be inside it
-        x0, y0 = (int(v) for v in np.floor(pts.min(0)))
-        x1, y1 = (min(int(v) + 1, n) for v, n in zip(np.ceil(pts.max(0)), (w, h), strict=True))
-        ys, xs = np.mgrid[y0:y1, x0:x1]
-        centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
-        inside[y0:y1, x0:x1] |= MplPath(pts).contains_points(centres).reshape(y1 - y0, x1 - x0)
+        inside |= _inside_centres(MplPath(pts), pts, (h, w))
     mask = torch.from_numpy(inside.astype(np.float32))
     cover = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], grid)[0, 0]
     if float(cover.sum()) == 0.0:
@@ -148,6 +143,61 @@ def polygon_weights(contours: Sequence[Any], image_size: Size, grid: Size) -> to
             f"{(h, w)}"
         )
     return cover
+
+
+def _inside_centres(path: Any, pts: np.ndarray, image_size: Size, block: int = 8) -> np.ndarray:
+    """(H, W) bool: the image pixels whose centre ``path.contains_points`` puts inside the polygon.
+
+    Pixels are tested in ``block`` x ``block`` blocks of the polygon's bounding box: inside-ness
+    only changes across an edge, so a block that no edge enters is decided by one of its centres.
+    Edges are sampled every half pixel; a block holding a sample, or next to one, is tested pixel
+    by pixel (a chord shorter than half a pixel cannot enter a block without a sample nearby).
+
+    >>> from matplotlib.path import Path as P
+    >>> tri = np.array([[0.0, 0.0], [16.0, 0.0], [0.0, 16.0]])
+    >>> fast = _inside_centres(P(tri), tri, (20, 20), block=4)
+    >>> ys, xs = np.mgrid[0:20, 0:20]
+    >>> slow = P(tri).contains_points(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)).reshape(20, 20)
+    >>> bool((fast == slow).all()), int(fast.sum())
+    (True, 136)
+    """
+    h, w = image_size
+    out = np.zeros((h, w), dtype=bool)
+    # only the pixel centres inside the polygon's bounding box can be inside it
+    x0, y0 = (int(v) for v in np.floor(pts.min(0)))
+    x1, y1 = (min(int(v) + 1, n) for v, n in zip(np.ceil(pts.max(0)), (w, h), strict=True))
+    if x1 <= x0 or y1 <= y0:
+        return out
+    nby, nbx = -(-(y1 - y0) // block), -(-(x1 - x0) // block)
+    # blocks that an edge enters: sample every edge every half pixel
+    a, b = pts, np.roll(pts, -1, axis=0)
+    n = np.maximum(2, np.ceil(np.hypot(*(b - a).T) / 0.5).astype(int) + 1)
+    t = np.concatenate([np.linspace(0.0, 1.0, k) for k in n])
+    seg = np.repeat(np.arange(len(pts)), n)
+    samples = a[seg] + t[:, None] * (b - a)[seg]
+    bx = np.clip(np.floor((samples[:, 0] - x0) / block).astype(int), 0, nbx - 1)
+    by = np.clip(np.floor((samples[:, 1] - y0) / block).astype(int), 0, nby - 1)
+    edge = np.zeros((nby + 2, nbx + 2), dtype=bool)
+    edge[by + 1, bx + 1] = True
+    near = np.zeros_like(edge)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(np.roll(edge, dy, axis=0), dx, axis=1)
+    near = near[1:-1, 1:-1]
+    # one representative centre per block (its top-left pixel inside the box) decides the others
+    rep_y = y0 + np.arange(nby) * block
+    rep_x = x0 + np.arange(nbx) * block
+    ry, rx = np.meshgrid(rep_y, rep_x, indexing="ij")
+    rep = path.contains_points(np.stack([rx.ravel() + 0.5, ry.ravel() + 0.5], axis=1)).reshape(nby, nbx)
+    blocks = np.repeat(np.repeat(rep & ~near, block, axis=0), block, axis=1)
+    out[y0:y1, x0:x1] = blocks[: y1 - y0, : x1 - x0]
+    # pixel by pixel where an edge passes
+    mask = np.repeat(np.repeat(near, block, axis=0), block, axis=1)[: y1 - y0, : x1 - x0]
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+        hit = path.contains_points(np.stack([xs + x0 + 0.5, ys + y0 + 0.5], axis=1))
+        out[ys[hit] + y0, xs[hit] + x0] = True
+    return out
 
 
 def guide_weights(guide: Any, grid: Size) -> torch.Tensor:
