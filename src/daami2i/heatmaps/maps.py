@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -155,6 +154,7 @@ class GlobalHeatMap:
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.self_levels = self_levels
         self.cross_layers = cross_layers
+        self._row_cache: dict[int, torch.Tensor] = {}  # token row -> (h, w) aggregated map
         self.prompt = prompt
         self.prompt_tokens = list(prompt_tokens) if prompt_tokens is not None else None
         self.tokenizer = tokenizer
@@ -271,10 +271,20 @@ class GlobalHeatMap:
         return selfattn.diffuse_all(self.self_levels, self.grid_size, iterations, threshold, d, wrap=wrap)
 
     # -- cross-attention ("text to image", DAAM) -----------------------------------------------
-    @cached_property
+    @property
     def token_maps(self) -> torch.Tensor:
         """Per-token maps, shape (tokens, h, w): DAAM's aggregation of the captured layers."""
-        return aggregate_layers(self.cross_layers, self.grid_size).cpu()
+        if not self.cross_layers:
+            aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
+        return self._token_rows(range(self.cross_layers[0].sums.shape[2]))
+
+    def _token_rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """Maps of the given token rows, (len(rows), h, w); each row is aggregated once and cached."""
+        missing = sorted({r for r in rows if r not in self._row_cache})
+        if missing:
+            for r, m in zip(missing, aggregate_layers(self.cross_layers, self.grid_size, missing).cpu(), strict=True):
+                self._row_cache[r] = m
+        return torch.stack([self._row_cache[r] for r in rows])
 
     @property
     def words(self) -> list[str]:
@@ -305,9 +315,11 @@ class GlobalHeatMap:
         """DAAM word map: mean of the per-token maps of ``word`` (every occurrence merged)."""
         if self.tokenizer is None:
             raise QueryError("no tokenizer is attached to this heat map, so words cannot be looked up")
-        maps = self.token_maps
-        rows = token_rows(self.tokenizer, self.tokens, word, word_idx, offset_idx, n_rows=maps.shape[0])
-        return WordHeatMap(maps[rows].mean(0), word, word_idx)
+        if not self.cross_layers:
+            aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
+        n_rows = self.cross_layers[0].sums.shape[2]
+        rows = token_rows(self.tokenizer, self.tokens, word, word_idx, offset_idx, n_rows=n_rows)
+        return WordHeatMap(self._token_rows(rows).mean(0), word, word_idx)
 
     def __repr__(self) -> str:
         return (

@@ -71,17 +71,21 @@ def token_rows(
     return rows
 
 
-def aggregate_layers(layers: Sequence[CrossAttentionLayer], grid: Size) -> torch.Tensor:
+def aggregate_layers(
+    layers: Sequence[CrossAttentionLayer], grid: Size, rows: Sequence[int] | None = None
+) -> torch.Tensor:
     """DAAM's aggregation: each (layer, head) map is upsampled bicubically to the grid and clamped
-    at 0, then all are averaged. Returns (tokens, h, w) float32."""
+    at 0, then all are averaged. Returns (tokens, h, w) float32, or (len(rows), h, w) for the
+    token ``rows`` alone (each row's map does not depend on the others)."""
     if not layers:
         raise QueryError("no cross-attention was captured: trace with cross_attention=True to compute word maps")
     total: torch.Tensor | None = None
     count = 0
     for layer in layers:
-        heads, _, n_tok = layer.sums.shape
+        sums = layer.sums if rows is None else layer.sums[:, :, list(rows)]
+        heads, _, n_tok = sums.shape
         h, w = layer.size
-        maps = layer.sums.transpose(1, 2).reshape(heads * n_tok, 1, h, w)
+        maps = sums.transpose(1, 2).reshape(heads * n_tok, 1, h, w)
         if (h, w) != tuple(grid):
             maps = F.interpolate(maps, size=grid, mode="bicubic", align_corners=False)
         maps = maps.clamp(min=0).view(heads, n_tok, *grid).sum(0)
