@@ -4,6 +4,8 @@
     daami2i show outputs/shapes/experiment --word circle
     daami2i show outputs/shapes/experiment --box 2,2,8,8 --guide-word square -o box.png
     daami2i info outputs/shapes/experiment
+    daami2i dataset prompts.txt -o outputs/dataset --words circle,square,triangle
+    daami2i evaluate outputs/dataset/instances.json --gt truth.json
 
 Exit codes: 0 success; 1 a failure while loading, generating or writing; 2 bad arguments or a
 query that cannot be answered; 3 a missing or unreadable experiment folder. Errors are one line with
@@ -375,6 +377,102 @@ def info(experiment: Path = typer.Argument(..., help="An experiment folder.")) -
         f"per-step cross {mib.get('cross_steps', 0):.1f} MiB"
     )
     typer.echo("\n".join(lines))
+
+
+# -- dataset / evaluate -----------------------------------------------------------------------------
+@app.command()
+@friendly
+def dataset(
+    prompts: Path = typer.Argument(..., help="A text file with one prompt per line ('#' starts a comment)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (a stopped run resumes in it)."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="As for generate: 'shapes', a folder or a hub id."),
+    images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-k", min=1, help="Samples per prompt."),
+    scheme: str = typer.Option("guided", "--scheme", help="raw, guided, cascade, repeated or diffused."),
+    words: str | None = typer.Option(
+        None, "--words", help="Comma-separated words to annotate where they occur [default: nouns via spaCy]."
+    ),
+    method: str = typer.Option("tau", "--method", help="Mask threshold: tau (fixed) or otsu."),
+    tau: float = typer.Option(0.4, "--tau", help="Threshold on the min-max normalised map for --method tau."),
+    segmentation: str = typer.Option("auto", "--segmentation", help="auto (polygons unless holes), polygon or rle."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: per model]."),
+    guidance: float | None = typer.Option(None, "--guidance", help="Guidance scale [default: per model]."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; sample seeds are seed + image id."),
+    experiments: bool = typer.Option(False, "--experiments", help="Also save each sample's experiment."),
+    device: str | None = typer.Option(None, "--device", help="torch device [default: the process's device]."),
+) -> None:
+    """Generate a COCO detection / segmentation dataset from word maps (resumable; under
+    `accelerate launch` every process takes its share of the prompts and the main one merges)."""
+    from .datasets import DatasetConfig, generate_shard, merge, read_prompts
+
+    prompt_list = read_prompts(prompts)
+    default_steps, default_guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
+    config = DatasetConfig(
+        images_per_prompt=images_per_prompt,
+        scheme=scheme,
+        method=method,
+        tau=tau,
+        segmentation=segmentation,
+        seed=seed,
+        steps=steps if steps is not None else default_steps,
+        guidance=guidance if guidance is not None else default_guidance,
+        save_experiments=experiments,
+    )
+    config.check()
+    vocabulary = [w.strip() for w in words.split(",") if w.strip()] if words else None
+    state = _distributed_state()
+    pipe = _load_pipeline(model, device or (str(state.device) if state is not None else None))
+    pipe.set_progress_bar_config(disable=True)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    if rank == 0:
+        from .datasets import _check_out
+
+        _check_out(out, prompt_list, config)
+    if state is not None:
+        state.wait_for_everyone()
+    made = generate_shard(pipe, prompt_list, out, config, vocabulary, rank=rank, world=world)
+    if state is not None:
+        state.wait_for_everyone()
+    if rank == 0:
+        inst, caps = merge(out)
+        typer.echo(f"{made} new sample(s) on this process; dataset: {inst} and {caps}")
+
+
+def _distributed_state() -> Any:
+    """accelerate's process state when launched by `accelerate launch` (or torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        import torch
+        from accelerate import PartialState
+    except ImportError as exc:
+        raise CliError("several processes need accelerate: pip install 'daami2i[datasets]'", EXIT_USAGE) from exc
+    # without a GPU, accelerate only forms a process group of CPU workers when told to
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+@app.command()
+@friendly
+def evaluate(
+    pred: Path = typer.Argument(..., help="Predictions: a COCO results list or an instances file."),
+    gt: Path = typer.Option(..., "--gt", help="Ground-truth COCO instances file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """COCO AP (segm, bbox) and mIoU of predictions against ground truth, per category and mean."""
+    import json
+
+    from .datasets import evaluate as run
+
+    for path in (pred, gt):
+        if not path.is_file():
+            raise CliError(f"{path} does not exist", EXIT_USAGE)
+    res = run(pred, gt)
+    typer.echo(f"segm AP {res['segm_AP']:.3f} (AP50 {res['segm_AP50']:.3f}), mIoU {res['segm_mIoU']:.3f}")
+    typer.echo(f"bbox AP {res['bbox_AP']:.3f} (AP50 {res['bbox_AP50']:.3f}), mIoU {res['bbox_mIoU']:.3f}")
+    for name, v in sorted(res["per_category"].items()):
+        typer.echo(f"  {name:20} segm IoU {v.get('segm_IoU', 0):.3f}  bbox IoU {v.get('bbox_IoU', 0):.3f}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,122 @@
+"""COCO datasets from the embedded shapes model: pycocotools reads and evaluates them; a killed run
+resumes to the same dataset; two accelerate processes make the same dataset as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pycocotools.coco import COCO
+
+from daami2i.datasets import DatasetConfig, evaluate, generate_shard, merge
+from daami2i.errors import ConfigError
+from daami2i.shapes.model import load_pipeline
+
+PROMPTS = ["a red circle", "a blue square and a green triangle", "a yellow triangle"]
+WORDS = ["circle", "square", "triangle"]
+CONFIG = dict(images_per_prompt=2, steps=8, guidance=4.0)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def clean_run(shapes_pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "ds"
+    made = generate_shard(shapes_pipe, PROMPTS, out, DatasetConfig(**CONFIG), WORDS, progress=False)
+    assert made == 6
+    merge(out)
+    return out
+
+
+def _content(out: Path) -> dict:
+    data = json.loads((out / "instances.json").read_text())
+    data.pop("info")
+    return data
+
+
+def test_coco_files_load_and_evaluate(clean_run):
+    coco = COCO(str(clean_run / "instances.json"))
+    assert sorted(coco.getImgIds()) == [1, 2, 3, 4, 5, 6]
+    assert {c["name"] for c in coco.loadCats(coco.getCatIds())} <= set(WORDS)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert anns, "the shapes model's word maps should give at least one instance"
+    assert len({a["id"] for a in anns}) == len(anns)
+    for a in anns:  # every annotation's area is its mask's area
+        assert coco.annToMask(a).sum() == pytest.approx(a["area"], rel=0.25)
+    captions = json.loads((clean_run / "captions.json").read_text())
+    assert [c["caption"] for c in captions["annotations"]] == [p for p in PROMPTS for _ in range(2)]
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert (clean_run / img["file_name"]).is_file()
+    # evaluated against itself, the dataset is perfect: this exercises the whole pycocotools path
+    res = evaluate(clean_run / "instances.json", clean_run / "instances.json")
+    assert res["segm_AP"] == pytest.approx(1.0) and res["bbox_AP"] == pytest.approx(1.0)
+    assert res["segm_mIoU"] == pytest.approx(1.0) and res["bbox_mIoU"] == pytest.approx(1.0)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_dataset(shapes_pipe, clean_run, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    cls = type(shapes_pipe)
+    original, calls = cls.__call__, []
+
+    def dies_on_fifth(self, *args, **kwargs):  # the process is killed while making the fifth image
+        calls.append(1)
+        if len(calls) == 5:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", dies_on_fifth)
+    with pytest.raises(Killed):
+        generate_shard(shapes_pipe, PROMPTS, out, DatasetConfig(**CONFIG), WORDS, progress=False)
+    monkeypatch.setattr(cls, "__call__", original)
+    # a line cut short by the kill must not break the resume
+    with (out / "shards" / "rank-0.jsonl").open("a") as f:
+        f.write('{"image_id": 6, "annot')
+    made = generate_shard(shapes_pipe, PROMPTS, out, DatasetConfig(**CONFIG), WORDS, progress=False)
+    assert made == 2
+    assert generate_shard(shapes_pipe, PROMPTS, out, DatasetConfig(**CONFIG), WORDS, progress=False) == 0
+    merge(out)
+    assert _content(out) == _content(clean_run)
+
+
+def test_a_folder_holds_one_dataset(shapes_pipe, clean_run, tmp_path):
+    with pytest.raises(ConfigError, match="other prompts or settings"):
+        generate_shard(shapes_pipe, PROMPTS[:2], clean_run, DatasetConfig(**CONFIG), WORDS, progress=False)
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_shard(shapes_pipe, PROMPTS, other, DatasetConfig(**CONFIG), WORDS, progress=False)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_two_accelerate_processes_make_the_same_dataset(clean_run, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate is part of the test extra"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# shapes\n" + "\n".join(PROMPTS) + "\n")
+    out = tmp_path / "ds"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # on a machine without GPUs, --multi_gpu makes accelerate start a torchrun-style group; the CLI
+    # then forms a gloo process group of CPU workers
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "-m", "daami2i", "dataset", str(prompts), "-o", str(out)]
+    cmd += ["--words", ",".join(WORDS), "-k", "2", "--steps", "8", "--guidance", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
+    assert _content(out) == _content(clean_run)
