@@ -255,7 +255,9 @@ def merge(out: Path) -> tuple[Path, Path]:
         raise ConfigError(f"{out} has no finished samples to merge")
     cats = sorted({a["category"] for r in records.values() for a in r["annotations"]})
     cat_id = {c: j + 1 for j, c in enumerate(cats)}
-    images, annotations, captions = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     for image_id in sorted(records):
         r = records[image_id]
         images.append({"id": image_id, "file_name": r["file_name"], "height": r["height"], "width": r["width"]})

@@ -124,7 +124,8 @@ def _contours(mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Outer boundaries and holes of a binary mask (OpenCV, two-level hierarchy)."""
     cv2 = _cv2()
     found, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    outer, holes = [], []
+    outer: list[np.ndarray] = []
+    holes: list[np.ndarray] = []
     for c, h in zip(found, hierarchy[0] if hierarchy is not None else [], strict=False):
         pts = c.reshape(-1, 2).astype(np.float64)
         if len(pts) < 3:  # a one- or two-pixel-wide sliver: its pixels' box, so COCO can draw it
