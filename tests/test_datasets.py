@@ -120,3 +120,24 @@ def test_two_accelerate_processes_make_the_same_dataset(clean_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
     assert _content(out) == _content(clean_run)
+
+
+def test_nouns_need_spacy_or_words(shapes_pipe, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spacy", None)  # as if spaCy were not installed
+    with pytest.raises(ConfigError, match="--words"):
+        generate_shard(shapes_pipe, PROMPTS[:1], tmp_path / "ds", DatasetConfig(**CONFIG), None, progress=False)
+
+
+def test_cli_evaluate_prints_and_writes_figures(clean_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    out = tmp_path / "eval.json"
+    inst = str(clean_run / "instances.json")
+    res = CliRunner().invoke(app, ["evaluate", inst, "--gt", inst, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "segm AP 1.000" in res.output and "bbox AP 1.000" in res.output
+    assert json.loads(out.read_text())["segm_mIoU"] == pytest.approx(1.0)
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "missing.json"), "--gt", inst])
+    assert res.exit_code == 2 and "does not exist" in res.output
