@@ -111,3 +111,22 @@ def test_schemes_match_the_dense_reference(sd2):
     assert not torch.allclose(word_map(ghm, "cat", "cascade"), word_map(ghm, "cat", "guided"), **close)
     with pytest.raises(QueryError, match="scheme"):
         word_map(ghm, "cat", "magic")
+
+
+def test_readme_masks_snippet_runs_on_the_embedded_model():
+    from daami2i.heatmaps import masks
+    from daami2i.shapes.model import DEFAULTS, load_pipeline
+
+    pipe = load_pipeline()
+    with daami2i.trace(pipe) as trc:
+        image = pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **DEFAULTS).images[0]
+    ghm = trc.compute_global_heat_map()
+    # as in README.md, "Masks, boxes and datasets"
+    heat = word_map(ghm, "circle", scheme="guided")
+    mask = masks.binarize(daami2i.HeatMap(heat).expand_as(image), method="tau", tau=0.4)
+    found = masks.instances(mask, min_fragment=0.05, merge_iou=0.3)
+    assert found and all(i.area > 0 for i in found)
+    labels = masks.label_map(torch.stack([word_map(ghm, w) for w in ("circle", "square")]), background=0.4)
+    assert labels.shape == ghm.grid_size and set(np.unique(labels)) <= {0, 1, 2}
+    # the circle's and the square's labels land on different objects of the generated image
+    assert (labels == 1).any() and (labels == 2).any()
