@@ -399,8 +399,11 @@ class Trace:
                 store = SelfAttentionStore(site.factor, size, torch.zeros(n_img, n_q, n_k, device=dev))
                 gen.self_attention[site.factor] = store
             for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
-                p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k).mean(1)
-                store.add(site.name, start, stop, p.to(dev))
+                p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k)
+                if p.device == store.sums.device:
+                    store.add_mean(site.name, start, stop, p)
+                else:  # reduce on the compute device before moving
+                    store.add(site.name, start, stop, p.mean(1).to(dev))
         else:
             cstore = gen.cross_attention.get(site.name)
             if cstore is None:
