@@ -75,9 +75,23 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def words_in(prompt: str, vocabulary: Sequence[str]) -> list[str]:
-    """The words of ``vocabulary`` that occur in ``prompt`` (whole words, case-insensitive), in prompt order."""
-    tokens = [t.strip(".,;:!?\"'()").lower() for t in prompt.split()]
-    return [w for w in dict.fromkeys(tokens) if w in {v.lower() for v in vocabulary}]
+    """The entries of ``vocabulary`` (words or phrases) that occur in ``prompt`` as whole words,
+    case-insensitively, in the order of their first occurrence.
+
+    >>> words_in("A flower pot, two cats and a flower", ["cat", "cats", "flower pot", "pot"])
+    ['flower pot', 'cats']
+    """
+    import re
+
+    found = []
+    for entry in dict.fromkeys(v.strip().lower() for v in vocabulary if v.strip()):
+        phrase = r"\s+".join(re.escape(w) for w in entry.split())
+        m = re.search(rf"(?<![\w-]){phrase}(?![\w-])", prompt.lower())
+        if m:
+            found.append((m.start(), entry))
+    # a phrase hides the single words inside it ("flower pot" wins over "pot")
+    kept = [(i, e) for i, e in found if not any(e != f and e in f.split() for _, f in found)]
+    return [e for _, e in sorted(kept)]
 
 
 def nouns(prompt: str) -> list[tuple[str, str]]:
