@@ -379,6 +379,29 @@ def info(experiment: Path = typer.Argument(..., help="An experiment folder.")) -
     typer.echo("\n".join(lines))
 
 
+# -- explore ----------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def explore(
+    experiment: Path | None = typer.Argument(None, help="An experiment folder to open [default: none]."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="As for generate: 'shapes', a folder or a hub id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to your network)."),
+    port: int = typer.Option(7860, "--port", help="Port of the web app."),
+    device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
+) -> None:
+    """Start the explorer web app: generate, click pixels, drag boxes, draw polygons, pick words."""
+    from .explore import build_app
+
+    if experiment is not None and not (experiment / "manifest.json").is_file():
+        raise CliError(f"{experiment} is not an experiment folder (no manifest.json)", EXIT_EXPERIMENT)
+    pipe = _load_pipeline(model, device)
+    pipe.set_progress_bar_config(disable=True)
+    steps, guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
+    app_ = build_app(pipe, experiment, defaults={"steps": steps, "guidance": guidance})
+    typer.echo(f"daami2i explorer on http://{host}:{port} (Ctrl+C stops it)")
+    app_.launch(server_name=host, server_port=port, show_error=True, quiet=True)
+
+
 # -- dataset / evaluate -----------------------------------------------------------------------------
 @app.command()
 @friendly

@@ -1,0 +1,338 @@
+"""The daami2i explorer: a local web app (Gradio) to point at an image and see what it is tied to.
+
+    daami2i explore                       # the embedded shapes model, http://127.0.0.1:7860
+    daami2i explore outputs/shapes/experiment -m path/to/pipeline --port 7861
+
+Generate from a prompt (or open a saved experiment), then click the image: in ``point`` mode the
+clicked latent pixel's self-attention map appears; in ``box`` mode two clicks make a box; in
+``polygon`` mode clicks add vertices and "close polygon" queries the contour ("new polygon" keeps
+the previous ones for a multi-contour map). The prompt's words are chips: one click shows the word's
+map, raw and refined by self-attention side by side, with the mask and boxes at the chosen
+threshold. Every map comes from the public API on the finished trace (milliseconds; the model is not
+run again). Overlays, the mask and the COCO annotation of the current mask can be downloaded.
+
+Each browser session has its own state; generation requests are queued one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import QueryError
+from .heatmaps import masks as M
+from .heatmaps.maps import GlobalHeatMap, HeatMap
+
+DISPLAY = 512  # the image is shown at least this large (nearest-neighbour), clicks are mapped back
+
+
+@dataclass
+class Session:
+    """What one browser session is looking at."""
+
+    image: Image.Image | None = None
+    ghm: GlobalHeatMap | None = None
+    experiment_dir: Path | None = None
+    clicks: list[tuple[float, float]] = field(default_factory=list)  # image pixel coords of pending clicks
+    polygons: list[list[list[float]]] = field(default_factory=list)
+    last_map: np.ndarray | None = None  # (H, W) in [0, 1], the map shown last
+    last_title: str = ""
+
+
+# -- rendering (pure functions, used by the app and its tests) -------------------------------------
+def scale_of(image: Image.Image) -> int:
+    """Integer up-scaling factor for display."""
+    return max(1, DISPLAY // max(image.size))
+
+
+def show(image: Image.Image) -> Image.Image:
+    """The image enlarged by :func:`scale_of` with nearest-neighbour (pixels stay crisp)."""
+    k = scale_of(image)
+    return image.convert("RGB").resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
+    """``heat`` ((H, W) in [0, 1], the image's size) coloured by ``cmap`` over ``image``, enlarged."""
+    from matplotlib import colormaps
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    colour = colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
+    out = Image.fromarray(np.round((1 - alpha) * rgb * 255 + alpha * colour * 255).astype(np.uint8))
+    return show(out)
+
+
+def mask_image(image: Image.Image, mask: np.ndarray, boxes: list[list[float]]) -> Image.Image:
+    """The mask in red over the image, with the instances' boxes outlined, enlarged."""
+    from PIL import ImageDraw
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    red = np.array([230, 30, 30], dtype=np.float32)
+    rgb[mask] = 0.45 * rgb[mask] + 0.55 * red
+    out = show(Image.fromarray(rgb.astype(np.uint8)))
+    k = scale_of(image)
+    draw = ImageDraw.Draw(out)
+    for x, y, w, h in boxes:
+        draw.rectangle((x * k, y * k, (x + w) * k - 1, (y + h) * k - 1), outline=(255, 255, 0), width=2)
+    return out
+
+
+def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
+    """The row-major latent pixel id under image pixel (x, y)."""
+    gh, gw = ghm.grid_size
+    col = min(gw - 1, max(0, int(x * gw / image.width)))
+    row = min(gh - 1, max(0, int(y * gh / image.height)))
+    return row * gw + col
+
+
+def expanded(heat: HeatMap, image: Image.Image) -> np.ndarray:
+    return heat.expand_as(image).numpy()
+
+
+# -- actions (each returns what the UI shows) -----------------------------------------------------
+def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guidance: float) -> Session:
+    """Run the pipeline under the trace; the session then holds the image and its heat maps."""
+    from . import trace
+
+    if not prompt or not prompt.strip():
+        raise QueryError("type a prompt first")
+    with trace(pipe) as trc:
+        out = pipe(
+            prompt,
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            generator=torch.Generator(device="cpu").manual_seed(int(seed)),
+        )
+    state = Session(image=out.images[0], ghm=trc.compute_global_heat_map())
+    state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
+    trc.to_experiment(state.experiment_dir, seed=int(seed))
+    return state
+
+
+def open_experiment(path: Path) -> Session:
+    from . import load_experiment
+
+    exp = load_experiment(path)
+    return Session(image=exp.images[0], ghm=exp.compute_global_heat_map(), experiment_dir=Path(path))
+
+
+def click(state: Session, mode: str, x: float, y: float) -> Session:
+    """A click on the image at image pixel (x, y)."""
+    if state.ghm is None or state.image is None:
+        raise QueryError("generate an image (or open an experiment) first")
+    ghm, image = state.ghm, state.image
+    if mode == "point":
+        p = pixel_of(ghm, image, x, y)
+        state.last_map = expanded(ghm.compute_pixel_heat_map([p]), image)
+        state.last_title = f"pixel {p} (row {p // ghm.grid_size[1]}, column {p % ghm.grid_size[1]})"
+    elif mode == "box":
+        state.clicks.append((x, y))
+        if len(state.clicks) == 2:
+            (xa, ya), (xb, yb) = state.clicks
+            state.clicks = []
+            gh, gw = ghm.grid_size
+            x1, x2 = sorted((int(xa * gw / image.width), int(xb * gw / image.width)))
+            y1, y2 = sorted((int(ya * gh / image.height), int(yb * gh / image.height)))
+            box = (x1, y1, min(gw, x2 + 1), min(gh, y2 + 1))
+            state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
+            state.last_title = f"box {box} (latent, x2 / y2 exclusive)"
+    elif mode == "polygon":
+        state.clicks.append((x, y))
+    else:
+        raise QueryError(f"mode must be point, box or polygon, got {mode!r}")
+    return state
+
+
+def close_polygon(state: Session) -> Session:
+    """Close the pending polygon and show the map of every closed polygon so far."""
+    if state.ghm is None or state.image is None:
+        raise QueryError("generate an image (or open an experiment) first")
+    if len(state.clicks) < 3:
+        raise QueryError(f"a polygon needs at least 3 clicks, got {len(state.clicks)}")
+    state.polygons.append([[x + 0.5, y + 0.5] for x, y in state.clicks])
+    state.clicks = []
+    h, w = state.image.height, state.image.width
+    heat = state.ghm.compute_segmentation_heat_map(state.polygons, h, w)
+    state.last_map = expanded(heat, state.image)
+    state.last_title = f"{len(state.polygons)} polygon(s)"
+    return state
+
+
+def word(state: Session, w: str, iterations: int, threshold: float) -> tuple[np.ndarray, np.ndarray, list[M.Instance]]:
+    """Raw and refined (self-attention guided ``iterations`` times) maps of a word, and the refined
+    map's instances at ``threshold``; the refined map becomes the current map."""
+    if state.ghm is None or state.image is None:
+        raise QueryError("generate an image (or open an experiment) first")
+    ghm = state.ghm
+    raw = ghm.compute_word_heat_map(w)
+    refined: HeatMap = raw
+    for _ in range(int(iterations)):
+        refined = ghm.compute_guided_heat_map(refined)
+    raw_x, ref_x = expanded(raw, state.image), expanded(refined, state.image)
+    state.last_map = ref_x
+    state.last_title = f"{w!r} refined x{int(iterations)}"
+    return raw_x, ref_x, M.instances(M.binarize(ref_x, "tau", float(threshold)))
+
+
+def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[str, Any]:
+    """A COCO instances file for the current image and instances."""
+    assert state.image is not None
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": inst.bbox,
+            "area": inst.area,
+            "segmentation": inst.segmentation(),
+            "iscrowd": 0,
+        }
+        for i, inst in enumerate(instances)
+    ]
+    image = {"id": 1, "file_name": "image.png", "height": state.image.height, "width": state.image.width}
+    return {"images": [image], "annotations": anns, "categories": [{"id": 1, "name": category}]}
+
+
+# -- the app -----------------------------------------------------------------------------------------
+def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any] | None = None) -> Any:
+    """The Gradio Blocks app (not launched)."""
+    try:
+        import gradio as gr
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise QueryError("the explorer needs Gradio: pip install 'daami2i[ui]'") from exc
+
+    d = {"steps": 25, "guidance": 4.0, "prompt": "a red circle and a blue square", **(defaults or {})}
+    initial = open_experiment(experiment) if experiment is not None else Session()
+    out_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-files-"))
+
+    def guard(fn: Any) -> Any:
+        """Show QueryErrors as Gradio messages; keep ``fn``'s signature (Gradio reads it for SelectData)."""
+        import functools
+
+        @functools.wraps(fn)
+        def wrapped(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except QueryError as exc:
+                raise gr.Error(str(exc)) from exc
+
+        return wrapped
+
+    def chips(state: Session) -> Any:
+        words = state.ghm.words if state.ghm is not None and state.ghm.prompt_tokens is not None else []
+        return gr.Radio(choices=words, value=None, label="words (click one)", elem_id="words")
+
+    def image_view(state: Session) -> Any:
+        return show(state.image) if state.image is not None else None
+
+    def files(state: Session, inst: list[M.Instance] | None = None, category: str = "") -> list[str]:
+        """Write the downloads into a fresh folder per call, so that sessions never share files."""
+        where = Path(tempfile.mkdtemp(dir=out_dir))
+        paths = []
+        if state.last_map is not None and state.image is not None:
+            p = where / "overlay.png"
+            overlay(state.image, state.last_map).save(p)
+            paths.append(str(p))
+        if inst is not None and state.image is not None:
+            mask = np.zeros((state.image.height, state.image.width), bool)
+            for i in inst:
+                mask |= i.mask
+            p = where / "mask.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(p)
+            paths.append(str(p))
+            p = where / "coco.json"
+            p.write_text(json.dumps(coco_of(state, inst, category)))
+            paths.append(str(p))
+        return paths
+
+    with gr.Blocks(title="daami2i explorer") as app:
+        state = gr.State(initial)
+        gr.Markdown("# daami2i explorer\nClick the image to see what a pixel, box or polygon is tied to.")
+        with gr.Row():
+            prompt = gr.Textbox(value=d["prompt"], label="prompt", scale=4, elem_id="prompt")
+            seed = gr.Number(value=0, precision=0, label="seed", scale=1)
+            steps = gr.Number(value=d["steps"], precision=0, label="steps", scale=1)
+            guidance = gr.Number(value=d["guidance"], label="guidance", scale=1)
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            image = gr.Image(
+                value=image_view(initial), label="image (click it)", interactive=False, format="png", elem_id="image"
+            )
+            heat = gr.Image(label="map", interactive=False, format="png", elem_id="heat")
+        with gr.Row():
+            mode = gr.Radio(["point", "box", "polygon"], value="point", label="click mode", elem_id="mode")
+            close = gr.Button("close polygon", elem_id="close-polygon")
+            clear = gr.Button("new polygons", elem_id="clear-polygons")
+        info = gr.Markdown("", elem_id="info")
+        words = chips(initial)
+        with gr.Row():
+            iterations = gr.Slider(0, 5, value=1, step=1, label="refine with self-attention (iterations)")
+            threshold = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="mask threshold", elem_id="threshold")
+        with gr.Row():
+            raw_view = gr.Image(label="raw word map", interactive=False, format="png", elem_id="raw")
+            refined_view = gr.Image(label="refined word map", interactive=False, format="png", elem_id="refined")
+            mask_view = gr.Image(label="mask and boxes", interactive=False, format="png", elem_id="mask")
+        downloads = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
+
+        def on_generate(s: Session, p: str, sd: float, st: float, g: float) -> Any:
+            s = generate(pipe, s, p, int(sd), int(st), float(g))
+            exp = [str(f) for f in sorted(s.experiment_dir.iterdir())] if s.experiment_dir else []
+            return s, image_view(s), None, chips(s), "generated; click the image or a word", exp
+
+        go.click(
+            guard(on_generate),
+            [state, prompt, seed, steps, guidance],
+            [state, image, heat, words, info, downloads],
+            concurrency_limit=1,
+        )
+
+        def on_click(s: Session, m: str, evt: gr.SelectData) -> Any:
+            if s.image is None:
+                raise QueryError("generate an image (or open an experiment) first")
+            k = scale_of(s.image)
+            x, y = float(evt.index[0]) / k, float(evt.index[1]) / k
+            s = click(s, m, x, y)
+            view = overlay(s.image, s.last_map) if s.image is not None and s.last_map is not None else None
+            pending = f" ({len(s.clicks)} click(s) pending)" if s.clicks else ""
+            return s, view, f"{s.last_title}{pending}", files(s)
+
+        on_click.__annotations__["evt"] = gr.SelectData  # a real class, not the postponed string
+        image.select(guard(on_click), [state, mode], [state, heat, info, downloads])
+
+        def on_close(s: Session) -> Any:
+            s = close_polygon(s)
+            assert s.image is not None and s.last_map is not None
+            return s, overlay(s.image, s.last_map), s.last_title, files(s)
+
+        close.click(guard(on_close), [state], [state, heat, info, downloads])
+
+        def on_clear(s: Session) -> Any:
+            s.polygons, s.clicks = [], []
+            return s, "polygons cleared"
+
+        clear.click(on_clear, [state], [state, info])
+
+        def on_word(s: Session, w: str | None, it: float, th: float) -> Any:
+            if not w:
+                return s, None, None, None, None, "", []
+            raw_x, ref_x, inst = word(s, w, int(it), float(th))
+            assert s.image is not None
+            m = np.zeros((s.image.height, s.image.width), bool)
+            for i in inst:
+                m |= i.mask
+            boxes = [i.bbox for i in inst]
+            views = overlay(s.image, raw_x), overlay(s.image, ref_x), mask_image(s.image, m, boxes)
+            msg = f"{s.last_title}: {len(inst)} instance(s), boxes {boxes}"
+            return (s, overlay(s.image, ref_x), *views, msg, files(s, inst, w))
+
+        outs = [state, heat, raw_view, refined_view, mask_view, info, downloads]
+        for trigger in (words.change, iterations.change, threshold.change):
+            trigger(guard(on_word), [state, words, iterations, threshold], outs)
+    app.queue(default_concurrency_limit=4)
+    return app

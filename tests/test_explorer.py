@@ -1,0 +1,148 @@
+"""The explorer, driven in a real headless Chromium (Debian's package) by Playwright, as a person would:
+generate, click a pixel, pick a word, move the threshold, download the mask. Screenshots of each
+state go to the test's temp folder."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daami2i import trace
+from daami2i.explore import build_app, expanded, overlay, pixel_of, scale_of
+from daami2i.heatmaps import masks as M
+from daami2i.shapes.model import load_pipeline
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROMPT = "a red circle and a blue square"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = load_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    """The same generation through the public API, to compare the app's pictures with."""
+    with trace(pipe) as trc:
+        image = pipe(PROMPT, num_inference_steps=25, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
+    return image.images[0], trc.compute_global_heat_map()
+
+
+@pytest.fixture(scope="module")
+def app_url(pipe):
+    app = build_app(pipe, defaults={"steps": 25, "guidance": 4.0, "prompt": PROMPT})
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
+def fetch(page, locator) -> Image.Image:
+    """The picture an <img> shows, fetched as the browser would (from its src URL)."""
+    src = page.locator(locator).get_attribute("src")
+    with urllib.request.urlopen(src if src.startswith("http") else page.url + src.lstrip("/")) as r:
+        return Image.open(io.BytesIO(r.read())).convert("RGB")
+
+
+def same(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
+    assert CHROMIUM, "Debian's chromium package is needed (.ci/run installs it)"
+    from playwright.sync_api import sync_playwright
+
+    image, ghm = reference
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(app_url)
+            page.click("#generate")
+            page.wait_for_selector("#image img", timeout=120_000)
+            page.wait_for_function("document.querySelector('#info').innerText.includes('generated')")
+            page.screenshot(path=str(tmp_path / "1-generated.png"), full_page=True)
+            shown = fetch(page, "#image img")
+            k = scale_of(image)
+            assert shown.size == (image.width * k, image.height * k)
+            assert same(shown.resize(image.size, Image.Resampling.NEAREST), image.convert("RGB"))
+
+            # click a pixel: the map shown is the API's map of the latent pixel under the click
+            img = page.locator("#image img")
+            box = img.bounding_box()
+            cx, cy = box["width"] * 0.31, box["height"] * 0.62
+            img.click(position={"x": cx, "y": cy})
+            page.wait_for_selector("#heat img", timeout=30_000)
+            page.wait_for_function("document.querySelector('#info').innerText.includes('pixel')")
+            page.screenshot(path=str(tmp_path / "2-pixel.png"), full_page=True)
+            scale = shown.width / box["width"]  # displayed size vs the picture's size
+            pid = pixel_of(ghm, image, cx * scale / k, cy * scale / k)
+            assert f"pixel {pid} " in page.locator("#info").inner_text()
+            first = fetch(page, "#heat img")
+            assert same(first, overlay(image, expanded(ghm.compute_pixel_heat_map([pid]), image)))
+
+            # another pixel: the map changes
+            img.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.2})
+            page.wait_for_function(f"!document.querySelector('#info').innerText.includes('pixel {pid} ')")
+            page.wait_for_timeout(500)
+            assert not same(fetch(page, "#heat img"), first)
+
+            # a polygon of three clicks, closed: the contour map
+            page.locator("#mode label", has_text="polygon").click()
+            before = fetch(page, "#heat img")
+            for fx, fy in ((0.1, 0.1), (0.6, 0.1), (0.3, 0.6)):
+                img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+                page.wait_for_timeout(300)
+            page.click("#close-polygon")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('1 polygon(s)')")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "3-polygon.png"), full_page=True)
+            assert not same(fetch(page, "#heat img"), before)
+
+            # a word chip: raw and refined maps side by side, and the mask with its boxes
+            page.locator("#words label", has_text="circle").click()
+            page.wait_for_function("document.querySelector('#info').innerText.includes('circle')")
+            page.wait_for_selector("#mask img", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "4-word.png"), full_page=True)
+            raw = ghm.compute_word_heat_map("circle")
+            refined = ghm.compute_guided_heat_map(raw)
+            assert same(fetch(page, "#raw img"), overlay(image, expanded(raw, image)))
+            assert same(fetch(page, "#refined img"), overlay(image, expanded(refined, image)))
+            text_04 = page.locator("#info").inner_text()
+
+            # move the threshold: the mask follows; download it and compare with the API's
+            number = page.locator("#threshold input[type=number]")
+            number.fill("0.7")
+            number.press("Enter")
+            page.wait_for_function(f"document.querySelector('#info').innerText !== {text_04!r}")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "5-threshold.png"), full_page=True)
+            expected = np.zeros((image.height, image.width), bool)
+            for inst in M.instances(M.binarize(expanded(refined, image), "tau", 0.7)):
+                expected |= inst.mask
+            link = page.locator('#downloads a[download="mask.png"]')
+            with page.expect_download() as dl:
+                link.click()
+            got = np.asarray(Image.open(dl.value.path())) > 0
+            assert np.array_equal(got, expected)
+            assert expected.sum() > 0
+        finally:
+            browser.close()
