@@ -17,7 +17,9 @@ from PIL import Image
 from daami2i import trace
 from daami2i.explore import build_app, expanded, overlay, pixel_of, scale_of
 from daami2i.heatmaps import masks as M
+from daami2i.shapes import make_scene
 from daami2i.shapes.model import load_pipeline
+from daami2i.shapes.train import HELD_OUT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMPT = "a red circle and a blue square"
@@ -144,5 +146,29 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             got = np.asarray(Image.open(dl.value.path())) > 0
             assert np.array_equal(got, expected)
             assert expected.sum() > 0
+
+            # a real image with its caption: real-image attribution, then a word map
+            scene = make_scene(HELD_OUT + 3)
+            scene.image.save(tmp_path / "scene.png")
+            page.get_by_text("or attribute your own image").click()
+            page.set_input_files("#upload input[type=file]", str(tmp_path / "scene.png"))
+            page.fill("#caption textarea", scene.caption)
+            page.click("#attribute")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('attributed')", timeout=60_000)
+            page.wait_for_timeout(500)
+            assert same(fetch(page, "#image img").resize(scene.image.size, Image.Resampling.NEAREST), scene.image)
+            shape = scene.objects[0].shape
+            page.locator("#words label", has_text=shape).click()
+            page.wait_for_function(f"document.querySelector('#info').innerText.includes({shape!r})")
+            page.screenshot(path=str(tmp_path / "6-real-image.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_explore_command_checks_its_experiment_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    res = CliRunner().invoke(app, ["explore", str(tmp_path)])
+    assert res.exit_code == 3 and "not an experiment folder" in res.output

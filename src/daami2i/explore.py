@@ -115,6 +115,23 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
     return state
 
 
+def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Session:
+    """Real-image attribution of an uploaded image with its caption (:func:`daami2i.trace_image`)."""
+    from . import trace_image
+
+    if image is None:
+        raise QueryError("upload an image first")
+    if not caption or not caption.strip():
+        raise QueryError("type a caption of the image first")
+    h, w = image.height - image.height % 8, image.width - image.width % 8
+    image = image.convert("RGB").crop((0, 0, w, h))  # the VAE needs multiples of 8
+    trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(int(seed)))
+    state = Session(image=image, ghm=trc.compute_global_heat_map())
+    state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
+    trc.to_experiment(state.experiment_dir, seed=int(seed))
+    return state
+
+
 def open_experiment(path: Path) -> Session:
     from . import load_experiment
 
@@ -260,6 +277,11 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             steps = gr.Number(value=d["steps"], precision=0, label="steps", scale=1)
             guidance = gr.Number(value=d["guidance"], label="guidance", scale=1)
             go = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Accordion("or attribute your own image", open=False):
+            with gr.Row():
+                upload = gr.Image(type="pil", sources=["upload"], label="image", elem_id="upload")
+                caption = gr.Textbox(label="its caption", elem_id="caption")
+                attribute_btn = gr.Button("Attribute this image", elem_id="attribute")
         with gr.Row():
             image = gr.Image(
                 value=image_view(initial), label="image (click it)", interactive=False, format="png", elem_id="image"
@@ -304,6 +326,18 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         on_click.__annotations__["evt"] = gr.SelectData  # a real class, not the postponed string
         image.select(guard(on_click), [state, mode], [state, heat, info, downloads])
+
+        def on_attribute(s: Session, im: Image.Image, cap: str, sd: float) -> Any:
+            s = attribute(pipe, im, cap, int(sd))
+            exp = [str(f) for f in sorted(s.experiment_dir.iterdir())] if s.experiment_dir else []
+            return s, image_view(s), None, chips(s), "attributed; click the image or a word", exp
+
+        attribute_btn.click(
+            guard(on_attribute),
+            [state, upload, caption, seed],
+            [state, image, heat, words, info, downloads],
+            concurrency_limit=1,
+        )
 
         def on_close(s: Session) -> Any:
             s = close_polygon(s)
