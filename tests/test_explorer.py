@@ -41,9 +41,9 @@ def pipe():
 @pytest.fixture(scope="module")
 def reference(pipe):
     """The same generation through the public API, to compare the app's pictures with."""
-    with trace(pipe) as trc:
+    with trace(pipe, self_factors="all") as trc:
         image = pipe(PROMPT, num_inference_steps=25, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
-    return image.images[0], trc.compute_global_heat_map()
+    return image.images[0], trc.compute_global_heat_map(), trc.compute_global_heat_map(factors=[1])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
     assert CHROMIUM, "Debian's chromium package is needed (.ci/run installs it)"
     from playwright.sync_api import sync_playwright
 
-    image, ghm = reference
+    image, ghm, high = reference
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
@@ -96,10 +96,10 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             page.wait_for_function("document.querySelector('#info').innerText.includes('pixel')")
             page.screenshot(path=str(tmp_path / "2-pixel.png"), full_page=True)
             scale = shown.width / box["width"]  # displayed size vs the picture's size
-            pid = pixel_of(ghm, image, cx * scale / k, cy * scale / k)
+            pid = pixel_of(high, image, cx * scale / k, cy * scale / k)
             assert f"pixel {pid} " in page.locator("#info").inner_text()
             first = fetch(page, "#heat img")
-            assert same(first, overlay(image, expanded(ghm.compute_pixel_heat_map([pid]), image)))
+            assert same(first, overlay(image, expanded(high.compute_pixel_heat_map([pid]), image)))
 
             # another pixel: the map changes
             img.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.2})
@@ -125,7 +125,7 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             page.wait_for_selector("#mask img", timeout=30_000)
             page.screenshot(path=str(tmp_path / "4-word.png"), full_page=True)
             raw = ghm.compute_word_heat_map("circle")
-            refined = ghm.compute_guided_heat_map(raw)
+            refined = high.compute_guided_heat_map(raw)
             assert same(fetch(page, "#raw img"), overlay(image, expanded(raw, image)))
             assert same(fetch(page, "#refined img"), overlay(image, expanded(refined, image)))
             text_04 = page.locator("#info").inner_text()
@@ -146,6 +146,12 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             got = np.asarray(Image.open(dl.value.path())) > 0
             assert np.array_equal(got, expected)
             assert expected.sum() > 0
+
+            # refine with every captured resolution instead of the highest
+            page.click("#all-res input")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('all resolutions')")
+            page.wait_for_timeout(500)
+            assert same(fetch(page, "#refined img"), overlay(image, expanded(ghm.compute_guided_heat_map(raw), image)))
 
             # a real image with its caption: real-image attribution, then a word map
             scene = make_scene(HELD_OUT + 3)

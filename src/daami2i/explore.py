@@ -38,7 +38,8 @@ class Session:
     """What one browser session is looking at."""
 
     image: Image.Image | None = None
-    ghm: GlobalHeatMap | None = None
+    ghm: GlobalHeatMap | None = None  # every captured resolution: word maps, "all resolutions" refinement
+    ghm_high: GlobalHeatMap | None = None  # self-attention at the highest resolution only: region queries
     experiment_dir: Path | None = None
     clicks: list[tuple[float, float]] = field(default_factory=list)  # image pixel coords of pending clicks
     polygons: list[list[list[float]]] = field(default_factory=list)
@@ -96,20 +97,29 @@ def expanded(heat: HeatMap, image: Image.Image) -> np.ndarray:
 
 
 # -- actions (each returns what the UI shows) -----------------------------------------------------
+def _session(image: Image.Image, source: Any) -> Session:
+    """Heat maps of a finished trace or a loaded experiment: all resolutions, and the highest alone."""
+    gen = source.generation if hasattr(source, "generation") else source.last_generation
+    finest = min(gen.self_attention) if gen.self_attention else None
+    ghm = source.compute_global_heat_map()
+    high = source.compute_global_heat_map(factors=[finest]) if finest is not None else ghm
+    return Session(image=image, ghm=ghm, ghm_high=high)
+
+
 def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guidance: float) -> Session:
     """Run the pipeline under the trace; the session then holds the image and its heat maps."""
     from . import trace
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
-    with trace(pipe) as trc:
+    with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt,
             num_inference_steps=int(steps),
             guidance_scale=float(guidance),
             generator=torch.Generator(device="cpu").manual_seed(int(seed)),
         )
-    state = Session(image=out.images[0], ghm=trc.compute_global_heat_map())
+    state = _session(out.images[0], trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
     trc.to_experiment(state.experiment_dir, seed=int(seed))
     return state
@@ -125,8 +135,8 @@ def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Ses
         raise QueryError("type a caption of the image first")
     h, w = image.height - image.height % 8, image.width - image.width % 8
     image = image.convert("RGB").crop((0, 0, w, h))  # the VAE needs multiples of 8
-    trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(int(seed)))
-    state = Session(image=image, ghm=trc.compute_global_heat_map())
+    trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(int(seed)), self_factors="all")
+    state = _session(image, trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
     trc.to_experiment(state.experiment_dir, seed=int(seed))
     return state
@@ -136,14 +146,16 @@ def open_experiment(path: Path) -> Session:
     from . import load_experiment
 
     exp = load_experiment(path)
-    return Session(image=exp.images[0], ghm=exp.compute_global_heat_map(), experiment_dir=Path(path))
+    state = _session(exp.images[0], exp)
+    state.experiment_dir = Path(path)
+    return state
 
 
 def click(state: Session, mode: str, x: float, y: float) -> Session:
     """A click on the image at image pixel (x, y)."""
-    if state.ghm is None or state.image is None:
+    if state.ghm_high is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
-    ghm, image = state.ghm, state.image
+    ghm, image = state.ghm_high, state.image
     if mode == "point":
         p = pixel_of(ghm, image, x, y)
         state.last_map = expanded(ghm.compute_pixel_heat_map([p]), image)
@@ -175,25 +187,29 @@ def close_polygon(state: Session) -> Session:
     state.polygons.append([[x + 0.5, y + 0.5] for x, y in state.clicks])
     state.clicks = []
     h, w = state.image.height, state.image.width
-    heat = state.ghm.compute_segmentation_heat_map(state.polygons, h, w)
+    assert state.ghm_high is not None
+    heat = state.ghm_high.compute_segmentation_heat_map(state.polygons, h, w)
     state.last_map = expanded(heat, state.image)
     state.last_title = f"{len(state.polygons)} polygon(s)"
     return state
 
 
-def word(state: Session, w: str, iterations: int, threshold: float) -> tuple[np.ndarray, np.ndarray, list[M.Instance]]:
-    """Raw and refined (self-attention guided ``iterations`` times) maps of a word, and the refined
-    map's instances at ``threshold``; the refined map becomes the current map."""
-    if state.ghm is None or state.image is None:
+def word(
+    state: Session, w: str, iterations: int, threshold: float, all_resolutions: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[M.Instance]]:
+    """Raw and refined (self-attention guided ``iterations`` times, at the highest resolution or at
+    every captured one) maps of a word, and the refined map's instances at ``threshold``; the
+    refined map becomes the current map."""
+    if state.ghm is None or state.ghm_high is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
-    ghm = state.ghm
-    raw = ghm.compute_word_heat_map(w)
+    raw = state.ghm.compute_word_heat_map(w)
+    refiner = state.ghm if all_resolutions else state.ghm_high
     refined: HeatMap = raw
     for _ in range(int(iterations)):
-        refined = ghm.compute_guided_heat_map(refined)
+        refined = refiner.compute_guided_heat_map(refined)
     raw_x, ref_x = expanded(raw, state.image), expanded(refined, state.image)
     state.last_map = ref_x
-    state.last_title = f"{w!r} refined x{int(iterations)}"
+    state.last_title = f"{w!r} refined x{int(iterations)} ({'all resolutions' if all_resolutions else 'highest'})"
     return raw_x, ref_x, M.instances(M.binarize(ref_x, "tau", float(threshold)))
 
 
@@ -295,6 +311,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         words = chips(initial)
         with gr.Row():
             iterations = gr.Slider(0, 5, value=1, step=1, label="refine with self-attention (iterations)")
+            all_res = gr.Checkbox(value=False, label="refine with every resolution", elem_id="all-res")
             threshold = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="mask threshold", elem_id="threshold")
         with gr.Row():
             raw_view = gr.Image(label="raw word map", interactive=False, format="png", elem_id="raw")
@@ -352,10 +369,10 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         clear.click(on_clear, [state], [state, info])
 
-        def on_word(s: Session, w: str | None, it: float, th: float) -> Any:
+        def on_word(s: Session, w: str | None, it: float, th: float, every: bool) -> Any:
             if not w:
                 return s, None, None, None, None, "", []
-            raw_x, ref_x, inst = word(s, w, int(it), float(th))
+            raw_x, ref_x, inst = word(s, w, int(it), float(th), bool(every))
             assert s.image is not None
             m = np.zeros((s.image.height, s.image.width), bool)
             for i in inst:
@@ -366,7 +383,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             return (s, overlay(s.image, ref_x), *views, msg, files(s, inst, w))
 
         outs = [state, heat, raw_view, refined_view, mask_view, info, downloads]
-        for trigger in (words.change, iterations.change, threshold.change):
-            trigger(guard(on_word), [state, words, iterations, threshold], outs)
+        for trigger in (words.change, iterations.change, threshold.change, all_res.change):
+            trigger(guard(on_word), [state, words, iterations, threshold, all_res], outs)
     app.queue(default_concurrency_limit=4)
     return app
