@@ -167,6 +167,19 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             page.locator("#words label", has_text=shape).click()
             page.wait_for_function(f"document.querySelector('#info').innerText.includes({shape!r})")
             page.screenshot(path=str(tmp_path / "6-real-image.png"), full_page=True)
+            # a second user, at the same time, gets their own session; both requests are served
+            other = browser.new_context().new_page()
+            other.goto(app_url)
+            other.fill("#prompt textarea", "a yellow triangle")
+            other.click("#generate")
+            page.click("#generate")  # queued behind the other user's generation, not lost
+            other.wait_for_function("document.querySelector('#info').innerText.includes('generated')")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('generated')")
+            page.wait_for_timeout(500)
+            mine, theirs = fetch(page, "#image img"), fetch(other, "#image img")
+            assert same(mine.resize(image.size, Image.Resampling.NEAREST), image.convert("RGB"))
+            assert not same(mine, theirs)
+            other.screenshot(path=str(tmp_path / "7-second-user.png"), full_page=True)
         finally:
             browser.close()
 
