@@ -71,3 +71,25 @@ def test_blockwise_polygon_test_equals_testing_every_pixel(size):
         for block in (2, 8, 16):
             fast = _inside_centres(path, pts, (h, w), block=block)
             assert (fast == slow).all(), (pts.tolist(), block, int((fast != slow).sum()))
+
+
+def test_all_pixels_diffusion_equals_one_pixel_at_a_time_on_local_attention():
+    """Local attention makes the thresholded maps sparse: the tiles then read only their supports."""
+    from daami2i.heatmaps.selfattn import SelfAttentionLevel, diffuse, diffuse_all
+
+    def local(h, w, sigma):
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = torch.stack([yy.flatten(), xx.flatten()], 1).float()
+        seg = ((yy // (h // 2)) * 2 + xx // (w // 2)).flatten()
+        logits = -(torch.cdist(pos, pos) ** 2) / (2 * sigma**2) + 1.5 * (seg[:, None] == seg[None, :]).float()
+        return logits.softmax(-1)
+
+    grid = (24, 20)
+    levels = [SelfAttentionLevel(grid, local(24, 20, 1.5), 1), SelfAttentionLevel((12, 10), local(12, 10, 1.0), 1)]
+    for lv in (levels[:1], levels):
+        every = diffuse_all(lv, grid, iterations=6, threshold=0.4, tile=4, group=64)
+        for p in range(grid[0] * grid[1]):
+            e = torch.zeros(grid)
+            e.view(-1)[p] = 1
+            one = diffuse(lv, e, grid, 6, 0.4)
+            assert torch.allclose(every[p], one, atol=1e-6, rtol=1e-4), p

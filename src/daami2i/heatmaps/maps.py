@@ -258,7 +258,7 @@ class GlobalHeatMap:
         ``compute_pixel_diffused_heat_map(p, iterations, threshold).heatmap`` (to float rounding).
 
         Uses the sparsity of the thresholded maps (see :func:`daami2i.heatmaps.selfattn.diffuse_all`);
-        ``progress=True`` shows a progress bar over tiles of pixels.
+        ``progress=True`` shows a progress bar over groups of pixels.
         """
         d = selfattn.check_direction(direction or self.direction)
         wrap = None
@@ -266,7 +266,7 @@ class GlobalHeatMap:
             from tqdm.auto import tqdm
 
             def wrap(it: Any) -> Any:
-                return tqdm(it, desc="diffused maps", unit="tile")
+                return tqdm(it, desc="diffused maps", unit="group")
 
         return selfattn.diffuse_all(self.self_levels, self.grid_size, iterations, threshold, d, wrap=wrap)
 

@@ -78,23 +78,44 @@ def _oriented(levels: list[SelfAttentionLevel], direction: Direction, contiguous
     return out
 
 
-def _weighted_rows(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _weighted_rows(g: torch.Tensor, rows: torch.Tensor, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """``g @ rows``, reading only the rows that some map in ``g`` weights (thresholded maps are sparse).
 
     Only for contiguous ``rows``: gathering rows of a transposed view is a strided copy slower than
-    the dense product it would save.
+    the dense product it would save. With ``tiles`` (one sorted group id per map), each group reads
+    the union of its own maps' supports; groups whose union is more than half of the rows are done
+    together in one dense product (large products run much faster than many small ones).
     """
     if not rows.is_contiguous():
         return g @ rows
-    support = (g != 0).any(0)  # (N,)
-    n = int(support.sum())
-    if n > rows.shape[0] // 2:
-        return g @ rows
-    idx = support.nonzero().squeeze(1)
-    return g[:, idx] @ rows[idx]
+    if tiles is None:
+        tiles = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+    out = torch.empty(g.shape[0], rows.shape[1], device=g.device, dtype=g.dtype)
+    dense: list[torch.Tensor] = []
+    _, counts = torch.unique_consecutive(tiles, return_counts=True)
+    start = 0
+    for c in counts.tolist():
+        part = g[start : start + c]
+        support = (part != 0).any(0)  # (N,)
+        if int(support.sum()) > rows.shape[0] // 2:
+            dense.append(torch.arange(start, start + c, device=g.device))
+        else:
+            idx = support.nonzero().squeeze(1)
+            out[start : start + c] = part[:, idx] @ rows[idx]
+        start += c
+    if dense:
+        sel = torch.cat(dense)
+        out[sel] = g[sel] @ rows
+    return out
 
 
-def _query(levels: list[SelfAttentionLevel], oriented: list[torch.Tensor], g: torch.Tensor, grid: Size) -> torch.Tensor:
+def _query(
+    levels: list[SelfAttentionLevel],
+    oriented: list[torch.Tensor],
+    g: torch.Tensor,
+    grid: Size,
+    tiles: torch.Tensor | None = None,
+) -> torch.Tensor:
     device = levels[0].sums.device
     g = g.to(device=device, dtype=torch.float32)
     g = g / g.sum(dim=(-2, -1), keepdim=True)
@@ -104,7 +125,7 @@ def _query(levels: list[SelfAttentionLevel], oriented: list[torch.Tensor], g: to
         h, w = level.size
         gr = adjoint(g, level.size).reshape(g.shape[0], h * w)  # (B, N_r)
         # column direction: m[q] = sum_k A[q, k] g[k]  ->  m = g @ A^T ; rows: m[k] = sum_q g[q] A[q, k]
-        m = _weighted_rows(gr, rows)
+        m = _weighted_rows(gr, rows, tiles)
         total += upsample(m.view(-1, h, w), grid)
         n_layers += level.n_layers
     total /= n_layers
@@ -152,8 +173,9 @@ def diffuse_all(
     iterations: int,
     threshold: float,
     direction: Direction = "attended_by",
-    tile: int = 16,
-    wrap: Callable[[Iterable[tuple[int, int]]], Iterable[tuple[int, int]]] | None = None,
+    tile: int = 8,
+    group: int = 256,
+    wrap: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> torch.Tensor:
     """:func:`diffuse` started from every grid pixel: shape (h*w, h, w), map ``p`` from pixel ``p``.
 
@@ -161,8 +183,8 @@ def diffuse_all(
     The thresholds make it sparse: a map cut below ``threshold`` weights few pixels, so the seeds go
     in square tiles of ``tile`` x ``tile`` neighbouring pixels, each tile's maps reading only the
     rows of ``A`` that some of them weight (the union of their supports, small where attention is
-    local), and a tile's maps stay in cache through all iterations. ``wrap`` may wrap the tiles'
-    corners in a progress bar.
+    local). ``group`` seeds (several tiles) iterate together, so that tiles whose maps are dense
+    share one large product. ``wrap`` may wrap the groups in a progress bar.
 
     >>> a = torch.eye(4).add(0.1).softmax(-1)
     >>> lv = [SelfAttentionLevel((2, 2), a, 1)]
@@ -185,15 +207,23 @@ def diffuse_all(
     device = levels[0].sums.device
     oriented = _oriented(levels, direction, contiguous=True)
     out = torch.empty(n, h, w, device=device)
-    corners: Iterable[tuple[int, int]] = [(y, x) for y in range(0, h, tile) for x in range(0, w, tile)]
-    for y0, x0 in wrap(corners) if wrap is not None else corners:
-        ys = torch.arange(y0, min(h, y0 + tile), device=device)
-        xs = torch.arange(x0, min(w, x0 + tile), device=device)
-        ids = (ys[:, None] * w + xs[None, :]).flatten()
+    corners: list[tuple[int, int]] = [(y, x) for y in range(0, h, tile) for x in range(0, w, tile)]
+    per_group = max(1, group // (tile * tile))  # tiles iterated together
+    starts: Iterable[int] = range(0, len(corners), per_group)
+    for first in wrap(starts) if wrap is not None else starts:
+        tile_ids = []
+        for y0, x0 in corners[first : first + per_group]:
+            ys = torch.arange(y0, min(h, y0 + tile), device=device)
+            xs = torch.arange(x0, min(w, x0 + tile), device=device)
+            tile_ids.append((ys[:, None] * w + xs[None, :]).flatten())
+        ids = torch.cat(tile_ids)
+        tile_of = torch.repeat_interleave(
+            torch.arange(len(tile_ids), device=device), torch.tensor([len(t) for t in tile_ids], device=device)
+        )
         g = torch.zeros(len(ids), n, device=device)
         g[torch.arange(len(ids), device=device), ids] = 1.0
-        m = _query(levels, oriented, g.view(-1, h, w), grid)
-        active: torch.Tensor | None = None  # None: every map of the chunk is still growing
+        m = _query(levels, oriented, g.view(-1, h, w), grid, tile_of)
+        active: torch.Tensor | None = None  # None: every map of the group is still growing
         for _ in range(iterations - 1):
             cur = m if active is None else m[active]
             lo = cur.amin(dim=(-2, -1), keepdim=True)
@@ -208,8 +238,8 @@ def diffuse_all(
             gn = (cur - lo) / (hi - lo)
             gn.masked_fill_(gn < threshold, 0.0)
             if active is None:
-                m = _query(levels, oriented, gn, grid)
+                m = _query(levels, oriented, gn, grid, tile_of)
             else:
-                m[active] = _query(levels, oriented, gn, grid)
+                m[active] = _query(levels, oriented, gn, grid, tile_of[active])
         out[ids] = m
     return out
