@@ -111,13 +111,26 @@ class Instance:
     def segmentation(self, kind: Literal["auto", "polygon", "rle"] = "auto") -> Any:
         """COCO ``segmentation``: polygons (flat [x0, y0, x1, y1, ...] lists) or RLE.
 
-        ``auto`` writes polygons unless the instance has holes (COCO polygons cannot hold them).
+        ``auto`` writes polygons unless the instance has holes (COCO polygons cannot hold them) or
+        its polygons, drawn back by pycocotools, cover the mask with IoU below 0.8 (small or thin
+        instances: a polygon through boundary pixels' centres loses half a pixel all around).
         """
-        if kind == "rle" or (kind == "auto" and self.holes):
-            return self.rle()
-        if kind not in ("auto", "polygon"):
+        if kind not in ("auto", "polygon", "rle"):
             raise QueryError(f"segmentation kind must be 'auto', 'polygon' or 'rle', got {kind!r}")
-        return [[float(v) for v in p.reshape(-1)] for p in self.polygons]
+        polys = [[float(v) for v in p.reshape(-1)] for p in self.polygons]
+        if kind == "rle" or (kind == "auto" and (self.holes or self.polygon_iou(polys) < 0.8)):
+            return self.rle()
+        return polys
+
+    def polygon_iou(self, polys: list[list[float]]) -> float:
+        """IoU of the polygons, rasterised by pycocotools, with the mask."""
+        if not polys:
+            return 0.0
+        cm = _coco_mask()
+        h, w = self.mask.shape
+        drawn = cm.decode(cm.merge(cm.frPyObjects(polys, h, w))).astype(bool)
+        union = (drawn | self.mask).sum()
+        return float((drawn & self.mask).sum() / union) if union else 0.0
 
 
 def _contours(mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:

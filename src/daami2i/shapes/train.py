@@ -345,6 +345,8 @@ def train_unet(
     lr: float = 1e-3,
     refine_lr: float = 3e-4,
     init_from: Path | None = None,
+    aux_steps: int = 0,
+    aux_lr: float = 1e-4,
 ) -> tuple[Any, Any]:
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
@@ -360,20 +362,30 @@ def train_unet(
     ckpt = work / "ckpt-unet"
     modules = {"unet": unet, "text": text}
     start = load_ckpt(ckpt, modules, opt)
+    # with aux_steps, stage 3 is diffusion-only for both variants and a stage 4 carries the
+    # auxiliary losses (supervised only); without, stage 3 carries them
+    base = steps + refine_steps if aux_steps > 0 else steps  # where the variants part ways
     if start == 0 and init_from is not None:
         start = load_ckpt(Path(init_from), modules, opt)
-        if start != steps:
-            raise SystemExit(f"--init-from {init_from} holds step {start}, expected the end of stage 2 (step {steps})")
+        if start not in (steps, base):
+            raise SystemExit(f"--init-from {init_from} holds step {start}, expected step {steps} or {base}")
         print(f"unet: starting from {init_from} (step {start})", flush=True)
-    total = steps + refine_steps
+    total = steps + refine_steps + (aux_steps if supervised else 0)
     empty = torch.tensor(_TOK("", padding="max_length", max_length=77).input_ids)
     alphas = sched.alphas_cumprod
     t0 = time.time()
     for step in range(start, total):
         refining = step >= steps
+        if step >= steps + refine_steps:  # stage 4
+            rate = _lr(step - steps - refine_steps, aux_steps, aux_lr, warmup=50)
+        elif refining:
+            rate = _lr(step - steps, refine_steps, refine_lr, warmup=50)
+        else:
+            rate = _lr(step, steps, lr)
         for g in opt.param_groups:
-            g["lr"] = _lr(step - steps, refine_steps, refine_lr, warmup=50) if refining else _lr(step, steps, lr)
-        if supervised and refining and not explicit:  # the auxiliary losses need the attention probabilities
+            g["lr"] = rate
+        aux = supervised and step >= base
+        if aux and not explicit:  # the auxiliary losses need the attention probabilities
             unet.set_attn_processor({n: ExplicitAttention(n[: -len(".processor")], sink) for n in unet.attn_processors})
             explicit = True
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -394,11 +406,11 @@ def train_unet(
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(alphas, t, snr_gamma)).mean()
         parts = {"diff": loss.item()}
-        if supervised and cross_weight > 0 and refining:
+        if aux and cross_weight > 0:
             lc = cross_loss(sink, token_obj, labels, keep)
             loss = loss + cross_weight * lc
             parts["cross"] = lc.item()
-        if supervised and self_weight > 0 and refining:
+        if aux and self_weight > 0:
             ls = self_loss(sink, labels)
             loss = loss + self_weight * ls
             parts["self"] = ls.item()
@@ -410,9 +422,10 @@ def train_unet(
             msg = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             print(f"unet step {step + 1}/{total} {msg} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % ckpt_every == 0 or step + 1 == total or step + 1 == stop_after:
-            save_ckpt(ckpt, modules, opt, step + 1, {"stage": "refine" if refining else "unet", "variant": variant})
-        if step + 1 == steps:  # the common starting point of both variants' stage 3
-            save_ckpt(work / "ckpt-base", modules, opt, step + 1, {"stage": "unet", "variant": variant})
+            stage = "aux" if step >= steps + refine_steps else "refine" if refining else "unet"
+            save_ckpt(ckpt, modules, opt, step + 1, {"stage": stage, "variant": variant})
+        if step + 1 == base:  # the common point of both variants: the unsupervised one goes on from here
+            save_ckpt(work / "ckpt-base", modules, opt, step + 1, {"stage": "base", "variant": variant})
         if stop_after is not None and step + 1 >= stop_after:  # a time slice: resume later from here
             break
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -461,7 +474,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: plain MSE)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of stage 2")
     p.add_argument("--refine-lr", type=float, default=3e-4, help="peak learning rate of stage 3")
-    p.add_argument("--init-from", type=Path, default=None, help="start stage 3 from this stage-2 checkpoint")
+    p.add_argument("--init-from", type=Path, default=None, help="start from the other variant's ckpt-base")
+    p.add_argument(
+        "--aux-steps", type=int, default=0, help="a stage 4 for the attention losses (0: they are in stage 3)"
+    )
+    p.add_argument("--aux-lr", type=float, default=1e-4, help="peak learning rate of stage 4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-vae", action="store_true")
@@ -497,8 +514,11 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         refine_lr=args.refine_lr,
         init_from=args.init_from,
+        aux_steps=args.aux_steps,
+        aux_lr=args.aux_lr,
     )
-    if args.stop_after is not None and args.stop_after < args.unet_steps + args.refine_steps:
+    planned = args.unet_steps + args.refine_steps + (args.aux_steps if args.variant == "supervised" else 0)
+    if args.stop_after is not None and args.stop_after < planned:
         print(f"stopped after step {args.stop_after}; run the same command without --stop-after to resume", flush=True)
         return
     assemble(args.work, vae, unet, text)
