@@ -9,7 +9,7 @@ rows, and added to the store. So the layer's output is exactly the original one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,13 +73,24 @@ class CapturingProcessor:
 
 @torch.no_grad()
 def attention_probs_chunks(
-    attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, chunk_bytes: int
+    attn: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None,
+    chunk_bytes: int,
+    scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, probs)`` with float32 probabilities (b, heads, stop - start, keys).
 
     ``q`` (B, N, heads*d) and ``k`` (B, T, heads*d) are the projections the layer computed; only the
     batch entries ``rows`` are used. Query rows are processed in chunks so that no
     (b x heads x N x T) tensor is alive at once: each chunk holds at most ``chunk_bytes``.
+
+    Scores and probabilities share one buffer, reused from chunk to chunk (``scratch(n, device)``
+    returns a flat float32 tensor of at least ``n`` elements, kept between calls): a fresh 64 MiB
+    tensor per chunk costs more in page faults than the product and the softmax themselves. Each
+    yielded tensor is therefore only valid until the next one is requested.
     """
     heads = attn.heads
     b, b_all = rows.numel(), q.shape[0]
@@ -100,9 +111,13 @@ def attention_probs_chunks(
         full = attn.prepare_attention_mask(mask, n_k, b_all)  # (b_all * heads, 1 or N, T)
         bias = full.view(b_all, heads, full.shape[-2], full.shape[-1])[rows].float()
     step = max(1, chunk_bytes // (b * heads * n_k * 4))
+    need = b * heads * min(step, n_q) * n_k
+    buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
-        scores = q[:, :, start:stop] @ kt
+        scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
+        torch.matmul(q[:, :, start:stop], kt, out=scores)
         if bias is not None:
-            scores = scores + (bias if bias.shape[-2] == 1 else bias[:, :, start:stop])
-        yield start, stop, scores.softmax(dim=-1)
+            scores.add_(bias if bias.shape[-2] == 1 else bias[:, :, start:stop])
+        torch.softmax(scores, dim=-1, out=scores)  # in place
+        yield start, stop, scores

@@ -92,6 +92,7 @@ class Trace:
         if not chunk_mb > 0:
             raise ConfigError(f"chunk_mb must be positive, got {chunk_mb!r}")
         self.chunk_bytes = int(chunk_mb * 2**20)
+        self._scratch: torch.Tensor | None = None  # reused buffer for attention probabilities
         self.store_device = store_device
         if keep not in ("last", "all"):
             raise ConfigError(f"keep must be 'last' or 'all', got {keep!r}")
@@ -243,6 +244,7 @@ class Trace:
             self._originals.clear()
             self._handles.clear()
             self._patches.clear()
+            self._scratch = None
             self._active = False
             _ACTIVE.discard(self.unet)
 
@@ -379,6 +381,16 @@ class Trace:
     def _wants(self, site: AttentionSite) -> bool:
         return self._current is not None and self._current.steps_captured[-1:] == [self._step]
 
+    def _chunks(self, attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Any) -> Any:
+        return attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes, self._scratch_buffer)
+
+    def _scratch_buffer(self, n: int, device: torch.device) -> torch.Tensor:
+        """A flat float32 buffer of at least ``n`` elements on ``device``, reused across captures."""
+        buf = self._scratch
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self._scratch = torch.empty(n, device=device)
+        return buf
+
     def _capture(self, site: AttentionSite, attn: Any, q: torch.Tensor, k: torch.Tensor, mask: Any) -> None:
         gen = self._current
         assert gen is not None and gen.latent_size is not None
@@ -398,7 +410,7 @@ class Trace:
             if store is None:
                 store = SelfAttentionStore(site.factor, size, torch.zeros(n_img, n_q, n_k, device=dev))
                 gen.self_attention[site.factor] = store
-            for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
+            for start, stop, p in self._chunks(attn, q, k, rows, mask):
                 p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k)
                 if p.device == store.sums.device:
                     store.add_mean(site.name, start, stop, p)
@@ -416,7 +428,7 @@ class Trace:
                     step_tokens=min(self._step_tokens, n_k),
                 )
                 gen.cross_attention[site.name] = cstore
-            for start, stop, p in attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes):
+            for start, stop, p in self._chunks(attn, q, k, rows, mask):
                 p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
                 cstore.add(start, stop, p.to(dev), step=self._step)
 
