@@ -82,6 +82,16 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             page.wait_for_selector("#image img", timeout=120_000)
             page.wait_for_function("document.querySelector('#info').innerText.includes('generated')")
             page.screenshot(path=str(tmp_path / "1-generated.png"), full_page=True)
+            # the experiment downloads as one zip that loads back with the same maps
+            with page.expect_download() as dl:
+                page.locator('#downloads a[download="experiment.zip"]').click()
+            import zipfile
+
+            import daami2i
+
+            zipfile.ZipFile(dl.value.path()).extractall(tmp_path / "exp")
+            loaded = daami2i.load_experiment(tmp_path / "exp").compute_global_heat_map()
+            assert torch.equal(loaded.compute_word_heat_map("circle").value, ghm.compute_word_heat_map("circle").value)
             shown = fetch(page, "#image img")
             k = scale_of(image)
             assert shown.size == (image.width * k, image.height * k)

@@ -319,10 +319,18 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             mask_view = gr.Image(label="mask and boxes", interactive=False, format="png", elem_id="mask")
         downloads = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
 
+        def experiment_zip(s: Session) -> list[str]:
+            """The session's experiment folder as one zip file for download."""
+            import shutil
+
+            if s.experiment_dir is None:
+                return []
+            base = Path(tempfile.mkdtemp(dir=out_dir)) / "experiment"
+            return [shutil.make_archive(str(base), "zip", root_dir=s.experiment_dir)]
+
         def on_generate(s: Session, p: str, sd: float, st: float, g: float) -> Any:
             s = generate(pipe, s, p, int(sd), int(st), float(g))
-            exp = [str(f) for f in sorted(s.experiment_dir.iterdir())] if s.experiment_dir else []
-            return s, image_view(s), None, chips(s), "generated; click the image or a word", exp
+            return s, image_view(s), None, chips(s), "generated; click the image or a word", experiment_zip(s)
 
         go.click(
             guard(on_generate),
@@ -346,8 +354,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         def on_attribute(s: Session, im: Image.Image, cap: str, sd: float) -> Any:
             s = attribute(pipe, im, cap, int(sd))
-            exp = [str(f) for f in sorted(s.experiment_dir.iterdir())] if s.experiment_dir else []
-            return s, image_view(s), None, chips(s), "attributed; click the image or a word", exp
+            return s, image_view(s), None, chips(s), "attributed; click the image or a word", experiment_zip(s)
 
         attribute_btn.click(
             guard(on_attribute),
