@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from daami2i import trace
-from daami2i.explore import build_app, expanded, overlay, pixel_of, scale_of
+from daami2i.explore import build_app, expanded, launch, overlay, pixel_of, scale_of
 from daami2i.heatmaps import masks as M
 from daami2i.shapes import make_scene
 from daami2i.shapes.model import load_pipeline
@@ -50,7 +50,7 @@ def reference(pipe):
 def app_url(pipe):
     app = build_app(pipe, defaults={"steps": 25, "guidance": 4.0, "prompt": PROMPT})
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -116,6 +116,22 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             page.wait_for_function(f"!document.querySelector('#info').innerText.includes('pixel {pid} ')")
             page.wait_for_timeout(500)
             assert not same(fetch(page, "#heat img"), first)
+
+            # drag a box: the box map, from the coordinates the page reports
+            page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.7, steps=8)
+            page.mouse.up()
+            page.wait_for_function("document.querySelector('#info').innerText.includes('box (')")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "2b-box.png"), full_page=True)
+            text = page.locator("#info").inner_text()
+            latent_box = tuple(int(v) for v in text.split("box (")[1].split(")")[0].split(","))
+            gw = high.grid_size[1]
+            assert latent_box[0] == int(0.15 * gw) and latent_box[2] == int(0.55 * gw) + 1, latent_box
+            assert same(
+                fetch(page, "#heat img"), overlay(image, expanded(high.compute_bbox_heat_map(*latent_box), image))
+            )
 
             # a polygon of three clicks, closed: the contour map
             page.locator("#mode label", has_text="polygon").click()

@@ -390,7 +390,7 @@ def explore(
     device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
 ) -> None:
     """Start the explorer web app: generate, click pixels, drag boxes, draw polygons, pick words."""
-    from .explore import build_app
+    from .explore import build_app, launch
 
     if experiment is not None and not (experiment / "manifest.json").is_file():
         raise CliError(f"{experiment} is not an experiment folder (no manifest.json)", EXIT_EXPERIMENT)
@@ -399,7 +399,7 @@ def explore(
     steps, guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
     app_ = build_app(pipe, experiment, defaults={"steps": steps, "guidance": guidance})
     typer.echo(f"daami2i explorer on http://{host}:{port} (Ctrl+C stops it)")
-    app_.launch(server_name=host, server_port=port, show_error=True, quiet=True)
+    launch(app_, server_name=host, server_port=port, show_error=True, quiet=True)
 
 
 # -- dataset / evaluate -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     daami2i explore outputs/shapes/experiment -m path/to/pipeline --port 7861
 
 Generate from a prompt (or open a saved experiment), then click the image: in ``point`` mode the
-clicked latent pixel's self-attention map appears; in ``box`` mode two clicks make a box; in
+clicked latent pixel's self-attention map appears; dragging on the image (any mode) makes a box,
+as do two clicks in ``box`` mode; in
 ``polygon`` mode clicks add vertices and "close polygon" queries the contour ("new polygon" keeps
 the previous ones for a multi-contour map). The prompt's words are chips: one click shows the word's
 map, raw and refined by self-attention side by side, with the mask and boxes at the chosen
@@ -178,6 +179,23 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
     return state
 
 
+def drag_box(state: Session, x0: float, y0: float, x1: float, y1: float) -> Session:
+    """A box dragged on the image from image pixel (x0, y0) to (x1, y1): its self-attention map."""
+    if state.ghm_high is None or state.image is None:
+        raise QueryError("generate an image (or open an experiment) first")
+    ghm, image = state.ghm_high, state.image
+    gh, gw = ghm.grid_size
+    xa, xb = sorted((min(gw - 1, max(0, int(x0 * gw / image.width))), min(gw - 1, max(0, int(x1 * gw / image.width)))))
+    ya, yb = sorted(
+        (min(gh - 1, max(0, int(y0 * gh / image.height))), min(gh - 1, max(0, int(y1 * gh / image.height))))
+    )
+    box = (xa, ya, xb + 1, yb + 1)
+    state.clicks = []
+    state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
+    state.last_title = f"box {box} (latent, x2 / y2 exclusive)"
+    return state
+
+
 def close_polygon(state: Session) -> Session:
     """Close the pending polygon and show the map of every closed polygon so far."""
     if state.ghm is None or state.image is None:
@@ -233,6 +251,48 @@ def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[
 
 
 # -- the app -----------------------------------------------------------------------------------------
+# Gradio's image gives click events only: this script turns a drag on the image into a box, written
+# to a hidden text box (image-pixel coordinates of the displayed picture) that the app listens to,
+# and swallows the click that ends a drag.
+DRAG_JS = """
+() => {
+  let start = null, dragged = false;
+  const at = (e, img) => {
+    const r = img.getBoundingClientRect();
+    return [(e.clientX - r.left) * img.naturalWidth / r.width, (e.clientY - r.top) * img.naturalHeight / r.height];
+  };
+  document.addEventListener('dragstart', e => {
+    if (e.target.closest && e.target.closest('#image')) e.preventDefault();
+  }, true);
+  document.addEventListener('mousedown', e => {
+    const img = e.target.closest && e.target.closest('#image img');
+    start = img ? [img, ...at(e, img)] : null;
+  }, true);
+  document.addEventListener('mouseup', e => {
+    if (!start) return;
+    const [img, x0, y0] = start;
+    start = null;
+    const [x1, y1] = at(e, img);
+    if (Math.hypot(x1 - x0, y1 - y0) < 6) return;  // a click, not a drag
+    dragged = true;
+    const box = document.querySelector('#drag textarea, #drag input');
+    box.value = [x0, y0, x1, y1].map(v => v.toFixed(1)).join(',') + ',' + Date.now();
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  }, true);
+  document.addEventListener('click', e => {
+    if (dragged && e.target.closest && e.target.closest('#image')) { e.stopPropagation(); e.preventDefault(); }
+    dragged = false;
+  }, true);
+}
+"""
+HIDDEN_CSS = ".daami2i-hidden {display: none !important;}"
+
+
+def launch(app: Any, **kwargs: Any) -> Any:
+    """Launch the app with the explorer's script and style (``kwargs`` go to ``Blocks.launch``)."""
+    return app.launch(js=DRAG_JS, css=HIDDEN_CSS, **kwargs)
+
+
 def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any] | None = None) -> Any:
     """The Gradio Blocks app (not launched)."""
     try:
@@ -308,6 +368,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             close = gr.Button("close polygon", elem_id="close-polygon")
             clear = gr.Button("new polygons", elem_id="clear-polygons")
         info = gr.Markdown("", elem_id="info")
+        drag = gr.Textbox(elem_id="drag", elem_classes=["daami2i-hidden"], show_label=False, container=False)
         words = chips(initial)
         with gr.Row():
             iterations = gr.Slider(0, 5, value=1, step=1, label="refine with self-attention (iterations)")
@@ -362,6 +423,17 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             [state, image, heat, words, info, downloads],
             concurrency_limit=1,
         )
+
+        def on_drag(s: Session, value: str) -> Any:
+            if s.image is None or not value:
+                return s, None, "", []
+            k = scale_of(s.image)
+            x0, y0, x1, y1 = (float(v) / k for v in value.split(",")[:4])
+            s = drag_box(s, x0, y0, x1, y1)
+            assert s.last_map is not None
+            return s, overlay(s.image, s.last_map), s.last_title, files(s)
+
+        drag.change(guard(on_drag), [state, drag], [state, heat, info, downloads])
 
         def on_close(s: Session) -> Any:
             s = close_polygon(s)
