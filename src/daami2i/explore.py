@@ -430,7 +430,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             k = scale_of(s.image)
             x0, y0, x1, y1 = (float(v) / k for v in value.split(",")[:4])
             s = drag_box(s, x0, y0, x1, y1)
-            assert s.last_map is not None
+            assert s.image is not None and s.last_map is not None
             return s, overlay(s.image, s.last_map), s.last_title, files(s)
 
         drag.change(guard(on_drag), [state, drag], [state, heat, info, downloads])
