@@ -136,14 +136,20 @@ def test_explorer_in_a_real_browser(app_url, reference, tmp_path):
             # a polygon of three clicks, closed: the contour map
             page.locator("#mode label", has_text="polygon").click()
             before = fetch(page, "#heat img")
-            for fx, fy in ((0.1, 0.1), (0.6, 0.1), (0.3, 0.6)):
+            for n, (fx, fy) in enumerate(((0.1, 0.1), (0.6, 0.1), (0.3, 0.6)), start=1):
                 img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
-                page.wait_for_timeout(300)
+                page.wait_for_function(f"document.querySelector('#info').innerText.includes('{n} click(s) pending')")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "3a-polygon-points.png"), full_page=True)
+            marked = fetch(page, "#image img")  # the pending vertices are drawn on the image
+            assert not same(marked.resize(image.size, Image.Resampling.NEAREST), image.convert("RGB"))
             page.click("#close-polygon")
             page.wait_for_function("document.querySelector('#info').innerText.includes('1 polygon(s)')")
             page.wait_for_timeout(500)
             page.screenshot(path=str(tmp_path / "3-polygon.png"), full_page=True)
             assert not same(fetch(page, "#heat img"), before)
+            page.wait_for_timeout(300)  # closing the polygon shows the plain image again
+            assert same(fetch(page, "#image img").resize(image.size, Image.Resampling.NEAREST), image.convert("RGB"))
 
             # a word chip: raw and refined maps side by side, and the mask with its boxes
             page.locator("#words label", has_text="circle").click()

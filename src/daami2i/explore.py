@@ -85,6 +85,21 @@ def mask_image(image: Image.Image, mask: np.ndarray, boxes: list[list[float]]) -
     return out
 
 
+def with_points(image: Image.Image, points: list[tuple[float, float]]) -> Image.Image:
+    """The enlarged image with the pending polygon's vertices (image pixel coordinates) marked."""
+    from PIL import ImageDraw
+
+    out = show(image)
+    k = scale_of(image)
+    draw = ImageDraw.Draw(out)
+    xy = [(x * k, y * k) for x, y in points]
+    if len(xy) > 1:
+        draw.line(xy, fill=(255, 0, 255), width=2)
+    for x, y in xy:
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), outline=(255, 0, 255), width=2)
+    return out
+
+
 def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
     """The row-major latent pixel id under image pixel (x, y)."""
     gh, gw = ghm.grid_size
@@ -174,6 +189,7 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
             state.last_title = f"box {box} (latent, x2 / y2 exclusive)"
     elif mode == "polygon":
         state.clicks.append((x, y))
+        state.last_title = "polygon: click more vertices, then 'close polygon'"
     else:
         raise QueryError(f"mode must be point, box or polygon, got {mode!r}")
     return state
@@ -408,10 +424,11 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             s = click(s, m, x, y)
             view = overlay(s.image, s.last_map) if s.image is not None and s.last_map is not None else None
             pending = f" ({len(s.clicks)} click(s) pending)" if s.clicks else ""
-            return s, view, f"{s.last_title}{pending}", files(s)
+            shown = with_points(s.image, s.clicks) if s.image is not None and m == "polygon" and s.clicks else gr.skip()
+            return s, view, f"{s.last_title}{pending}", files(s), shown
 
         on_click.__annotations__["evt"] = gr.SelectData  # a real class, not the postponed string
-        image.select(guard(on_click), [state, mode], [state, heat, info, downloads])
+        image.select(guard(on_click), [state, mode], [state, heat, info, downloads, image])
 
         def on_attribute(s: Session, im: Image.Image, cap: str, sd: float) -> Any:
             s = attribute(pipe, im, cap, int(sd))
@@ -438,9 +455,9 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         def on_close(s: Session) -> Any:
             s = close_polygon(s)
             assert s.image is not None and s.last_map is not None
-            return s, overlay(s.image, s.last_map), s.last_title, files(s)
+            return s, overlay(s.image, s.last_map), s.last_title, files(s), image_view(s)
 
-        close.click(guard(on_close), [state], [state, heat, info, downloads])
+        close.click(guard(on_close), [state], [state, heat, info, downloads, image])
 
         def on_clear(s: Session) -> Any:
             s.polygons, s.clicks = [], []
