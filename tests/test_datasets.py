@@ -122,6 +122,33 @@ def test_two_accelerate_processes_make_the_same_dataset(clean_run, tmp_path):
     assert _content(out) == _content(clean_run)
 
 
+def test_nouns_by_spacy_become_lemma_categories(shapes_pipe, tmp_path):
+    """A real spaCy pipeline (built here: a blank English one whose attribute ruler tags the shape
+    nouns and their lemmas, standing in for en_core_web_sm, which is not on PyPI) finds the nouns;
+    categories are their lemmas, so 'circles' and 'circle' are one category."""
+    import spacy
+
+    from daami2i.datasets import nouns
+
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("attribute_ruler")
+    for word, lemma in (("circle", "circle"), ("circles", "circle"), ("square", "square"), ("triangle", "triangle")):
+        ruler.add([[{"LOWER": word}]], {"POS": "NOUN", "LEMMA": lemma})
+    nlp.to_disk(tmp_path / "nlp")
+    model = str(tmp_path / "nlp")
+    assert nouns("two red circles and a blue square", model) == [("circles", "circle"), ("square", "square")]
+    prompts = ["a red circle", "two red circles and a blue square"]
+    out = tmp_path / "ds"
+    cfg = DatasetConfig(images_per_prompt=1, steps=8, guidance=4.0, spacy_model=model)
+    generate_shard(shapes_pipe, prompts, out, cfg, None, progress=False)
+    merge(out)
+    data = json.loads((out / "instances.json").read_text())
+    names = {c["name"] for c in data["categories"]}
+    assert names <= {"circle", "square"} and "circle" in names
+    with pytest.raises(ConfigError, match="no spaCy pipeline"):
+        nouns("a cat", str(tmp_path / "missing"))
+
+
 def test_nouns_need_spacy_or_words(shapes_pipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "spacy", None)  # as if spaCy were not installed
     with pytest.raises(ConfigError, match="--words"):

@@ -421,6 +421,9 @@ def dataset(
     guidance: float | None = typer.Option(None, "--guidance", help="Guidance scale [default: per model]."),
     seed: int = typer.Option(0, "--seed", help="Base seed; sample seeds are seed + image id."),
     experiments: bool = typer.Option(False, "--experiments", help="Also save each sample's experiment."),
+    spacy_model: str | None = typer.Option(
+        None, "--spacy-model", help="spaCy pipeline name or folder for nouns [default: en_core_web_sm/md/lg]."
+    ),
     device: str | None = typer.Option(None, "--device", help="torch device [default: the process's device]."),
 ) -> None:
     """Generate a COCO detection / segmentation dataset from word maps (resumable; under
@@ -439,6 +442,7 @@ def dataset(
         steps=steps if steps is not None else default_steps,
         guidance=guidance if guidance is not None else default_guidance,
         save_experiments=experiments,
+        spacy_model=spacy_model,
     )
     config.check()
     vocabulary = [w.strip() for w in words.split(",") if w.strip()] if words else None

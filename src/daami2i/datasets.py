@@ -19,6 +19,7 @@ annotation ids follow image ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ class DatasetConfig:
     steps: int = 25
     guidance: float = 4.0
     save_experiments: bool = False
+    spacy_model: str | None = None  # pipeline name or folder for noun lookup (when no words are given)
 
     def check(self) -> None:
         if self.images_per_prompt < 1:
@@ -94,11 +96,24 @@ def words_in(prompt: str, vocabulary: Sequence[str]) -> list[str]:
     return [e for _, e in sorted(kept)]
 
 
-def nouns(prompt: str) -> list[tuple[str, str]]:
-    """(word, lemma) of every noun of ``prompt`` with spaCy's installed English pipeline.
+def nouns(prompt: str, model: str | None = None) -> list[tuple[str, str]]:
+    """(word, lemma) of every noun of ``prompt``, in order, with an installed spaCy pipeline.
 
-    spaCy and a pipeline (e.g. ``en_core_web_sm``) are optional; nothing is downloaded at run time.
+    ``model`` is a spaCy pipeline name or folder; by default the first installed of
+    ``en_core_web_sm`` / ``_md`` / ``_lg``. spaCy and its pipelines are optional and never downloaded
+    at run time.
     """
+    nlp = _spacy_pipeline(model)
+    out: list[tuple[str, str]] = []
+    for tok in nlp(prompt):
+        word = tok.text.lower()
+        if tok.pos_ in ("NOUN", "PROPN") and word not in [w for w, _ in out]:
+            out.append((word, (tok.lemma_ or tok.text).lower()))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _spacy_pipeline(model: str | None) -> Any:
     try:
         import spacy
     except ImportError as exc:
@@ -106,19 +121,16 @@ def nouns(prompt: str) -> list[tuple[str, str]]:
             "finding nouns needs spaCy and an English pipeline (pip install 'daami2i[nlp]' en_core_web_sm); "
             "or pass the words to look for (--words circle,square,triangle)"
         ) from exc
-    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg"):
+    names = [model] if model is not None else ["en_core_web_sm", "en_core_web_md", "en_core_web_lg"]
+    for name in names:
         try:
-            nlp = spacy.load(name)
-            break
+            return spacy.load(name)
         except OSError:
             continue
-    else:
-        raise ConfigError("no spaCy English pipeline is installed (pip install en_core_web_sm), or pass --words")
-    out: list[tuple[str, str]] = []
-    for tok in nlp(prompt):
-        if tok.pos_ in ("NOUN", "PROPN") and tok.text.lower() not in [w for w, _ in out]:
-            out.append((tok.text.lower(), tok.lemma_.lower()))
-    return out
+    raise ConfigError(
+        f"no spaCy pipeline {' / '.join(names)} is installed: install one (pip install en_core_web_sm), "
+        "pass --spacy-model with a pipeline name or folder, or pass --words"
+    )
 
 
 def shard_of(n_prompts: int, rank: int, world: int) -> list[int]:
@@ -198,7 +210,7 @@ def generate_shard(
         if vocabulary is not None:
             pairs = [(w, w) for w in words_in(prompt, vocabulary)]
         else:
-            pairs = nouns(prompt)
+            pairs = nouns(prompt, config.spacy_model)
         gen = torch.Generator(device="cpu").manual_seed(config.seed + image_id)
         with trace(pipe) as trc:
             image = pipe(
