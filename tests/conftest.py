@@ -34,3 +34,11 @@ def sdxl():
     from daami2i.testing import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """The embedded shapes model, loaded once (float32, CPU, no progress bars)."""
+    from daami2i.shapes.model import load_pipeline
+
+    return load_pipeline()

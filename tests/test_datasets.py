@@ -15,18 +15,10 @@ from pycocotools.coco import COCO
 
 from daami2i.datasets import DatasetConfig, evaluate, generate_shard, merge
 from daami2i.errors import ConfigError
-from daami2i.shapes.model import load_pipeline
 
 PROMPTS = ["a red circle", "a blue square and a green triangle", "a yellow triangle"]
 WORDS = ["circle", "square", "triangle"]
 CONFIG = dict(images_per_prompt=2, steps=8, guidance=4.0)
-
-
-@pytest.fixture(scope="module")
-def shapes_pipe():
-    pipe = load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from daami2i import trace
 from daami2i.explore import build_app, expanded, launch, overlay, pixel_of, scale_of
 from daami2i.heatmaps import masks as M
 from daami2i.shapes import make_scene
-from daami2i.shapes.model import load_pipeline
 from daami2i.shapes.train import HELD_OUT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,10 +31,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = load_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(shapes_pipe):
+    return shapes_pipe
 
 
 @pytest.fixture(scope="module")

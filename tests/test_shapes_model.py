@@ -9,7 +9,7 @@ import torch
 import daami2i
 from daami2i.shapes import make_scene
 from daami2i.shapes.checker import check, mask_of_color
-from daami2i.shapes.model import DEFAULTS, load_pipeline, model_path
+from daami2i.shapes.model import DEFAULTS, model_path
 from daami2i.shapes.train import HELD_OUT
 
 # Measured on 100 held-out prompts / images (benchmarks/shapes_quality.py, benchmarks/mask_quality.py,
@@ -27,8 +27,21 @@ MIN_POINTING = 0.70
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline()
+def pipe(shapes_pipe):
+    return shapes_pipe
+
+
+@pytest.fixture(scope="module")
+def real_traces(pipe):
+    """16 held-out scenes traced as real images (self-attention at every resolution), once."""
+    out = []
+    for i in range(16):
+        scene = make_scene(HELD_OUT + i)
+        trc = daami2i.trace_image(
+            pipe, scene.image, scene.caption, self_factors="all", generator=torch.Generator().manual_seed(i)
+        )
+        out.append((scene, trc.compute_global_heat_map()))
+    return out
 
 
 def iou(pred: np.ndarray, mask: np.ndarray) -> float:
@@ -57,15 +70,10 @@ def test_quality_gate(pipe):
     assert np.mean(ok) >= MIN_OBJECTS, f"only {np.mean(ok):.0%} of held-out objects drawn right"
 
 
-def test_shape_word_maps_overlap_their_objects_on_real_images(pipe):
+def test_shape_word_maps_overlap_their_objects_on_real_images(real_traces):
     """A regression in tracing or in the algebra shows up here by meaning, not only by numbers."""
     scores, guided, baseline = [], [], []
-    for i in range(16):
-        scene = make_scene(HELD_OUT + i)
-        trc = daami2i.trace_image(
-            pipe, scene.image, scene.caption, self_factors="all", generator=torch.Generator().manual_seed(i)
-        )
-        ghm = trc.compute_global_heat_map()
+    for scene, ghm in real_traces:
         for obj, mask in zip(scene.objects, scene.masks, strict=True):
             word = ghm.compute_word_heat_map(obj.shape)
             scores.append(iou(word.expand_as(scene.image).numpy() > 0.4, mask))
@@ -91,19 +99,14 @@ def test_generated_word_maps_find_the_object(pipe):
     assert len(hits) >= 12 and np.mean(hits) >= MIN_POINTING, hits
 
 
-def test_masks_of_the_best_scheme_match_the_objects(pipe):
+def test_masks_of_the_best_scheme_match_the_objects(real_traces):
     """Mask quality (issue: masks and datasets): the guided shape-word map, thresholded at tau = 0.4
     and cut into instances, against each object's exact mask on real held-out images."""
     from daami2i.heatmaps import masks
     from daami2i.heatmaps.schemes import word_map
 
     ious = []
-    for i in range(16):
-        scene = make_scene(HELD_OUT + i)
-        trc = daami2i.trace_image(
-            pipe, scene.image, scene.caption, self_factors="all", generator=torch.Generator().manual_seed(i)
-        )
-        ghm = trc.compute_global_heat_map()
+    for scene, ghm in real_traces:
         for obj, gt in zip(scene.objects, scene.masks, strict=True):
             heat = daami2i.HeatMap(word_map(ghm, obj.shape, "guided")).expand_as(scene.image)
             pred = np.zeros_like(gt)

@@ -32,6 +32,7 @@ import torch
 
 from .errors import ConfigError, QueryError
 from .heatmaps import masks as M
+from .heatmaps.maps import HeatMap
 from .heatmaps.schemes import SCHEMES, word_map
 
 FORMAT = "daami2i-dataset"
@@ -223,19 +224,11 @@ def generate_shard(
                 heat = word_map(ghm, word, config.scheme)
             except QueryError:  # e.g. the word was cut off by the tokenizer's length limit
                 continue
-            up = M.normalised(_expand(heat, image.size[::-1]))
+            up = HeatMap(heat).expand_as(image)  # min-max normalised, at the image's size
             mask = M.binarize(up, config.method, config.tau)  # type: ignore[arg-type]
             for inst in M.instances(mask, config.min_fragment, config.merge_iou):
-                anns.append(
-                    {
-                        "category": lemma,
-                        "word": word,
-                        "bbox": inst.bbox,
-                        "area": inst.area,
-                        "segmentation": inst.segmentation(config.segmentation),  # type: ignore[arg-type]
-                        "iscrowd": 0,
-                    }
-                )
+                fields = inst.annotation(config.segmentation)  # type: ignore[arg-type]
+                anns.append({"category": lemma, "word": word, **fields})
         name = f"{image_id:09d}.png"
         tmp = out / "images" / f".{name}.tmp.png"
         image.save(tmp)
@@ -259,12 +252,6 @@ def generate_shard(
             os.fsync(f.fileno())
         made += 1
     return made
-
-
-def _expand(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    from .heatmaps.maps import HeatMap
-
-    return HeatMap(heat).expand_as(size, absolute=True)
 
 
 def merge(out: Path) -> tuple[Path, Path]:

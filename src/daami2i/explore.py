@@ -250,18 +250,7 @@ def word(
 def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[str, Any]:
     """A COCO instances file for the current image and instances."""
     assert state.image is not None
-    anns = [
-        {
-            "id": i + 1,
-            "image_id": 1,
-            "category_id": 1,
-            "bbox": inst.bbox,
-            "area": inst.area,
-            "segmentation": inst.segmentation(),
-            "iscrowd": 0,
-        }
-        for i, inst in enumerate(instances)
-    ]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, **inst.annotation()} for i, inst in enumerate(instances)]
     image = {"id": 1, "file_name": "image.png", "height": state.image.height, "width": state.image.width}
     return {"images": [image], "annotations": anns, "categories": [{"id": 1, "name": category}]}
 

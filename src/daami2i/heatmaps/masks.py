@@ -122,6 +122,10 @@ class Instance:
             return self.rle()
         return polys
 
+    def annotation(self, kind: Literal["auto", "polygon", "rle"] = "auto") -> dict[str, Any]:
+        """The COCO annotation fields of this instance (no ids): bbox, area, segmentation, iscrowd."""
+        return {"bbox": self.bbox, "area": self.area, "segmentation": self.segmentation(kind), "iscrowd": 0}
+
     def polygon_iou(self, polys: list[list[float]]) -> float:
         """IoU of the polygons, rasterised by pycocotools, with the mask."""
         if not polys:
