@@ -131,7 +131,7 @@ def test_unsupported_pipeline():
     class NotAPipeline:
         transformer = object()
 
-    with pytest.raises(daami2i.UnsupportedPipelineError, match="UNet2DConditionModel.*SD3 and Flux"):
+    with pytest.raises(daami2i.UnsupportedPipelineError, match="UNet2DConditionModel.*transformer is a object.*SD3Transformer2DModel.*FluxTransformer2DModel"):
         daami2i.trace(NotAPipeline())
 
 

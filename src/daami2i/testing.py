@@ -223,3 +223,178 @@ def tiny_sdxl_pipeline(kind: Kind = "text2img", sample_size: int = 128, seed: in
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def t5_tokenizer(vocab_size: int = 2000) -> Any:
+    """A SentencePiece-style (Unigram, metaspace) T5 tokenizer trained offline in about 0.1 s.
+
+    The corpus is sentences of the whole-word entries of the shipped CLIP vocabulary, so common
+    English words are one or a few pieces, as with the real T5 tokenizer; ``<pad>`` = 0, ``</s>`` = 1
+    (appended to every sequence), ``<unk>`` = 2. Deterministic.
+
+    >>> tok = t5_tokenizer()
+    >>> tok.tokenize("a blue square")
+    ['▁a', '▁blue', '▁squa', 're']
+    """
+    import json
+    import random
+
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    vocab = json.loads((clip_tokenizer_path() / "vocab.json").read_text())
+    words = [w[:-4] for w, i in sorted(vocab.items(), key=lambda x: x[1]) if w.endswith("</w>") and 256 <= i < 6000]
+    words = [w for w in words if w.isalpha()]
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)]
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(
+        corpus, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    backend = sp._tokenizer
+    backend.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def _t5_encoder(tokenizer: Any, width: int, seed: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def _dit_vae(seed: int, latent_channels: int, levels: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+    )
+    return vae.eval()
+
+
+DitKind = Literal["text2img", "img2img"]
+
+
+def tiny_sd3_pipeline(
+    kind: DitKind = "text2img",
+    seed: int = 0,
+    num_layers: int = 2,
+    qk_norm: str | None = "rms_norm",
+    dual_attention_layers: tuple[int, ...] = (0,),
+    with_t5: bool = True,
+) -> Any:
+    """A random Stable Diffusion 3 style pipeline (MMDiT, joint attention), built offline.
+
+    Two CLIP text encoders with the real CLIP tokenizer and a small T5 encoder with
+    :func:`t5_tokenizer`; patch size 2 and a VAE scaling by 4, so a 64x64 image has a 16x16
+    latent and an 8x8 grid of image tokens. The defaults have SD-3.5's QK RMS-normalisation and one
+    dual-attention block (an extra image-only self-attention).
+
+    >>> pipe = tiny_sd3_pipeline()
+    >>> pipe("a cat", num_inference_steps=2, height=64, width=96).images[0].size
+    (96, 64)
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Img2ImgPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    classes: dict[str, Any] = {"text2img": StableDiffusion3Pipeline, "img2img": StableDiffusion3Img2ImgPipeline}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=64,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
+    ).eval()
+    t5 = t5_tokenizer()
+    pipe = classes[kind](
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_dit_vae(seed + 1, 4, 3),
+        text_encoder=_text_encoder(16, seed + 2, with_projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_text_encoder(16, seed + 4, with_projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(t5, 32, seed + 5) if with_t5 else None,
+        tokenizer_3=t5 if with_t5 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2) -> Any:
+    """A random Flux style pipeline (double- and single-stream blocks, rotary embeddings), offline.
+
+    A CLIP text encoder (pooled) with the real CLIP tokenizer and a small T5 encoder with
+    :func:`t5_tokenizer`; the VAE scales by 4 and latents are packed 2x2, so a 64x64 image has an
+    8x8 grid of image tokens.
+
+    >>> pipe = tiny_flux_pipeline()
+    >>> pipe("a cat", num_inference_steps=2, height=64, width=96, max_sequence_length=32).images[0].size
+    (96, 64)
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+
+    classes: dict[str, Any] = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    torch.manual_seed(seed + 3)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    t5 = t5_tokenizer()
+    pipe = classes[kind](
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_dit_vae(seed + 1, 4, 3),
+        text_encoder=_text_encoder(16, seed + 2),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5_encoder(t5, 32, seed + 5),
+        tokenizer_2=t5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..errors import QueryError
 from . import regions, selfattn
 from .selfattn import Direction, SelfAttentionLevel
-from .words import CrossAttentionLayer, aggregate_layers, token_rows
+from .words import CrossAttentionLayer, TokenStream, aggregate_layers, split_words, token_rows
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -150,12 +150,19 @@ class GlobalHeatMap:
         tokenizer: Any = None,
         image_size: Size | None = None,
         direction: Direction = "attended_by",
+        streams: Sequence[TokenStream] | None = None,
     ) -> None:
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.self_levels = self_levels
         self.cross_layers = cross_layers
         self._row_cache: dict[int, torch.Tensor] = {}  # token row -> (h, w) aggregated map
         self.prompt = prompt
+        # text streams whose tokens are attention keys: CLIP for UNets; CLIP and T5 for SD3; T5 for Flux
+        if streams:
+            self.streams = list(streams)
+            tokenizer, prompt_tokens = self.streams[0].tokenizer, self.streams[0].tokens
+        else:
+            self.streams = [TokenStream("clip", tokenizer, list(prompt_tokens) if prompt_tokens is not None else None, 1)]
         self.prompt_tokens = list(prompt_tokens) if prompt_tokens is not None else None
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -289,17 +296,7 @@ class GlobalHeatMap:
     @property
     def words(self) -> list[str]:
         """The prompt's distinct words (sub-word tokens joined, punctuation dropped), in order."""
-        out: list[str] = []
-        part = ""
-        for tok in self.tokens:
-            part += tok.replace("</w>", "")
-            if tok.endswith("</w>"):
-                if any(ch.isalnum() for ch in part) and part not in out:
-                    out.append(part)
-                part = ""
-        if part and any(ch.isalnum() for ch in part) and part not in out:
-            out.append(part)
-        return out
+        return split_words(self.tokens)
 
     @property
     def tokens(self) -> list[str]:
@@ -311,15 +308,42 @@ class GlobalHeatMap:
             )
         return self.prompt_tokens
 
-    def compute_word_heat_map(self, word: str, word_idx: int | None = None, offset_idx: int = 0) -> WordHeatMap:
-        """DAAM word map: mean of the per-token maps of ``word`` (every occurrence merged)."""
-        if self.tokenizer is None:
-            raise QueryError("no tokenizer is attached to this heat map, so words cannot be looked up")
+    def compute_word_heat_map(
+        self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None
+    ) -> WordHeatMap:
+        """DAAM word map: mean of the per-token maps of ``word`` (every occurrence merged).
+
+        Models with several text streams (SD3: ``"clip"`` and ``"t5"``) look the word up in each
+        stream it occurs in and average the streams' maps; ``stream`` picks one. ``word_idx`` is a
+        token position in the first stream (or in ``stream``).
+        """
         if not self.cross_layers:
             aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
+        names = [st.name for st in self.streams]
+        if stream is not None and stream not in names:
+            raise QueryError(f"stream must be one of {names} for this model, got {stream!r}")
+        use = [st for st in self.streams if stream is None or st.name == stream]
+        if word_idx is not None:
+            use = use[:1]
         n_rows = self.cross_layers[0].sums.shape[2]
-        rows = token_rows(self.tokenizer, self.tokens, word, word_idx, offset_idx, n_rows=n_rows)
-        return WordHeatMap(self._token_rows(rows).mean(0), word, word_idx)
+        maps, misses = [], []
+        for st in use:
+            if st.tokenizer is None:
+                raise QueryError("no tokenizer is attached to this heat map, so words cannot be looked up")
+            if st.tokens is None:
+                self.tokens  # raises the explanatory error  # noqa: B018
+            try:
+                stop = n_rows if st.stop_row is None else st.stop_row
+                rows = token_rows(st.tokenizer, st.tokens or [], word, word_idx, offset_idx, stop, st.first_row)
+            except QueryError as err:
+                if len(use) == 1:
+                    raise
+                misses.append(f"{st.name}: {err}")
+                continue
+            maps.append(self._token_rows(rows).mean(0))
+        if not maps:
+            raise QueryError(f"word {word!r} is in none of the text streams. " + " ".join(misses))
+        return WordHeatMap(torch.stack(maps).mean(0), word, word_idx)
 
     def __repr__(self) -> str:
         return (

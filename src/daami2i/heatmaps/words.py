@@ -23,8 +23,53 @@ class CrossAttentionLayer:
     sums: torch.Tensor  # shape: (heads, h*w, tokens) float32
 
 
+@dataclass(frozen=True)
+class TokenStream:
+    """One text stream whose tokens are keys of the captured attention (SD3 has CLIP and T5 streams).
+
+    ``first_row`` is the row (last axis of the stored cross-attention) of the prompt's first token:
+    1 for CLIP (after its start token), the stream's offset for T5 (no start token).
+    """
+
+    name: str  # "clip" or "t5"
+    tokenizer: Any
+    tokens: list[str] | None  # the prompt's tokens as the tokenizer writes them, without special tokens
+    first_row: int
+    stop_row: int | None = None  # rows of this stream end before this one (None: at the end of the map)
+
+
 def clean_token(token: str) -> str:
-    return token.replace("</w>", "")
+    """A token without its word-boundary marker (CLIP's ``</w>`` suffix, SentencePiece's ``▁`` prefix)."""
+    return token.replace("</w>", "").lstrip("\u2581")
+
+
+def split_words(tokens: Sequence[str]) -> list[str]:
+    """The distinct words of a token sequence (sub-word tokens joined, punctuation dropped), in order.
+
+    Works for CLIP BPE (``</w>`` ends a word) and SentencePiece (``▁`` starts one).
+
+    >>> split_words(["a</w>", "zeb", "ra</w>", ",</w>", "a</w>"])
+    ['a', 'zebra']
+    >>> split_words(["\u2581a", "\u2581re", "d", "\u2581cat"])
+    ['a', 'red', 'cat']
+    """
+    out: list[str] = []
+    part = ""
+
+    def flush() -> None:
+        if part and any(ch.isalnum() for ch in part) and part not in out:
+            out.append(part)
+
+    for tok in tokens:
+        if tok.startswith("\u2581"):
+            flush()
+            part = ""
+        part += clean_token(tok)
+        if tok.endswith("</w>"):
+            flush()
+            part = ""
+    flush()
+    return out
 
 
 def token_rows(
@@ -34,28 +79,32 @@ def token_rows(
     word_idx: int | None = None,
     offset_idx: int = 0,
     n_rows: int | None = None,
+    first_row: int = 1,
 ) -> list[int]:
-    """Rows of the cross-attention map (start token = row 0) that belong to ``word``.
+    """Rows of the cross-attention map that belong to ``word``; the prompt's first token is at
+    ``first_row`` (1 for CLIP, whose start token is row 0).
 
     With ``word_idx=None`` every occurrence of the word's token sequence in the prompt is merged
     (DAAM's behaviour), shifted by ``offset_idx``; otherwise the token at position ``word_idx`` of
     the tokenized prompt (0 = first token after the start token) is used.
     """
-    tokens = [clean_token(t) for t in prompt_tokens]
+    # CLIP's end-of-word marker is dropped (DAAM's matching); SentencePiece's start-of-word marker is
+    # kept, so "red" (``▁re d``) does not match inside "bored" (``▁bo re d``)
+    tokens = [t.replace("</w>", "") for t in prompt_tokens]
     if word_idx is not None:
         if not isinstance(word_idx, int) or not 0 <= word_idx < len(tokens):
             raise QueryError(
                 f"word_idx must be a token position in [0, {len(tokens) - 1}] of the prompt tokens {tokens}, "
                 f"got {word_idx!r}"
             )
-        rows = [word_idx + 1]
+        rows = [word_idx + first_row]
     else:
         if not isinstance(word, str) or not word.strip():
             raise QueryError(f"word must be a non-empty string, got {word!r}")
-        search = [clean_token(t) for t in tokenizer.tokenize(word.lower())]
+        search = [t.replace("</w>", "") for t in tokenizer.tokenize(word.lower())]
         n = len(search)
         starts = [i + offset_idx for i in range(len(tokens) - n + 1) if tokens[i : i + n] == search]
-        rows = [s + j + 1 for s in starts for j in range(n)]
+        rows = [s + j + first_row for s in starts for j in range(n)]
         if not rows:
             raise QueryError(
                 f"word {word!r} (tokens {search}) is not in the prompt; its tokens are {tokens}. "

@@ -175,8 +175,17 @@ class ExplicitAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _supervised_heads(p: torch.Tensor, share: float) -> torch.Tensor:
+    """The first ``share`` of the heads of probabilities ``p`` (B, heads, N, M), at least one."""
+    return p[:, : max(1, round(p.shape[1] * share))]
+
+
 def cross_loss(
-    sink: dict[str, torch.Tensor], token_obj: torch.Tensor, labels: dict[int, torch.Tensor], keep: torch.Tensor
+    sink: dict[str, torch.Tensor],
+    token_obj: torch.Tensor,
+    labels: dict[int, torch.Tensor],
+    keep: torch.Tensor,
+    head_share: float = 1.0,
 ) -> torch.Tensor:
     """1 - fraction of each object word's (pixel-normalised) attention that falls on its object."""
     total: Any = 0.0
@@ -184,6 +193,7 @@ def cross_loss(
     for name, p in sink.items():
         if not name.endswith("attn2"):
             continue
+        p = _supervised_heads(p, head_share)
         lab = labels[p.shape[2]]  # (B, N)
         target = (lab[:, None, :] == token_obj[:, :, None]).float() * (token_obj[:, :, None] > 0)  # (B, 77, N)
         a = p.transpose(2, 3)  # (B, h, 77, N)
@@ -195,13 +205,14 @@ def cross_loss(
     return total / max(count, 1)
 
 
-def self_loss(sink: dict[str, torch.Tensor], labels: dict[int, torch.Tensor]) -> torch.Tensor:
+def self_loss(sink: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], head_share: float = 1.0) -> torch.Tensor:
     """1 - fraction of each pixel's self-attention that stays within its own segment."""
     total: Any = 0.0
     count = 0
     for name, p in sink.items():
         if not name.endswith("attn1"):
             continue
+        p = _supervised_heads(p, head_share)
         lab = labels[p.shape[2]]
         same = (lab[:, :, None] == lab[:, None, :]).float()  # (B, N, N)
         total = total + (1 - (p * same[:, None]).sum(-1)).mean()
@@ -347,6 +358,7 @@ def train_unet(
     init_from: Path | None = None,
     aux_steps: int = 0,
     aux_lr: float = 1e-4,
+    head_share: float = 1.0,
 ) -> tuple[Any, Any]:
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
@@ -407,11 +419,11 @@ def train_unet(
         loss = (per_sample * min_snr_weights(alphas, t, snr_gamma)).mean()
         parts = {"diff": loss.item()}
         if aux and cross_weight > 0:
-            lc = cross_loss(sink, token_obj, labels, keep)
+            lc = cross_loss(sink, token_obj, labels, keep, head_share)
             loss = loss + cross_weight * lc
             parts["cross"] = lc.item()
         if aux and self_weight > 0:
-            ls = self_loss(sink, labels)
+            ls = self_loss(sink, labels, head_share)
             loss = loss + self_weight * ls
             parts["self"] = ls.item()
         opt.zero_grad(set_to_none=True)
@@ -479,6 +491,9 @@ def main(argv: list[str] | None = None) -> None:
         "--aux-steps", type=int, default=0, help="a stage 4 for the attention losses (0: they are in stage 3)"
     )
     p.add_argument("--aux-lr", type=float, default=1e-4, help="peak learning rate of stage 4")
+    p.add_argument(
+        "--head-share", type=float, default=1.0, help="share of each layer's heads the attention losses supervise"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-vae", action="store_true")
@@ -516,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         init_from=args.init_from,
         aux_steps=args.aux_steps,
         aux_lr=args.aux_lr,
+        head_share=args.head_share,
     )
     planned = args.unet_steps + args.refine_steps + (args.aux_steps if args.variant == "supervised" else 0)
     if args.stop_after is not None and args.stop_after < planned:

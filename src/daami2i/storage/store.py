@@ -19,7 +19,7 @@ import torch
 from ..errors import QueryError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
-from ..heatmaps.words import CrossAttentionLayer
+from ..heatmaps.words import CrossAttentionLayer, TokenStream
 
 Size = tuple[int, int]
 
@@ -97,6 +97,9 @@ class Generation:
     cross_attention: dict[str, CrossAttentionStore] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the trace options, for the record
     images: list[Any] = field(default_factory=list)  # the pipeline's output images (PIL), when seen
+    # joint models (SD3, Flux): text streams, each {"name", "tokenizer" (pipeline attribute),
+    # "first_row", "stop_row" (rows of the stored text keys), "tokens" (per image)}; empty for UNets
+    streams: list[dict[str, Any]] = field(default_factory=list)
 
     def nbytes(self, kind: str = "all") -> int:
         """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps" or "all")."""
@@ -136,10 +139,29 @@ class Generation:
         factors: Iterable[int] | None = None,
         direction: Direction = "attended_by",
         steps: Iterable[int] | None = None,
+        tokenizers: dict[str, Any] | None = None,
     ) -> GlobalHeatMap:
         """The :class:`GlobalHeatMap` of one image; ``steps`` restricts word maps to those steps
-        (needs per-step cross-attention, ``trace(..., cross_steps=True)``)."""
+        (needs per-step cross-attention, ``trace(..., cross_steps=True)``); ``tokenizers`` maps the
+        pipeline attribute names of joint models' streams (``"tokenizer_3"``, ...) to tokenizers."""
         self.check_image(image_idx)
+        if self.streams:
+            streams = []
+            for st in self.streams:
+                tok = (tokenizers or {}).get(st["tokenizer"])
+                toks = st["tokens"][image_idx]
+                if prompt is not None and tok is not None:
+                    toks = tok.tokenize(prompt.lower() if st["name"] == "clip" else prompt)
+                streams.append(TokenStream(st["name"], tok, toks, int(st["first_row"]), int(st["stop_row"])))
+            return GlobalHeatMap(
+                grid_size=self.grid_size,
+                self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
+                cross_layers=self.cross_layers(image_idx, factors, steps) if self.cross_attention else [],
+                prompt=prompt if prompt is not None else (self.image_prompts[image_idx] if self.image_prompts else None),
+                image_size=self.image_size,
+                direction=direction,
+                streams=streams,
+            )
         tokens = self.image_tokens[image_idx] if self.image_tokens else None
         text = self.image_prompts[image_idx] if self.image_prompts else None
         if prompt is not None:

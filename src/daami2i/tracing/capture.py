@@ -8,7 +8,11 @@ rows, and added to the store. So the layer's output is exactly the original one.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import math
+import sys
+import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +41,7 @@ class CapturingProcessor:
         if sig is not None:
 
             def _call(*args: Any, **kwargs: Any) -> Any:
-                return CapturingProcessor.__call__(self, *args, **kwargs)
+                return type(self).__call__(self, *args, **kwargs)
 
             _call.__signature__ = sig  # type: ignore[attr-defined]
             self.__dict__["__call__"] = _call
@@ -69,6 +73,144 @@ class CapturingProcessor:
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         self.tracer._capture(self.site, attn, slot["q"], slot["k"], mask)
         return out
+
+
+# -- joint attention (SD3, Flux): q and k where the processor hands them to the attention function ----
+_SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("daami2i_attention_slot", default=None)
+
+
+def _sdpa_signature(
+    query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+    scale: Any = None, enable_gqa: bool = False,
+) -> None:  # fmt: skip
+    """The documented signature of ``torch.nn.functional.scaled_dot_product_attention`` (a builtin)."""
+
+
+def _recording(original: Callable[..., Any], layout: str, like: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """``original`` (an attention function taking query, key, value first), recording its first call's
+    query, key, mask and scale into the active slot; layout ``"bhsd"`` (SDPA) or ``"bshd"`` (diffusers'
+    ``dispatch_attention_fn``). Outside a traced layer call it is a plain pass-through. ``like`` gives
+    the signature when ``original`` has none (builtins)."""
+    sig = inspect.signature(like or original)
+
+    def attention(*args: Any, **kwargs: Any) -> Any:
+        slot = _SLOT.get()
+        if slot is not None and "q" not in slot:
+            bound = sig.bind(*args, **kwargs)
+            a = bound.arguments
+            slot.update(
+                q=a["query"],
+                k=a["key"],
+                mask=a.get("attn_mask"),
+                scale=a.get("scale"),
+                causal=bool(a.get("is_causal", False)),
+                layout=layout,
+            )
+        return original(*args, **kwargs)
+
+    attention.__wrapped__ = original  # type: ignore[attr-defined]
+    return attention
+
+
+class _FunctionalProxy(types.ModuleType):
+    """``torch.nn.functional`` with a recording ``scaled_dot_product_attention`` (set as a module's ``F``)."""
+
+    def __init__(self, base: types.ModuleType) -> None:
+        super().__init__(base.__name__)
+        self._base = base
+        self.scaled_dot_product_attention = _recording(base.scaled_dot_product_attention, "bhsd", _sdpa_signature)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+def attention_function_patches(processors: list[Any]) -> list[tuple[Any, str, Any]]:
+    """``(module, attribute, replacement)`` for the attention functions the processors' modules call:
+    diffusers' ``dispatch_attention_fn`` and ``F.scaled_dot_product_attention``."""
+    out: list[tuple[Any, str, Any]] = []
+    seen: set[str] = set()
+    for proc in processors:
+        name = type(proc).__module__
+        mod = sys.modules.get(name)
+        if mod is None or name in seen:
+            continue
+        seen.add(name)
+        fn = getattr(mod, "dispatch_attention_fn", None)
+        if callable(fn):
+            out.append((mod, "dispatch_attention_fn", _recording(fn, "bshd")))
+        if getattr(mod, "F", None) is torch.nn.functional:
+            out.append((mod, "F", _FunctionalProxy(torch.nn.functional)))
+    return out
+
+
+class JointCapturingProcessor(CapturingProcessor):
+    """Wraps a joint-attention processor: records the query and key its attention function receives."""
+
+    def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.tracer._wants(self.site):
+            return self.original(attn, *args, **kwargs)
+        slot: dict[str, Any] = {}
+        token = _SLOT.set(slot)
+        try:
+            out = self.original(attn, *args, **kwargs)
+        finally:
+            _SLOT.reset(token)
+        if "q" not in slot:
+            raise TraceError(
+                f"the attention processor {type(self.original).__name__} of layer {self.site.name} called neither "
+                "torch.nn.functional.scaled_dot_product_attention (as F) nor diffusers' dispatch_attention_fn, so "
+                "its attention cannot be captured; use the model's default processor while tracing"
+            )
+        if slot["causal"]:
+            raise TraceError(f"layer {self.site.name} runs causal attention, which joint-attention tracing does not expect")
+        q, k = slot["q"], slot["k"]
+        if slot["layout"] == "bshd":
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        self.tracer._capture_joint(self.site, q, k, slot["mask"], slot["scale"])
+        return out
+
+
+def probs_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    chunk_bytes: int,
+    scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, probs)``: float32 softmax(q k^T * scale + bias) for query rows [start, stop).
+
+    ``q`` (b, heads, n_q, d), ``k`` (b, heads, n_k, d); ``bias`` broadcasts to (b, heads, n_q, n_k).
+    See :func:`attention_probs_chunks` for the chunking and the reused buffer.
+    """
+    b, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    q = q.float() * float(scale)
+    kt = k.float().transpose(-1, -2)
+    step = max(1, chunk_bytes // (b * heads * n_k * 4))
+    need = b * heads * min(step, n_q) * n_k
+    buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
+        torch.matmul(q[:, :, start:stop], kt, out=scores)
+        if bias is not None:
+            scores.add_(bias if bias.shape[-2] == 1 else bias[..., start:stop, :])
+        torch.softmax(scores, dim=-1, out=scores)  # in place
+        yield start, stop, scores
+
+
+def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """An attention mask as SDPA reads it (boolean: True = attend; float: added), as a float32 bias."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
+    else:
+        bias = mask.float()
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias.expand(*shape[:2], bias.shape[-2], shape[-1])
 
 
 @torch.no_grad()
@@ -104,20 +246,8 @@ def attention_probs_chunks(
         q = attn.norm_q(q)
     if getattr(attn, "norm_k", None) is not None:
         k = attn.norm_k(k)
-    q = q.float() * float(attn.scale)
-    kt = k.float().transpose(-1, -2)
     bias = None
     if mask is not None:
         full = attn.prepare_attention_mask(mask, n_k, b_all)  # (b_all * heads, 1 or N, T)
         bias = full.view(b_all, heads, full.shape[-2], full.shape[-1])[rows].float()
-    step = max(1, chunk_bytes // (b * heads * n_k * 4))
-    need = b * heads * min(step, n_q) * n_k
-    buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
-    for start in range(0, n_q, step):
-        stop = min(n_q, start + step)
-        scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
-        torch.matmul(q[:, :, start:stop], kt, out=scores)
-        if bias is not None:
-            scores.add_(bias if bias.shape[-2] == 1 else bias[:, :, start:stop])
-        torch.softmax(scores, dim=-1, out=scores)  # in place
-        yield start, stop, scores
+    yield from probs_chunks(q, k, float(attn.scale), bias, chunk_bytes, scratch)

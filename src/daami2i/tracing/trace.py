@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import weakref
 from collections.abc import Callable, Iterable
@@ -14,13 +15,31 @@ from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, check_direction
 from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
-from .capture import CapturingProcessor, attention_probs_chunks
+from .capture import (
+    CapturingProcessor,
+    JointCapturingProcessor,
+    attention_function_patches,
+    attention_probs_chunks,
+    mask_bias,
+    probs_chunks,
+)
+from .dit import Family, Stream, family_of, find_dit_sites, grid_of, streams_of
 from .unet import AttentionSite, find_sites, size_at, unet_of
 
 Halves = Literal["cond", "uncond", "both"]
 FactorSpec = str | Iterable[int] | None
 
-_ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # UNets currently traced
+_ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # denoisers currently traced
+
+
+def denoiser_of(pipe: Any) -> tuple[Any, Family | None]:
+    """The pipeline's denoiser and, for SD3 / Flux transformers, their family (None for UNets)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and getattr(pipe, "unet", None) is None:
+        family = family_of(transformer)
+        if family is not None:
+            return transformer, family
+    return unet_of(pipe), None
 
 
 class Trace:
@@ -34,8 +53,15 @@ class Trace:
     >>> ghm.compute_word_heat_map("cat").expand_as(image).shape
     torch.Size([64, 64])
 
+    SD3 and Flux (MMDiT, joint attention) are traced the same way: word maps come from the image-query
+    rows of the joint softmax restricted to the text keys, self-attention maps from the same rows
+    restricted to the image keys (see :mod:`daami2i.tracing.dit`). Their layers all work on one grid
+    of image tokens, so factors do not apply; pick layers by name (``cross_layers=[...]``, see
+    :attr:`layer_names`).
+
     Args:
-        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, img2img, inpaint).
+        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, img2img, inpaint)
+            or an SD3 / Flux transformer (StableDiffusion3Pipeline, FluxPipeline, their img2img).
         self_attention / cross_attention: capture each kind at all (both on by default).
         self_factors: resolutions of self-attention to capture, as latent downsampling factors:
             ``"highest"`` (default, like daam-i2i: the highest self-attention resolution only),
@@ -82,7 +108,7 @@ class Trace:
         max_store_mb: float | None = None,
     ) -> None:
         self.pipe = pipe
-        self.unet = unet_of(pipe)
+        self.unet, self.family = denoiser_of(pipe)
         if not callable(getattr(pipe, "check_inputs", None)):
             raise ConfigError(f"{type(pipe).__name__} has no check_inputs method: daami2i cannot see its prompts")
         if halves not in ("cond", "uncond", "both"):
@@ -103,20 +129,22 @@ class Trace:
         if max_store_mb is not None and not max_store_mb > 0:
             raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
         self.max_store_mb = max_store_mb
-        self.sites = find_sites(self.unet)
-        self_sites = [s for s in self.sites if s.kind == "self"]
+        self.sites = find_dit_sites(self.unet) if self.family is not None else find_sites(self.unet)
+        self_sites = [s for s in self.sites if s.kind in ("self", "joint")]
         if not self_sites:
             raise ConfigError(f"{type(self.unet).__name__} has no attention layers to trace")
         self.grid_factor = min(s.factor for s in self_sites)
-        self.selected = (self._select("self", self_factors, self_layers) if self_attention else []) + (
-            self._select("cross", cross_factors, cross_layers) if cross_attention else []
-        )
+        self_selected = self._select("self", self_factors, self_layers) if self_attention else []
+        self._cross_sites = self._select("cross", cross_factors, cross_layers) if cross_attention else []
+        self._self_names = {s.name for s in self_selected}
+        self._cross_names = {s.name for s in self._cross_sites}
+        # one entry per layer (a joint layer can serve both kinds)
+        self.selected = list({s.name: s for s in self_selected + self._cross_sites}.values())
         if not self.selected:
             raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
-        self._self_factors = sorted({s.factor for s in self.selected if s.kind == "self"})
-        self._cross_sites = [s for s in self.selected if s.kind == "cross"]
+        self._self_factors = sorted({s.factor for s in self_selected})
         self.config: dict[str, Any] = {  # recorded with each generation (experiment manifests)
-            "self_layers": [s.name for s in self.selected if s.kind == "self"],
+            "self_layers": [s.name for s in self_selected],
             "cross_layers": [s.name for s in self._cross_sites],
             "halves": halves,
             "direction": direction,
@@ -135,6 +163,12 @@ class Trace:
         self._rows: torch.Tensor | None = None  # (n_images, halves) batch rows kept, set per generation
         self._store_device: torch.device | None = None
         self._step_tokens = 77
+        self._text_columns: torch.Tensor | None = None  # joint models: text-key columns kept, per generation
+        self._n_text = 0
+        self._stream_prompts: dict[str, Any] = {}  # joint models: prompt arguments seen by check_inputs
+        self._last_timestep: float | None = None
+        self._pass = 0  # joint models: 0 for a step's first transformer call, 1 for a repeat (Flux true CFG)
+        self._capturing = False
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
         self._active = False
         self._originals: dict[str, Any] = {}
@@ -144,11 +178,12 @@ class Trace:
     # -- configuration --------------------------------------------------------------------------
     @property
     def layer_names(self) -> dict[str, tuple[str, int]]:
-        """Every attention layer of the UNet: name -> (kind, factor)."""
+        """Every attention layer of the denoiser: name -> (kind, factor); kind is ``"self"``,
+        ``"cross"`` or, in SD3 / Flux, ``"joint"`` (image and text keys: serves both)."""
         return {s.name: (s.kind, s.factor) for s in self.sites}
 
     def _select(self, kind: str, factors: FactorSpec, layers: Iterable[str] | None) -> list[AttentionSite]:
-        pool = [s for s in self.sites if s.kind == kind]
+        pool = [s for s in self.sites if s.kind in (kind, "joint")]
         if layers is not None:
             names = list(layers)
             known = {s.name for s in pool}
@@ -191,14 +226,28 @@ class Trace:
                 )
         _ACTIVE.add(self.unet)
         try:
+            wrapper = JointCapturingProcessor if self.family is not None else CapturingProcessor
             for s in self.selected:
                 original = s.module.get_processor()
                 self._originals[s.name] = original
-                s.module.set_processor(CapturingProcessor(original, s, self))
+                s.module.set_processor(wrapper(original, s, self))
+            if self.family is not None:
+                for module, name, value in attention_function_patches(list(self._originals.values())):
+                    self._patch(module, name, value)
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             check = self.pipe.check_inputs
+            try:
+                check_sig: inspect.Signature | None = inspect.signature(check)
+            except (TypeError, ValueError):
+                check_sig = None
 
             def check_inputs(*args: Any, **kwargs: Any) -> Any:
+                self._stream_prompts = {}
+                if check_sig is not None:
+                    try:
+                        self._stream_prompts = dict(check_sig.bind_partial(*args, **kwargs).arguments)
+                    except TypeError:
+                        pass
                 self._begin(args[0] if args else kwargs.get("prompt"))
                 return check(*args, **kwargs)
 
@@ -263,38 +312,71 @@ class Trace:
         self._current = Generation(index=index, grid_size=(0, 0), prompts=prompts, halves=self.halves)
         self.generations.append(self._current)
         self._step = -1
+        self._last_timestep = None
+        self._capturing = False
 
     def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        if self._current is None:  # the UNet was called without the pipeline's __call__
+        joint = self.family is not None
+        sample = args[0] if args else kwargs.get("hidden_states" if joint else "sample")
+        if self._current is None:  # the denoiser was called without the pipeline's __call__
             self._begin(None)
         gen = self._current
         assert gen is not None
-        self._step += 1
-        gen.steps_run = self._step + 1
+        if joint:  # Flux's true CFG calls the transformer twice per step with the same timestep
+            t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+            t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
+            repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
+            self._last_timestep = t_val
+            self._pass = 1 if repeat else 0
+        else:
+            self._pass = 0
+        if self._pass == 0:
+            self._step += 1
+            gen.steps_run = self._step + 1
         if gen.latent_size is None:
+            if joint:
+                context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            else:
+                context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
             if not isinstance(sample, torch.Tensor):
-                raise TraceError(f"the UNet was called without a latent sample tensor (got {type(sample).__name__})")
-            context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+                raise TraceError(
+                    f"the {type(self.unet).__name__} was called without a latent sample tensor "
+                    f"(got {type(sample).__name__})"
+                )
             n_tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) else 77
-            self._setup_generation(gen, sample, n_tokens)
-        if self._step_ok(self._step):
+            self._setup_generation(gen, sample, n_tokens, kwargs)
+        wanted_pass = {"cond": (0,), "uncond": (1,), "both": (0, 1)}[self.halves] if self._passes() else (0,)
+        self._capturing = self._step_ok(self._step) and self._pass in wanted_pass
+        if self._capturing and gen.steps_captured[-1:] != [self._step]:
             gen.steps_captured.append(self._step)
 
-    def _setup_generation(self, gen: Generation, sample: torch.Tensor, n_tokens: int) -> None:
-        gen.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        gen.grid_size = size_at(gen.latent_size, self.grid_factor)
+    def _passes(self) -> bool:
+        """Whether the guidance halves come as separate transformer calls (Flux true CFG) rather than
+        as halves of the batch."""
+        return self.family is not None and self.family.packed
+    def _setup_generation(
+        self, gen: Generation, sample: torch.Tensor, n_tokens: int, kwargs: dict[str, Any] | None = None
+    ) -> None:
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if self.family is not None:
+            gen.grid_size = grid_of(self.family, self.unet, sample, kwargs or {})
+            pack = 2 if self.family.packed else int(self.unet.config.patch_size)
+            gen.latent_size = (gen.grid_size[0] * pack, gen.grid_size[1] * pack)
+        else:
+            gen.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+            gen.grid_size = size_at(gen.latent_size, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
         batch = int(sample.shape[0])
         if self._cfg_override is not None:
             gen.cfg = self._cfg_override
+        elif self._passes():
+            gen.cfg = False  # guidance halves are separate calls here, not halves of the batch
         else:
             gen.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if gen.cfg and batch % 2:
             raise TraceError(f"classifier-free guidance is on but the UNet batch ({batch}) is odd")
         gen.n_images = batch // 2 if gen.cfg else batch
-        if self.halves == "uncond" and not gen.cfg:
+        if self.halves == "uncond" and not gen.cfg and not self._passes():
             raise TraceError(
                 "halves='uncond' was asked for but this generation runs without classifier-free guidance "
                 "(guidance_scale <= 1), so there is no unconditional half; use halves='cond'"
@@ -323,9 +405,13 @@ class Trace:
         gen.config = dict(self.config)
         known = [len(t) for t in gen.image_tokens if t is not None]
         self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
+        if self.family is not None:
+            self._setup_streams(gen, n_tokens, sample.device)
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
             n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
+            if self.family is not None:
+                n_tokens = self._step_tokens = int(self._text_columns.numel()) if self._text_columns is not None else 0
             need = self.estimate_nbytes(gen.latent_size, n, n_tokens, n_steps, self._step_tokens)
             if need["total"] > self.max_store_mb * 2**20:
                 parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in need.items() if k != "total" and v)
@@ -334,6 +420,48 @@ class Trace:
                     f"{gen.image_size[0]}x{gen.image_size[1]}, over max_store_mb={self.max_store_mb:g}; capture fewer "
                     "resolutions, layers or steps, or raise max_store_mb"
                 )
+
+    def _setup_streams(self, gen: Generation, n_text: int, device: torch.device) -> None:
+        """Joint models: which text-key columns to keep (each stream's prompt tokens, its start and end
+        tokens; all of the stream when the prompt is unknown) and where each stream's rows start."""
+        assert self.family is not None
+        self._n_text = n_text
+        columns: list[int] = []
+        gen.streams = []
+        for st in streams_of(self.pipe, self.family, n_text):
+            stop = n_text if st.width is None else min(n_text, st.offset + st.width)
+            if st.offset >= stop:
+                continue
+            tokenizer = getattr(self.pipe, st.tokenizer, None)
+            prompt = self._stream_prompts.get(st.prompt_arg)
+            prompts = gen.image_prompts if prompt is None else self._per_image(prompt, gen.n_images)
+            tokens = [
+                tokenizer.tokenize(p.lower() if st.name == "clip" else p) if p is not None and tokenizer else None
+                for p in prompts
+            ]
+            known = [len(t) for t in tokens if t is not None]
+            width = stop - st.offset
+            if known and len(known) == len(tokens):
+                width = min(width, max(known) + st.bos + 1)
+            gen.streams.append(
+                {
+                    "name": st.name,
+                    "tokenizer": st.tokenizer,
+                    "first_row": len(columns) + st.bos,
+                    "stop_row": len(columns) + width,
+                    "tokens": tokens,
+                }
+            )
+            columns.extend(range(st.offset, st.offset + width))
+        self._text_columns = torch.tensor(columns, dtype=torch.long, device=device)
+
+    @staticmethod
+    def _per_image(prompt: Any, n_images: int) -> list[str | None]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not prompts or n_images % len(prompts):
+            return [None] * n_images
+        per = n_images // len(prompts)
+        return [prompts[i // per] if isinstance(prompts[i // per], str) else None for i in range(n_images)]
 
     def estimate_nbytes(
         self,
@@ -353,6 +481,15 @@ class Trace:
         True
         """
         out = {"self": 0, "cross": 0, "cross_steps": 0}
+        if self.family is not None:  # one grid of image tokens (latent / 2); one head-mean map per layer
+            n = (latent_size[0] // 2) * (latent_size[1] // 2)
+            out["self"] = n_images * n * n * 4 if self._self_names else 0
+            per = n_images * n * 4 * len(self._cross_sites)
+            out["cross"] = per * n_tokens
+            if self.cross_steps:
+                out["cross_steps"] = per * step_tokens * (n_steps if n_steps is not None else 28)
+            out["total"] = sum(out.values())
+            return out
         for f in self._self_factors:
             h, w = size_at(latent_size, f)
             out["self"] += n_images * (h * w) ** 2 * 4
@@ -379,7 +516,7 @@ class Trace:
             gen.images = list(out)
 
     def _wants(self, site: AttentionSite) -> bool:
-        return self._current is not None and self._current.steps_captured[-1:] == [self._step]
+        return self._current is not None and self._capturing
 
     def _chunks(self, attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Any) -> Any:
         return attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes, self._scratch_buffer)
@@ -432,6 +569,66 @@ class Trace:
                 p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
                 cstore.add(start, stop, p.to(dev), step=self._step)
 
+    def _capture_joint(
+        self, site: AttentionSite, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+    ) -> None:
+        """Joint attention of one layer call: ``q`` (B, heads, S, d), ``k`` (B, heads, S_k, d) exactly as
+        the model's attention function received them."""
+        gen = self._current
+        assert gen is not None and gen.latent_size is not None and self.family is not None
+        rows, dev, text_cols = self._rows, self._store_device, self._text_columns
+        assert rows is not None and dev is not None and text_cols is not None
+        h, w = gen.grid_size
+        n, t, s_q, s_k = h * w, self._n_text, q.shape[2], k.shape[2]
+        if s_q == s_k == n + t:  # joint: [image, text] (SD3) or [text, image] (Flux)
+            img = slice(t, t + n) if self.family.text_first else slice(0, n)
+            text_cols = text_cols if self.family.text_first else text_cols + n
+        elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
+            img, text_cols = slice(0, n), None
+        else:
+            raise TraceError(
+                f"layer {site.name} attended over {s_q} queries and {s_k} keys, but a {h}x{w} token grid with "
+                f"{t} text tokens has {n} or {n + t}: this transformer's layout is not one daami2i understands"
+            )
+        n_img, n_halves = rows.shape
+        flat = rows.flatten()
+        q_img = q[flat][:, :, img]
+        k_all = k[flat]
+        heads = q.shape[1]
+        bias = mask_bias(mask, (q.shape[0], heads, s_q, s_k))
+        if bias is not None:
+            bias = bias[flat][:, :, img] if bias.shape[-2] == s_q else bias[flat]
+        scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        want_self = site.name in self._self_names
+        want_cross = site.name in self._cross_names and text_cols is not None
+        store = gen.self_attention.get(1) if want_self else None
+        if want_self and store is None:
+            store = SelfAttentionStore(1, (h, w), torch.zeros(n_img, n, n, device=dev))
+            gen.self_attention[1] = store
+        cstore = gen.cross_attention.get(site.name) if want_cross else None
+        if want_cross and cstore is None:
+            assert text_cols is not None
+            cstore = CrossAttentionStore(
+                site.name,
+                1,
+                (h, w),
+                torch.zeros(n_img, 1, n, text_cols.numel(), device=dev),
+                per_step=[] if self.cross_steps else None,
+                step_tokens=int(text_cols.numel()),
+            )
+            gen.cross_attention[site.name] = cstore
+        for start, stop, p in probs_chunks(q_img, k_all, scale, bias, self.chunk_bytes, self._scratch_buffer):
+            p = p.view(n_img, n_halves * heads, stop - start, s_k)
+            if store is not None:
+                part = p[..., img]
+                if part.device == store.sums.device:
+                    store.add_mean(site.name, start, stop, part)
+                else:
+                    store.add(site.name, start, stop, part.mean(1).to(dev))
+            if cstore is not None:
+                assert text_cols is not None
+                cstore.add(start, stop, p.index_select(-1, text_cols).mean(1, keepdim=True).to(dev), step=self._step)
+
     # -- results --------------------------------------------------------------------------------
     @property
     def last_generation(self) -> Generation:
@@ -467,6 +664,7 @@ class Trace:
             factors=factors,
             direction=direction or self.direction,
             steps=steps,
+            tokenizers={st["tokenizer"]: getattr(self.pipe, st["tokenizer"], None) for st in gen.streams},
         )
 
     def to_experiment(

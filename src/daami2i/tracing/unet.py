@@ -54,11 +54,16 @@ def unet_of(pipe: Any) -> Any:
     if not isinstance(unet, UNet2DConditionModel):
         what = type(pipe).__name__
         extra = ""
-        if getattr(pipe, "transformer", None) is not None:
-            extra = " Transformer (MMDiT) pipelines such as SD3 and Flux are not supported yet."
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is not None:
+            extra = (
+                f" Its transformer is a {type(transformer).__name__}: of the transformer (MMDiT) models, SD3 "
+                "(SD3Transformer2DModel) and Flux (FluxTransformer2DModel) are supported."
+            )
         raise UnsupportedPipelineError(
             f"daami2i.trace needs a diffusers pipeline whose `unet` is a UNet2DConditionModel "
-            f"(StableDiffusionPipeline, StableDiffusionXLPipeline and their img2img / inpaint variants); "
+            f"(StableDiffusionPipeline, StableDiffusionXLPipeline and their img2img / inpaint variants) or whose "
+            f"`transformer` is an SD3 or Flux transformer; "
             f"got {what} with unet={type(unet).__name__ if unet is not None else None}.{extra}"
         )
     return unet
