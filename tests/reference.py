@@ -151,3 +151,64 @@ def block_mean(mask: np.ndarray, grid) -> torch.Tensor:
     h, w = mask.shape
     gh, gw = grid
     return torch.from_numpy(mask.astype(np.float32)).view(gh, h // gh, gw, w // gw).mean(dim=(1, 3))
+
+
+# -- joint attention (SD3, Flux) -------------------------------------------------------------------
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on (B, S, H, D) with (S, D) cos/sin whose pairs are interleaved
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written out here from the formula."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x1 * c + x0 * s
+    return out
+
+
+class JointRecorder:
+    """Records the full joint-attention probabilities of every call, computed explicitly from the
+    layer's own projections and norms (and the rotary formula), then lets the original processor
+    produce the layer's output, so that a recorded run is bit-identical to a plain one."""
+
+    def __init__(self, name: str, book: dict, original, text_first: bool):
+        self.name, self.book, self.original, self.text_first = name, book, original, text_first
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kw):
+        with torch.no_grad():
+
+            def split(x):
+                return x.view(x.shape[0], x.shape[1], attn.heads, -1).double()  # (B, S, H, D)
+
+            q, k = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states))
+            if attn.norm_q is not None:
+                q, k = attn.norm_q(q.float()).double(), attn.norm_k(k.float()).double()
+            if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+                cq = split(attn.add_q_proj(encoder_hidden_states))
+                ck = split(attn.add_k_proj(encoder_hidden_states))
+                if attn.norm_added_q is not None:
+                    cq, ck = attn.norm_added_q(cq.float()).double(), attn.norm_added_k(ck.float()).double()
+                q = torch.cat([cq, q] if self.text_first else [q, cq], dim=1)
+                k = torch.cat([ck, k] if self.text_first else [k, ck], dim=1)
+            if image_rotary_emb is not None:
+                cos, sin = (t.double() for t in image_rotary_emb)
+                q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, D)
+            p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            self.book[self.name].append(p)
+        if image_rotary_emb is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kw)
+
+
+@contextmanager
+def joint_recording(transformer, text_first: bool):
+    """Install :class:`JointRecorder` on every attention layer; yields {layer: [probs (B, H, S, S) per call]}."""
+    book: dict = defaultdict(list)
+    originals = transformer.attn_processors
+    transformer.set_attn_processor(
+        {n: JointRecorder(n[: -len(".processor")], book, p, text_first) for n, p in originals.items()}
+    )
+    try:
+        yield book
+    finally:
+        transformer.set_attn_processor(dict(originals))

@@ -77,8 +77,11 @@ def save_experiment(
     tokenizer: Any = None,
     info: dict[str, Any] | None = None,
     overwrite: bool = False,
+    tokenizers: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``gen`` (and its images) to the folder ``path``; returns the folder."""
+    """Write ``gen`` (and its images) to the folder ``path``; returns the folder.
+
+    ``tokenizers`` (joint models) maps the pipeline attribute of each text stream's tokenizer to it."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -99,13 +102,11 @@ def save_experiment(
         name = f"image_{i}.png"
         im.save(path / name)
         image_files.append(name)
-    tok_kind = None
-    if tokenizer is not None:
-        if _is_standard_clip(tokenizer):
-            tok_kind = "clip-bpe-49408"
-        else:
-            tokenizer.save_pretrained(str(path / "tokenizer"))
-            tok_kind = "saved"
+    tok_kind = _save_tokenizer(tokenizer, path / "tokenizer")
+    stream_kinds = {
+        st["tokenizer"]: _save_tokenizer((tokenizers or {}).get(st["tokenizer"]), path / "tokenizers" / st["tokenizer"])
+        for st in gen.streams
+    }
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -113,6 +114,7 @@ def save_experiment(
         "software": {"daami2i": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "info": info or {},
         "tokenizer": tok_kind,
+        "stream_tokenizers": stream_kinds,
         "generation": {
             "index": gen.index,
             "prompts": gen.prompts,
@@ -127,6 +129,7 @@ def save_experiment(
             "steps_run": gen.steps_run,
             "steps_captured": gen.steps_captured,
             "config": gen.config,
+            "streams": gen.streams,
         },
         "self_attention": [
             {"factor": f, "size": list(st.size), "layers": st.layers} for f, st in gen.self_attention.items()
@@ -148,14 +151,31 @@ def save_experiment(
     return path
 
 
+def _save_tokenizer(tokenizer: Any, folder: Path) -> str | None:
+    if tokenizer is None:
+        return None
+    if _is_standard_clip(tokenizer):
+        return "clip-bpe-49408"
+    tokenizer.save_pretrained(str(folder))
+    return "saved"
+
+
 class Experiment:
     """A saved trace: answers every query like the live trace did, without the model."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], generation: Generation, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        generation: Generation,
+        tokenizer: Any,
+        tokenizers: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.generation = generation
         self.tokenizer = tokenizer
+        self.tokenizers = tokenizers or {}  # joint models: pipeline attribute -> tokenizer of each stream
 
     @property
     def prompts(self) -> list[str | None]:
@@ -189,6 +209,7 @@ class Experiment:
             factors=factors,
             direction=direction or self.generation.config.get("direction", "attended_by"),
             steps=steps,
+            tokenizers=self.tokenizers,
         )
 
     def __repr__(self) -> str:
@@ -196,7 +217,7 @@ class Experiment:
         return f"Experiment({str(self.path)!r}, prompts={g.image_prompts}, image_size={g.image_size})"
 
 
-def _load_tokenizer(path: Path, kind: str | None) -> Any:
+def _load_tokenizer(path: Path, kind: str | None, folder: str = "tokenizer") -> Any:
     if kind is None:
         return None
     if kind == "clip-bpe-49408":
@@ -206,7 +227,7 @@ def _load_tokenizer(path: Path, kind: str | None) -> Any:
     if kind == "saved":
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path / folder), local_files_only=True, trust_remote_code=False)
     raise ExperimentError(f"unknown tokenizer kind {kind!r} in {path / MANIFEST}")
 
 
@@ -244,6 +265,7 @@ def load_experiment(path: str | Path) -> Experiment:
         image_prompts=list(g["image_prompts"]),
         image_tokens=list(g["image_tokens"]),
         config=dict(g.get("config", {})),
+        streams=list(g.get("streams", [])),
     )
     try:
         for entry in manifest["self_attention"]:
@@ -270,4 +292,8 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ExperimentError(f"self/{st.factor} has shape {tuple(st.sums.shape)}, expected {(gen.n_images, n, n)}")
     if gen.n_images < 1:
         raise QueryError(f"{path} holds no image")
-    return Experiment(path, manifest, gen, _load_tokenizer(path, manifest.get("tokenizer")))
+    tokenizers = {
+        attr: _load_tokenizer(path, kind, f"tokenizers/{attr}")
+        for attr, kind in manifest.get("stream_tokenizers", {}).items()
+    }
+    return Experiment(path, manifest, gen, _load_tokenizer(path, manifest.get("tokenizer")), tokenizers)

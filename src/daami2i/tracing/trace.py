@@ -701,6 +701,7 @@ class Trace:
             tokenizer=getattr(self.pipe, "tokenizer", None),
             info=json.loads(json.dumps(record, default=str)),
             overwrite=overwrite,
+            tokenizers={st["tokenizer"]: getattr(self.pipe, st["tokenizer"], None) for st in gen.streams},
         )
 
     def _generation(self, index: int) -> Generation:

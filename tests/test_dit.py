@@ -1,0 +1,309 @@
+"""SD3 and Flux (joint attention): every query equals a dense reference built from the joint
+attention probabilities, recorded in a separate, identical run by explicit attention computed from
+the layers' own projections, QK norms and the rotary formula."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import daami2i
+from daami2i.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from reference import batch_rows, block_mean, column_query, inside_polygon, joint_recording, row_query
+
+ATOL = 1e-5
+RTOL = 1e-4
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = (ours.double() - ref.double()).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= ATOL and err <= RTOL * max(scale, 1e-12) + 1e-9, f"max error {err:.3g} (map max {scale:.3g})"
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3_pipeline()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def call(pipe, prompt, **kw):
+    kw.setdefault("height", 64)
+    kw.setdefault("width", 96)
+    kw.setdefault("num_inference_steps", 2)
+    if "Flux" in type(pipe).__name__:
+        kw.setdefault("max_sequence_length", 32)
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+
+def text_first(pipe) -> bool:
+    return "Flux" in type(pipe).__name__
+
+
+def run(pipe, prompt, trace_kwargs=None, **kw):
+    """(trace, recorded probabilities, traced images, untraced images)."""
+    plain = call(pipe, prompt, **kw)
+    with joint_recording(pipe.transformer, text_first(pipe)) as book:
+        recorded = call(pipe, prompt, **kw)
+    with daami2i.trace(pipe, **(trace_kwargs or {})) as trc:
+        traced = call(pipe, prompt, **kw)
+    assert np.array_equal(plain, recorded), "the reference recorder changed the images"
+    return trc, dict(book), traced, plain
+
+
+def layout(pipe, n: int, t: int):
+    """(image positions, text positions) in the joint sequence."""
+    if text_first(pipe):
+        return slice(t, t + n), slice(0, t)
+    return slice(0, n), slice(n, n + t)
+
+
+def dense(pipe, trc, book, rows, calls=None):
+    """Dense references from the recorded probabilities: the self matrix (N x N) and the token maps
+    over the *full* text sequence (T, h, w), for the layers the trace selected."""
+    gen = trc.last_generation
+    h, w = gen.grid_size
+    n = h * w
+    self_names = [s.name for s in trc.sites if s.name in trc._self_names]
+    cross_names = [s.name for s in trc.sites if s.name in trc._cross_names]
+    total_self = torch.zeros(n, n, dtype=torch.float64)
+    token_maps = []
+    for name in dict.fromkeys(self_names + cross_names):
+        acc_self, acc_text = 0, 0
+        for i, p in enumerate(book[name]):
+            if calls is not None and i not in calls:
+                continue
+            s = p.shape[-1]
+            img, txt = layout(pipe, n, s - n)
+            p = p[rows].mean(dim=(0, 1))  # (S, S)
+            acc_self = acc_self + p[img, img]
+            if s > n:
+                acc_text = acc_text + p[img, txt]
+        if name in self_names:
+            total_self += acc_self
+        if name in cross_names:
+            token_maps.append(acc_text.T.reshape(-1, h, w))
+    self_ref = (total_self / len(self_names)).float()
+    maps_ref = torch.stack(token_maps).mean(0).float() if token_maps else None
+    return self_ref, maps_ref
+
+
+def token_positions(tokens, pieces):
+    n = len(pieces)
+    return [i + j for i in range(len(tokens) - n + 1) if tokens[i : i + n] == pieces for j in range(n)]
+
+
+def word_reference(pipe, maps_ref, prompt, word):
+    """The word's map: per stream, the mean of its token rows (positions in the full text sequence);
+    then the mean over the streams it occurs in."""
+    per_stream = []
+    if text_first(pipe):  # Flux: T5 only
+        toks = pipe.tokenizer_2.tokenize(prompt)
+        rows = token_positions(toks, pipe.tokenizer_2.tokenize(word))
+        per_stream.append(maps_ref[rows].mean(0))
+    else:
+        clip = [t.replace("</w>", "") for t in pipe.tokenizer.tokenize(prompt.lower())]
+        rows = [1 + r for r in token_positions(clip, [t.replace("</w>", "") for t in pipe.tokenizer.tokenize(word)])]
+        if rows:
+            per_stream.append(maps_ref[rows].mean(0))
+        if pipe.text_encoder_3 is not None:
+            rows = [77 + r for r in token_positions(pipe.tokenizer_3.tokenize(prompt), pipe.tokenizer_3.tokenize(word))]
+            if rows:
+                per_stream.append(maps_ref[rows].mean(0))
+    assert per_stream
+    return torch.stack(per_stream).mean(0)
+
+
+def check_queries(pipe, trc, self_ref, maps_ref, image_idx, prompt, word):
+    gen = trc.last_generation
+    grid = gen.grid_size
+    n = grid[0] * grid[1]
+    ghm = trc.compute_global_heat_map(image_idx=image_idx)
+    ids = [0, 5, n // 2, n - 1]
+    wp = torch.zeros(n)
+    wp[ids] = 1
+    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, grid))
+    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, grid))
+    x1, y1, x2, y2 = 1, 2, grid[1] - 1, grid[0] // 2 + 1
+    wb = torch.zeros(grid)
+    wb[y1:y2, x1:x2] = 1
+    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
+    H, W = gen.image_size
+    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
+    cover = block_mean(inside_polygon(tri, (H, W)), grid)
+    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    if maps_ref is None:
+        return ghm
+    word_ref = word_reference(pipe, maps_ref, prompt, word)
+    wm = ghm.compute_word_heat_map(word)
+    assert_close(wm.value, word_ref)
+    assert_close(ghm.compute_guided_heat_map(wm).value, column_query(self_ref, word_ref, grid))
+    m = column_query(self_ref, word_ref, grid)
+    for _ in range(2):
+        g = (m - m.min()) / (m.max() - m.min())
+        m = column_query(self_ref, torch.where(g >= 0.4, g, torch.zeros_like(g)), grid)
+    assert_close(ghm.compute_diffused_heat_map(wm, iterations=3, threshold=0.4).value, m)
+    return ghm
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_every_query_matches_the_joint_softmax(model, request):
+    pipe = request.getfixturevalue(model)
+    prompts = ["a red cat", "a blue dog sitting on a green mat"]
+    trc, book, traced, plain = run(pipe, prompts)
+    assert np.array_equal(traced, plain), "tracing changed the images"
+    gen = trc.last_generation
+    assert gen.grid_size == (8, 12) and gen.image_size == (64, 96)  # non-square, (height, width)
+    assert gen.n_images == 2 and gen.cfg == (model == "sd3")
+    for i, (prompt, word) in enumerate(zip(prompts, ["red", "dog"], strict=True)):
+        rows = batch_rows(gen.n_images, gen.cfg, "cond", i)
+        self_ref, maps_ref = dense(pipe, trc, book, rows)
+        check_queries(pipe, trc, self_ref, maps_ref, i, prompt, word)
+    # word maps are the text columns of the joint softmax, not a softmax over the text alone:
+    # over all text keys and image keys a query's probabilities sum to one
+    p = book[trc._cross_sites[0].name][0][batch_rows(gen.n_images, gen.cfg, "cond", 0)]
+    img, txt = layout(pipe, 96, p.shape[-1] - 96)
+    text_mass = p[..., img, txt].sum(-1)
+    assert 0.01 < text_mass.mean().item() < 0.99
+
+
+def test_sd3_streams_clip_and_t5(sd3):
+    prompt = "a red cat and a blue dog"
+    trc, book, _, _ = run(sd3, prompt)
+    gen = trc.last_generation
+    ghm = trc.compute_global_heat_map()
+    assert [s.name for s in ghm.streams] == ["clip", "t5"]
+    assert ghm.words == ["a", "red", "cat", "and", "blue", "dog"]
+    _, maps_ref = dense(sd3, trc, book, batch_rows(1, True, "cond", 0))
+    clip_rows = [1 + i for i, t in enumerate(sd3.tokenizer.tokenize(prompt)) if t == "red</w>"]
+    t5_rows = [77 + r for r in token_positions(sd3.tokenizer_3.tokenize(prompt), sd3.tokenizer_3.tokenize("red"))]
+    assert len(t5_rows) == 2  # "red" is two T5 pieces here: both are merged
+    assert_close(ghm.compute_word_heat_map("red", stream="clip").value, maps_ref[clip_rows].mean(0))
+    assert_close(ghm.compute_word_heat_map("red", stream="t5").value, maps_ref[t5_rows].mean(0))
+    # word_idx: a token position in the (first or chosen) stream
+    assert_close(ghm.compute_word_heat_map("", word_idx=2).value, maps_ref[3])
+    assert_close(ghm.compute_word_heat_map("", word_idx=0, stream="t5").value, maps_ref[77])
+    # only the prompt's columns are stored: CLIP start + 7 tokens + end, T5 8 pieces + end
+    assert next(iter(gen.cross_attention.values())).sums.shape[-1] == 9 + 9
+    with pytest.raises(daami2i.QueryError, match="stream must be one of"):
+        ghm.compute_word_heat_map("red", stream="t6")
+    with pytest.raises(daami2i.QueryError, match="none of the text streams"):
+        ghm.compute_word_heat_map("zebra")
+
+
+def test_sd3_without_t5_has_one_stream():
+    pipe = tiny_sd3_pipeline(with_t5=False, dual_attention_layers=(), qk_norm=None)
+    trc, book, traced, plain = run(pipe, "a red cat")
+    assert np.array_equal(traced, plain)
+    ghm = trc.compute_global_heat_map()
+    assert [s.name for s in ghm.streams] == ["clip"]
+    self_ref, maps_ref = dense(pipe, trc, book, batch_rows(1, True, "cond", 0))
+    check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+@pytest.mark.parametrize("halves", ["uncond", "both"])
+def test_sd3_guidance_halves(sd3, halves):
+    trc, book, _, _ = run(sd3, "a red cat", dict(halves=halves))
+    self_ref, maps_ref = dense(sd3, trc, book, batch_rows(1, True, halves, 0))
+    check_queries(sd3, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+@pytest.mark.parametrize("halves", ["cond", "uncond"])
+def test_flux_true_cfg_passes(flux, halves):
+    """Flux's true CFG runs the transformer twice per step (prompt, then negative prompt)."""
+    kw = dict(negative_prompt="a blurry photo", true_cfg_scale=2.0)
+    trc, book, traced, plain = run(flux, "a red cat", dict(halves=halves), **kw)
+    assert np.array_equal(traced, plain)
+    gen = trc.last_generation
+    assert gen.steps_captured == [0, 1]
+    calls = {0, 2} if halves == "cond" else {1, 3}
+    self_ref, maps_ref = dense(flux, trc, book, [0], calls=calls)
+    if halves == "cond":
+        check_queries(flux, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+    else:  # the negative prompt's pass: compare the stores themselves
+        ghm = trc.compute_global_heat_map()
+        wp = torch.zeros(96)
+        wp[[3, 40]] = 1
+        assert_close(ghm.compute_pixel_heat_map([3, 40]).value, column_query(self_ref, wp, (8, 12)))
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_layer_and_step_selection(model, request):
+    pipe = request.getfixturevalue(model)
+    names = list(daami2i.trace(pipe).layer_names)
+    pick = [names[-1]]
+    opts = dict(steps=[1, 2], self_layers=[names[0]], cross_layers=pick)
+    trc, book, _, _ = run(pipe, "a red cat", opts, num_inference_steps=3)
+    gen = trc.last_generation
+    assert gen.steps_captured == [1, 2]
+    assert list(gen.cross_attention) == pick and gen.self_attention[1].layers == [names[0]]
+    self_ref, maps_ref = dense(pipe, trc, book, batch_rows(1, gen.cfg, "cond", 0), calls={1, 2})
+    check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_img2img(model):
+    maker = tiny_sd3_pipeline if model == "sd3" else tiny_flux_pipeline
+    pipe = maker(kind="img2img")
+    image = torch.rand(1, 3, 64, 96)
+    trc, book, traced, plain = run(pipe, "a red cat", image=image, strength=0.7, num_inference_steps=3)
+    assert np.array_equal(traced, plain)
+    gen = trc.last_generation
+    assert gen.grid_size == (8, 12) and gen.steps_run == len(next(iter(book.values())))
+    self_ref, maps_ref = dense(pipe, trc, book, batch_rows(1, gen.cfg, "cond", 0))
+    check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_hooks_are_removed(model, request):
+    pipe = request.getfixturevalue(model)
+    before = dict(pipe.transformer.attn_processors)
+    mods = [m for m in ("diffusers.models.attention_processor", "diffusers.models.transformers.transformer_flux")]
+    globals_before = {m: (vars(sys.modules[m]).get("F"), vars(sys.modules[m]).get("dispatch_attention_fn")) for m in mods}
+    hooks = len(pipe.transformer._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with daami2i.trace(pipe):
+            call(pipe, "a cat")
+            assert all(type(p).__name__ == "JointCapturingProcessor" for p in pipe.transformer.attn_processors.values())
+            raise RuntimeError("boom")
+    assert pipe.transformer.attn_processors == before
+    assert {m: (vars(sys.modules[m]).get("F"), vars(sys.modules[m]).get("dispatch_attention_fn")) for m in mods} == (
+        globals_before
+    )
+    assert sys.modules["diffusers.models.attention_processor"].F is torch.nn.functional
+    assert len(pipe.transformer._forward_pre_hooks) == hooks
+    assert "check_inputs" not in vars(pipe)
+
+
+def test_store_size_is_bounded_and_estimated(sd3, flux):
+    for pipe in (sd3, flux):
+        with daami2i.trace(pipe, max_store_mb=100) as trc:
+            call(pipe, "a red cat")
+        gen = trc.last_generation
+        n_text = next(iter(gen.cross_attention.values())).sums.shape[-1]
+        est = trc.estimate_nbytes(gen.latent_size, 1, n_text)
+        assert est["total"] == gen.nbytes() == 96 * 96 * 4 + len(trc._cross_sites) * 96 * n_text * 4
+    with pytest.raises(daami2i.TraceError, match="over max_store_mb"):
+        with daami2i.trace(sd3, max_store_mb=0.01):
+            call(sd3, "a red cat")
+
+
+def test_experiment_round_trip(sd3, tmp_path):
+    with daami2i.trace(sd3) as trc:
+        call(sd3, "a red cat and a blue dog")
+        ghm = trc.compute_global_heat_map()
+        trc.to_experiment(tmp_path / "exp")
+    exp = daami2i.load_experiment(tmp_path / "exp")
+    back = exp.compute_global_heat_map()
+    assert [s.name for s in back.streams] == ["clip", "t5"]
+    for word in ("red", "dog"):
+        assert torch.equal(back.compute_word_heat_map(word).value, ghm.compute_word_heat_map(word).value)
+    assert torch.equal(back.compute_pixel_heat_map([7]).value, ghm.compute_pixel_heat_map([7]).value)
