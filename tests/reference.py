@@ -173,7 +173,9 @@ class JointRecorder:
     def __init__(self, name: str, book: dict, original, text_first: bool):
         self.name, self.book, self.original, self.text_first = name, book, original, text_first
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kw):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kw
+    ):
         with torch.no_grad():
 
             def split(x):

@@ -131,7 +131,8 @@ def test_unsupported_pipeline():
     class NotAPipeline:
         transformer = object()
 
-    with pytest.raises(daami2i.UnsupportedPipelineError, match="UNet2DConditionModel.*transformer is a object.*SD3Transformer2DModel.*FluxTransformer2DModel"):
+    match = "UNet2DConditionModel.*transformer is a object.*SD3Transformer2DModel.*FluxTransformer2DModel"
+    with pytest.raises(daami2i.UnsupportedPipelineError, match=match):
         daami2i.trace(NotAPipeline())
 
 

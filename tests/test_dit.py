@@ -267,7 +267,9 @@ def test_hooks_are_removed(model, request):
     pipe = request.getfixturevalue(model)
     before = dict(pipe.transformer.attn_processors)
     mods = [m for m in ("diffusers.models.attention_processor", "diffusers.models.transformers.transformer_flux")]
-    globals_before = {m: (vars(sys.modules[m]).get("F"), vars(sys.modules[m]).get("dispatch_attention_fn")) for m in mods}
+    globals_before = {
+        m: (vars(sys.modules[m]).get("F"), vars(sys.modules[m]).get("dispatch_attention_fn")) for m in mods
+    }
     hooks = len(pipe.transformer._forward_pre_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         with daami2i.trace(pipe):
@@ -307,3 +309,48 @@ def test_experiment_round_trip(sd3, tmp_path):
     for word in ("red", "dog"):
         assert torch.equal(back.compute_word_heat_map(word).value, ghm.compute_word_heat_map(word).value)
     assert torch.equal(back.compute_pixel_heat_map([7]).value, ghm.compute_pixel_heat_map([7]).value)
+
+
+def test_real_image_attribution_points_to_img2img(sd3):
+    from PIL import Image
+
+    with pytest.raises(daami2i.UnsupportedPipelineError, match="img2img"):
+        daami2i.trace_image(sd3, Image.new("RGB", (64, 64)), "a cat")
+
+
+def test_masks_from_joint_maps(sd3):
+    """The mask pipeline takes a joint model's maps like a UNet's: guided word map -> binary -> instances."""
+    from daami2i.heatmaps import masks, schemes
+
+    with daami2i.trace(sd3) as trc:
+        call(sd3, "a red cat and a blue dog")
+    ghm = trc.compute_global_heat_map()
+    heat = schemes.word_map(ghm, "dog", "guided")
+    assert torch.equal(heat, ghm.compute_guided_heat_map(ghm.compute_word_heat_map("dog")).value)
+    binary = masks.binarize(heat, "tau", 0.4)
+    norm = (heat - heat.min()) / (heat.max() - heat.min())
+    assert np.array_equal(binary, (norm > 0.4).numpy())
+    found = masks.instances(binary, min_fragment=0.0, merge_iou=None)
+    assert sum(inst.area for inst in found) == int(binary.sum())
+    labels = masks.label_map(schemes.word_maps(ghm, ["cat", "dog"]))
+    assert labels.shape == (8, 12) and set(np.unique(labels)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("maker", [tiny_sd3_pipeline, tiny_flux_pipeline])
+def test_cli_generate_and_show_on_a_saved_pipeline(maker, tmp_path):
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    maker().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["generate", "a red cat", "-m", str(tmp_path / "model"), "--steps", "2", "--height", "64", "--width", "96"]
+    res = runner.invoke(app, [*args, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "words" / "cat.png").is_file()
+    exp = daami2i.load_experiment(out / "experiment")
+    assert exp.generation.image_size == (64, 96) and exp.compute_global_heat_map().words == ["a", "red", "cat"]
+    res = runner.invoke(app, ["show", str(out / "experiment"), "--word", "red", "-o", str(tmp_path / "red.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "red.png").is_file()

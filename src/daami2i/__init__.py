@@ -1,7 +1,7 @@
 """daami2i: attention attribution for diffusion models.
 
 Self-attention ("image to image") and cross-attention ("text to image", DAAM) heat maps for
-Stable Diffusion pipelines on current diffusers::
+Stable Diffusion (1.x, 2.x, XL, 3) and Flux pipelines on current diffusers::
 
     with daami2i.trace(pipe) as trc:
         image = pipe(prompt).images[0]

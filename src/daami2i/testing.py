@@ -241,7 +241,7 @@ def t5_tokenizer(vocab_size: int = 2000) -> Any:
 
     from tokenizers import SentencePieceUnigramTokenizer
     from tokenizers.processors import TemplateProcessing
-    from transformers import T5TokenizerFast
+    from transformers import T5Tokenizer
 
     vocab = json.loads((clip_tokenizer_path() / "vocab.json").read_text())
     words = [w[:-4] for w, i in sorted(vocab.items(), key=lambda x: x[1]) if w.endswith("</w>") and 256 <= i < 6000]
@@ -254,7 +254,7 @@ def t5_tokenizer(vocab_size: int = 2000) -> Any:
     )
     backend = sp._tokenizer
     backend.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    return T5Tokenizer(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
 def _t5_encoder(tokenizer: Any, width: int, seed: int) -> Any:
@@ -270,7 +270,6 @@ def _t5_encoder(tokenizer: Any, width: int, seed: int) -> Any:
         relative_attention_num_buckets=8,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
     )
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
@@ -327,7 +326,7 @@ def tiny_sd3_pipeline(
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     torch.manual_seed(seed + 3)
-    transformer = SD3Transformer2DModel(
+    transformer: Any = SD3Transformer2DModel(
         sample_size=32,
         patch_size=2,
         in_channels=4,
@@ -341,7 +340,8 @@ def tiny_sd3_pipeline(
         pos_embed_max_size=64,
         dual_attention_layers=dual_attention_layers,
         qk_norm=qk_norm,
-    ).eval()
+    )
+    transformer.eval()
     t5 = t5_tokenizer()
     pipe = classes[kind](
         transformer=transformer,
@@ -358,7 +358,9 @@ def tiny_sd3_pipeline(
     return pipe
 
 
-def tiny_flux_pipeline(kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2) -> Any:
+def tiny_flux_pipeline(
+    kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
+) -> Any:
     """A random Flux style pipeline (double- and single-stream blocks, rotary embeddings), offline.
 
     A CLIP text encoder (pooled) with the real CLIP tokenizer and a small T5 encoder with
@@ -375,7 +377,7 @@ def tiny_flux_pipeline(kind: DitKind = "text2img", seed: int = 0, num_layers: in
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     torch.manual_seed(seed + 3)
-    transformer = FluxTransformer2DModel(
+    transformer: Any = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=num_layers,
@@ -385,7 +387,8 @@ def tiny_flux_pipeline(kind: DitKind = "text2img", seed: int = 0, num_layers: in
         joint_attention_dim=32,
         pooled_projection_dim=16,
         axes_dims_rope=(4, 4, 8),
-    ).eval()
+    )
+    transformer.eval()
     t5 = t5_tokenizer()
     pipe = classes[kind](
         transformer=transformer,

@@ -162,7 +162,9 @@ class GlobalHeatMap:
             self.streams = list(streams)
             tokenizer, prompt_tokens = self.streams[0].tokenizer, self.streams[0].tokens
         else:
-            self.streams = [TokenStream("clip", tokenizer, list(prompt_tokens) if prompt_tokens is not None else None, 1)]
+            self.streams = [
+                TokenStream("clip", tokenizer, list(prompt_tokens) if prompt_tokens is not None else None, 1)
+            ]
         self.prompt_tokens = list(prompt_tokens) if prompt_tokens is not None else None
         self.tokenizer = tokenizer
         self.image_size = image_size

@@ -157,7 +157,9 @@ class Generation:
                 grid_size=self.grid_size,
                 self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
                 cross_layers=self.cross_layers(image_idx, factors, steps) if self.cross_attention else [],
-                prompt=prompt if prompt is not None else (self.image_prompts[image_idx] if self.image_prompts else None),
+                prompt=prompt
+                if prompt is not None
+                else (self.image_prompts[image_idx] if self.image_prompts else None),
                 image_size=self.image_size,
                 direction=direction,
                 streams=streams,

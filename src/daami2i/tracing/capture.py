@@ -162,7 +162,9 @@ class JointCapturingProcessor(CapturingProcessor):
                 "its attention cannot be captured; use the model's default processor while tracing"
             )
         if slot["causal"]:
-            raise TraceError(f"layer {self.site.name} runs causal attention, which joint-attention tracing does not expect")
+            raise TraceError(
+                f"layer {self.site.name} runs causal attention, which joint-attention tracing does not expect"
+            )
         q, k = slot["q"], slot["k"]
         if slot["layout"] == "bshd":
             q, k = q.transpose(1, 2), k.transpose(1, 2)

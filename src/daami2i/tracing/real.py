@@ -54,6 +54,11 @@ def trace_image(
     if trace_options.get("halves", "cond") != "cond":
         raise QueryError("real-image attribution runs only the conditional pass: halves must be 'cond'")
     trc = Trace(pipe, **trace_options)
+    if trc.family is not None:
+        raise UnsupportedPipelineError(
+            f"real-image attribution runs UNet pipelines; {type(pipe).__name__} is a transformer (MMDiT) pipeline. "
+            "For SD3 / Flux, trace their img2img pipeline on the image (e.g. strength=0.5) instead"
+        )
     unet = trc.unet
     if unet.config.in_channels != pipe.vae.config.latent_channels:
         raise UnsupportedPipelineError(

@@ -23,7 +23,7 @@ from .capture import (
     mask_bias,
     probs_chunks,
 )
-from .dit import Family, Stream, family_of, find_dit_sites, grid_of, streams_of
+from .dit import Family, family_of, find_dit_sites, grid_of, streams_of
 from .unet import AttentionSite, find_sites, size_at, unet_of
 
 Halves = Literal["cond", "uncond", "both"]
@@ -354,6 +354,7 @@ class Trace:
         """Whether the guidance halves come as separate transformer calls (Flux true CFG) rather than
         as halves of the batch."""
         return self.family is not None and self.family.packed
+
     def _setup_generation(
         self, gen: Generation, sample: torch.Tensor, n_tokens: int, kwargs: dict[str, Any] | None = None
     ) -> None:
