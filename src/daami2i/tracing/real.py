@@ -28,6 +28,8 @@ def trace_image(
     generator: torch.Generator | None = None,
     height: int | None = None,
     width: int | None = None,
+    max_sequence_length: int | None = None,
+    guidance_scale: float = 3.5,
     **trace_options: Any,
 ) -> Trace:
     """Trace the denoiser on a real ``image`` described by ``prompt``; returns the finished trace.
@@ -42,6 +44,10 @@ def trace_image(
     ``timesteps`` are on the scheduler's training scale (0 = clean, ``num_train_timesteps`` = pure
     noise); ``draws`` noise samples are averaged per timestep. Only the conditional pass is run
     (there is no guidance), so ``halves`` is always ``"cond"``. Other keywords go to :class:`Trace`.
+
+    SD3 and Flux (rectified flow) are noised as ``(1 - s) x + s e`` with ``s = t / num_train_timesteps``;
+    ``max_sequence_length`` is their T5 prompt length (the pipeline's default if None) and
+    ``guidance_scale`` Flux-dev's distilled guidance input.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise QueryError(f"prompt must be a non-empty caption of the image, got {prompt!r}")
@@ -55,9 +61,8 @@ def trace_image(
         raise QueryError("real-image attribution runs only the conditional pass: halves must be 'cond'")
     trc = Trace(pipe, **trace_options)
     if trc.family is not None:
-        raise UnsupportedPipelineError(
-            f"real-image attribution runs UNet pipelines; {type(pipe).__name__} is a transformer (MMDiT) pipeline. "
-            "For SD3 / Flux, trace their img2img pipeline on the image (e.g. strength=0.5) instead"
+        return _joint(
+            pipe, trc, image, prompt, steps, draws, generator, height, width, max_sequence_length, guidance_scale
         )
     unet = trc.unet
     if unet.config.in_channels != pipe.vae.config.latent_channels:
@@ -95,6 +100,74 @@ def trace_image(
                     tt = torch.tensor([t], device=device)
                     noisy = pipe.scheduler.add_noise(latents, noise, tt)
                     unet(noisy, tt, encoder_hidden_states=embeds.to(dtype), **unet_kwargs)
+        finally:
+            trc._cfg_override = None
+    gen = trc.last_generation
+    gen.image_size = (int(h), int(w))
+    from PIL import Image
+
+    gen.images = [image] if isinstance(image, Image.Image) else []
+    return trc
+
+
+def _joint(
+    pipe: Any,
+    trc: Trace,
+    image: Any,
+    prompt: str,
+    steps: list[int],
+    draws: int,
+    generator: torch.Generator | None,
+    height: int | None,
+    width: int | None,
+    max_sequence_length: int | None,
+    guidance_scale: float,
+) -> Trace:
+    """:func:`trace_image` for SD3 / Flux: the transformer is called as their pipelines call it."""
+    assert trc.family is not None
+    transformer, vae = trc.unet, pipe.vae
+    device, dtype = transformer.device, transformer.dtype
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=vae.dtype)
+    h, w = pixels.shape[-2:]
+    shift = vae.config.shift_factor or 0.0
+    latents = ((vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor).to(dtype)
+    extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    kwargs: dict[str, Any]
+    if trc.family.packed:  # Flux: 2x2 latent patches packed into tokens, positions as ids
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **extra)
+        b, c, lh, lw = latents.shape
+        if lh % 2 or lw % 2:
+            raise QueryError(f"Flux needs image sides that are multiples of {2 * pipe.vae_scale_factor}, got {h}x{w}")
+        kwargs = {
+            "pooled_projections": pooled,
+            "encoder_hidden_states": embeds,
+            "txt_ids": text_ids,
+            "img_ids": pipe._prepare_latent_image_ids(b, lh // 2, lw // 2, device, dtype),
+        }
+        if transformer.config.guidance_embeds:
+            kwargs["guidance"] = torch.full([b], guidance_scale, device=device, dtype=torch.float32)
+    else:  # SD3
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False, **extra
+        )
+        kwargs = {"pooled_projections": pooled, "encoder_hidden_states": embeds}
+    with trc:
+        trc._begin(prompt)
+        trc._stream_prompts = {}
+        trc._cfg_override = False
+        try:
+            for t in steps:
+                for _ in range(draws):
+                    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+                    s = t / n_train
+                    noisy = (1 - s) * latents + s * noise
+                    if trc.family.packed:
+                        noisy = pipe._pack_latents(noisy, *noisy.shape)
+                        tt = torch.full([noisy.shape[0]], s, device=device, dtype=dtype)  # Flux takes t / 1000
+                    else:
+                        tt = torch.full([noisy.shape[0]], float(t), device=device, dtype=dtype)
+                    transformer(hidden_states=noisy, timestep=tt, return_dict=False, **kwargs)
         finally:
             trc._cfg_override = None
     gen = trc.last_generation

@@ -322,7 +322,7 @@ class Trace:
             self._begin(None)
         gen = self._current
         assert gen is not None
-        if joint:  # Flux's true CFG calls the transformer twice per step with the same timestep
+        if self._passes():  # Flux's true CFG calls the transformer twice per step with the same timestep
             t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
             t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
             repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
@@ -353,7 +353,7 @@ class Trace:
     def _passes(self) -> bool:
         """Whether the guidance halves come as separate transformer calls (Flux true CFG) rather than
         as halves of the batch."""
-        return self.family is not None and self.family.packed
+        return self.family is not None and self.family.packed and self._cfg_override is None
 
     def _setup_generation(
         self, gen: Generation, sample: torch.Tensor, n_tokens: int, kwargs: dict[str, Any] | None = None
