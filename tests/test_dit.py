@@ -394,3 +394,32 @@ def test_cli_generate_and_show_on_a_saved_pipeline(maker, tmp_path):
     res = runner.invoke(app, ["show", str(out / "experiment"), "--word", "red", "-o", str(tmp_path / "red.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "red.png").is_file()
+
+
+def test_word_maps_of_chosen_layers_after_the_run(flux):
+    """compute_global_heat_map(layers=...) equals tracing only those layers."""
+    names = [n for n, (kind, _) in daami2i.trace(flux).layer_names.items() if kind == "joint"]
+    with daami2i.trace(flux) as trc:
+        call(flux, "a red cat")
+    with daami2i.trace(flux, cross_layers=names[1:]) as only:
+        call(flux, "a red cat")
+    ours = trc.compute_global_heat_map(layers=names[1:]).compute_word_heat_map("cat").value
+    assert torch.equal(ours, only.compute_global_heat_map().compute_word_heat_map("cat").value)
+    assert not torch.equal(ours, trc.compute_global_heat_map().compute_word_heat_map("cat").value)
+    with pytest.raises(daami2i.QueryError, match="unknown.*nope"):
+        trc.compute_global_heat_map(layers=["nope"])
+
+
+def test_readme_example(sd3):
+    """README, "SD3 and Flux", with the tiny pipeline standing in (its layer 1 for layer 12)."""
+    pipe = sd3
+    with daami2i.trace(pipe) as trc:
+        image = pipe("a red cat and a blue dog", num_inference_steps=2).images[0]
+    ghm = trc.compute_global_heat_map()
+    both = ghm.compute_word_heat_map("dog")
+    t5 = ghm.compute_word_heat_map("dog", stream="t5")
+    clip = ghm.compute_word_heat_map("dog", stream="clip")
+    assert torch.allclose(both.value, (t5.value + clip.value) / 2)
+    assert ghm.compute_pixel_heat_map([10, 11]).expand_as(image).shape == (image.size[1], image.size[0])
+    one = trc.compute_global_heat_map(layers=["transformer_blocks.1.attn"])
+    assert not torch.equal(one.compute_word_heat_map("dog").value, both.value)

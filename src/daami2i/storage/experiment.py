@@ -200,6 +200,7 @@ class Experiment:
         factors: Any = None,
         direction: Direction | None = None,
         steps: Any = None,
+        layers: Any = None,
     ) -> GlobalHeatMap:
         """Same as :meth:`daami2i.Trace.compute_global_heat_map`, from the saved stores."""
         return self.generation.heat_map(
@@ -210,6 +211,7 @@ class Experiment:
             direction=direction or self.generation.config.get("direction", "attended_by"),
             steps=steps,
             tokenizers=self.tokenizers,
+            layers=layers,
         )
 
     def __repr__(self) -> str:

@@ -140,10 +140,12 @@ class Generation:
         direction: Direction = "attended_by",
         steps: Iterable[int] | None = None,
         tokenizers: dict[str, Any] | None = None,
+        layers: Iterable[str] | None = None,
     ) -> GlobalHeatMap:
         """The :class:`GlobalHeatMap` of one image; ``steps`` restricts word maps to those steps
         (needs per-step cross-attention, ``trace(..., cross_steps=True)``); ``tokenizers`` maps the
-        pipeline attribute names of joint models' streams (``"tokenizer_3"``, ...) to tokenizers."""
+        pipeline attribute names of joint models' streams (``"tokenizer_3"``, ...) to tokenizers;
+        ``layers`` restricts word maps to those captured cross-attention (or joint) layers."""
         self.check_image(image_idx)
         if self.streams:
             streams = []
@@ -156,7 +158,7 @@ class Generation:
             return GlobalHeatMap(
                 grid_size=self.grid_size,
                 self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
-                cross_layers=self.cross_layers(image_idx, factors, steps) if self.cross_attention else [],
+                cross_layers=self.cross_layers(image_idx, factors, steps, layers) if self.cross_attention else [],
                 prompt=prompt
                 if prompt is not None
                 else (self.image_prompts[image_idx] if self.image_prompts else None),
@@ -173,7 +175,7 @@ class Generation:
         return GlobalHeatMap(
             grid_size=self.grid_size,
             self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
-            cross_layers=self.cross_layers(image_idx, factors, steps) if self.cross_attention else [],
+            cross_layers=self.cross_layers(image_idx, factors, steps, layers) if self.cross_attention else [],
             prompt=text,
             prompt_tokens=tokens,
             tokenizer=tokenizer,
@@ -191,11 +193,24 @@ class Generation:
         ]
 
     def cross_layers(
-        self, image_idx: int, factors: Iterable[int] | None = None, steps: Iterable[int] | None = None
+        self,
+        image_idx: int,
+        factors: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
     ) -> list[CrossAttentionLayer]:
         self.check_image(image_idx)
         use = self._check_factors(factors, {s.factor for s in self.cross_attention.values()}, "cross")
         stores = [s for s in self.cross_attention.values() if s.factor in use]
+        if layers is not None:
+            names = [layers] if isinstance(layers, str) else list(layers)
+            unknown = [n for n in names if n not in self.cross_attention]
+            if unknown or not names:
+                raise QueryError(
+                    f"layers must name captured cross-attention layers; unknown: {unknown or names}, "
+                    f"captured: {list(self.cross_attention)}"
+                )
+            stores = [s for s in stores if s.layer in set(names)]
         if steps is None:
             return [CrossAttentionLayer(s.layer, s.size, s.sums[image_idx]) for s in stores]
         wanted = {int(t) for t in steps}

@@ -649,13 +649,16 @@ class Trace:
         direction: Direction | None = None,
         generation: int = -1,
         steps: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
     ) -> GlobalHeatMap:
         """Heat maps of one generated image (``image_idx`` in the batch) of the last generation.
 
         ``prompt`` overrides the text used to look words up (default: the image's own prompt);
         ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call
         (a position in :attr:`generations`; earlier calls are kept with ``keep="all"``);
-        ``steps`` restricts word maps to those denoising steps (needs ``cross_steps=True``).
+        ``steps`` restricts word maps to those denoising steps (needs ``cross_steps=True``);
+        ``layers`` to those captured cross-attention (or, in SD3 / Flux, joint) layers, e.g. the few
+        "grounding" layers of a transformer, chosen after the run.
         """
         gen = self.last_generation if generation == -1 else self._generation(generation)
         return gen.heat_map(
@@ -666,6 +669,7 @@ class Trace:
             direction=direction or self.direction,
             steps=steps,
             tokenizers={st["tokenizer"]: getattr(self.pipe, st["tokenizer"], None) for st in gen.streams},
+            layers=layers,
         )
 
     def to_experiment(
