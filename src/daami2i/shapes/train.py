@@ -337,6 +337,14 @@ def make_pool(work: Path, vae: Any, n: int, batch: int = 64) -> dict[str, torch.
     return pool
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_unet(
     work: Path,
     vae: Any,
@@ -360,6 +368,7 @@ def train_unet(
     aux_lr: float = 1e-4,
     head_share: float = 1.0,
 ) -> tuple[Any, Any]:
+    rank, world = _dist_rank_world()
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
     text = build_text_encoder().train()
@@ -410,6 +419,17 @@ def train_unet(
         ids = torch.where(keep[:, None], pool["ids"][idx], empty[None])
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
+        if world > 1:  # every process draws the whole batch (same data as one process) and takes its share
+            share = slice(rank * batch // world, (rank + 1) * batch // world)
+            lat, token_obj, ids, noise, t, keep = (
+                lat[share],
+                token_obj[share],
+                ids[share],
+                noise[share],
+                t[share],
+                keep[share],
+            )
+            labels = {k: v[share] for k, v in labels.items()}
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         ctx = text(ids)[0]
@@ -428,15 +448,22 @@ def train_unet(
             parts["self"] = ls.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # the mean gradient of the whole batch, on every process
+            import torch.distributed as dist
+
+            for q in params:
+                if q.grad is not None:
+                    dist.all_reduce(q.grad)
+                    q.grad.div_(world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if (step + 1) % log_every == 0:
+        if rank == 0 and (step + 1) % log_every == 0:
             msg = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             print(f"unet step {step + 1}/{total} {msg} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % ckpt_every == 0 or step + 1 == total or step + 1 == stop_after:
+        if rank == 0 and ((step + 1) % ckpt_every == 0 or step + 1 == total or step + 1 == stop_after):
             stage = "aux" if step >= steps + refine_steps else "refine" if refining else "unet"
             save_ckpt(ckpt, modules, opt, step + 1, {"stage": stage, "variant": variant})
-        if step + 1 == base:  # the common point of both variants: the unsupervised one goes on from here
+        if rank == 0 and step + 1 == base:  # the common point of both variants: the unsupervised one goes on
             save_ckpt(work / "ckpt-base", modules, opt, step + 1, {"stage": "base", "variant": variant})
         if stop_after is not None and step + 1 >= stop_after:  # a time slice: resume later from here
             break
@@ -498,7 +525,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-vae", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this step (resume later)")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="UNet stages in this many processes of one thread each (data parallel, gloo): 2 on a 2-core machine",
+    )
     args = p.parse_args(argv)
+    if args.procs < 1 or args.batch % args.procs:
+        raise SystemExit(f"--procs must be >= 1 and divide --batch ({args.batch}), got {args.procs}")
     torch.set_num_threads(args.threads)
     from ..testing import clip_tokenizer
 
@@ -513,6 +548,39 @@ def main(argv: list[str] | None = None) -> None:
         vae = train_vae(args.work, args.vae_steps, args.vae_batch, args.seed)
     if args.only_vae:
         return
+    if args.procs > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        make_pool(args.work, vae, args.pool)  # encode once, before the processes load it
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_unet_worker, args=(args, port, t0), nprocs=args.procs)
+        return
+    _unet_stages(args, vae, t0)
+
+
+def _unet_worker(rank: int, args: argparse.Namespace, port: int, t0: float) -> None:
+    """One process of the data-parallel UNet stages (``--procs``)."""
+    global _TOK
+    import torch.distributed as dist
+    from diffusers import AutoencoderKL
+
+    from ..testing import clip_tokenizer
+
+    torch.set_num_threads(args.threads)
+    _TOK = clip_tokenizer()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.procs)
+    try:
+        vae = AutoencoderKL.from_pretrained(str(args.vae if args.vae is not None else args.work / "vae"))
+        _unet_stages(args, vae, t0, save=rank == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _unet_stages(args: argparse.Namespace, vae: Any, t0: float, save: bool = True) -> None:
     unet, text = train_unet(
         args.work,
         vae,
@@ -534,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
         head_share=args.head_share,
     )
     planned = args.unet_steps + args.refine_steps + (args.aux_steps if args.variant == "supervised" else 0)
+    if not save:
+        return
     if args.stop_after is not None and args.stop_after < planned:
         print(f"stopped after step {args.stop_after}; run the same command without --stop-after to resume", flush=True)
         return
