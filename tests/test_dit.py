@@ -79,7 +79,7 @@ def dense(pipe, trc, book, rows, calls=None):
     for name in dict.fromkeys(self_names + cross_names):
         acc_self, acc_text = 0, 0
         for i, p in enumerate(book[name]):
-            if calls is not None and i not in calls:
+            if calls is not None and not (calls(i, p) if callable(calls) else i in calls):
                 continue
             s = p.shape[-1]
             img, txt = layout(pipe, n, s - n)
@@ -423,3 +423,17 @@ def test_readme_example(sd3):
     assert ghm.compute_pixel_heat_map([10, 11]).expand_as(image).shape == (image.size[1], image.size[0])
     one = trc.compute_global_heat_map(layers=["transformer_blocks.1.attn"])
     assert not torch.equal(one.compute_word_heat_map("dog").value, both.value)
+
+
+def test_sd3_skip_layer_guidance_passes_are_not_captured(sd3):
+    """SD3's skip-layer guidance calls the transformer a second time in a step (the conditional half
+    alone, some layers skipped): that pass is not captured, and the steps are counted right."""
+    kw = dict(num_inference_steps=4, skip_guidance_layers=[0], skip_layer_guidance_start=0.0)
+    kw["skip_layer_guidance_stop"] = 1.0
+    trc, book, traced, plain = run(sd3, "a red cat", **kw)
+    assert np.array_equal(traced, plain)
+    gen = trc.last_generation
+    assert gen.steps_run == 4 and gen.steps_captured == [0, 1, 2, 3]
+    assert len(book["transformer_blocks.1.attn"]) == 7  # 4 guided calls + 3 skip-layer calls
+    self_ref, maps_ref = dense(sd3, trc, book, batch_rows(1, True, "cond", 0), calls=lambda i, p: p.shape[0] == 2)
+    check_queries(sd3, trc, self_ref, maps_ref, 0, "a red cat", "cat")

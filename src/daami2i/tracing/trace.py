@@ -322,7 +322,9 @@ class Trace:
             self._begin(None)
         gen = self._current
         assert gen is not None
-        if self._passes():  # Flux's true CFG calls the transformer twice per step with the same timestep
+        if joint and self._cfg_override is None:
+            # a second call with the same timestep is a second pass of the step: Flux's true CFG (the
+            # negative prompt), SD3's skip-layer guidance (not captured)
             t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
             t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
             repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
