@@ -4,6 +4,11 @@ The original processor runs untouched (SDPA, xformers, LoRA, ... whatever was in
 query and key it computes are read with forward hooks on ``attn.to_q`` / ``attn.to_k`` for the
 duration of the call, and the probabilities are recomputed from them in float32, in chunks of query
 rows, and added to the store. So the layer's output is exactly the original one.
+
+Joint-attention layers (SD3, Flux) normalise and rotate q and k inside the processor, so there the
+query and key are read where the processor hands them to its attention function
+(``F.scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn``, wrapped in the
+processor's module while the trace is active; see :class:`JointCapturingProcessor`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The image is encoded with the pipeline's VAE, noised to a few timesteps (optiona
 draws each), and the denoiser is run once per (timestep, draw) under the trace with the caption as
 its text condition. Every run counts as one captured "step", so the maps are sums over them exactly
 as for a generated image, and every query of :class:`~daami2i.GlobalHeatMap` works unchanged.
+UNet pipelines (SD 1.x/2.x, SDXL) and SD3 / Flux transformers are supported; the latter are called
+with the inputs their own pipelines build (Flux: packed latents, position ids, distilled guidance).
 """
 
 from __future__ import annotations
