@@ -15,12 +15,15 @@ resumes where its last checkpoint was and continues identically):
 3. ``refine``: a shorter stage with its own warm-up and cosine decay (peak ``--refine-lr``). The
    ``supervised`` variant adds two auxiliary losses here: one (weight ``--cross-weight``) pulls each
    colour / shape word's cross-attention toward its object's mask, the other (weight
-   ``--self-weight``) each pixel's self-attention toward its own object (or the background).
+   ``--self-weight``) each pixel's self-attention toward its own object (or the background). Both
+   supervise only the first half of each layer's heads (``--head-share 0.5``) and leave the others
+   free to draw: that kept the maps nearly as good and drew more prompts right (docs/shapes.md).
 
 The ``unsupervised`` variant trains stage 3 with the diffusion loss alone, for an honest comparison;
 ``--init-from runs/shapes/ckpt-base`` starts it from the supervised run's stage-2 checkpoint, so the
 two differ only in the auxiliary losses.
-Use one torch thread: on 2 shared cores, two threads in one process are much slower.
+Use one torch thread: on 2 shared cores, two threads in one process are much slower; ``--procs 2``
+runs the UNet stages as two data-parallel processes of one thread each instead.
 Checkpoints (safetensors + JSON, no pickle) go to ``--work``; the final pipeline folder to
 ``--work/pipeline`` (copy it into ``src/daami2i/assets/shapes-model`` to ship it).
 """
@@ -519,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--aux-lr", type=float, default=1e-4, help="peak learning rate of stage 4")
     p.add_argument(
-        "--head-share", type=float, default=1.0, help="share of each layer's heads the attention losses supervise"
+        "--head-share", type=float, default=0.5, help="share of each layer's heads the attention losses supervise"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
