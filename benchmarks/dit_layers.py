@@ -7,8 +7,9 @@ Real mode (as in benchmarks/shapes_quality.py): held-out shapes scenes with exac
 real-image attribution (noise levels 200, 400, 600 of 1000); for every object the map of its shape
 word and of its colour word is scored with mIoU at tau = 0.4 on the min-max normalised map, the
 best-threshold mIoU and pointing accuracy, next to the whole-image baseline. Variants: the word map
-of each joint layer alone (``compute_global_heat_map(layers=[name])``), of every layer, and guided
-by self-attention. The model's quality gate (objects drawn in the right colour and shape) is
+of each joint layer alone (``compute_global_heat_map(layers=[name])``), of every layer, guided by the
+self-attention of every layer, and each layer's word map guided by that layer's own self-attention
+(traced with ``self_layers=[name], cross_layers=[name]``). The model's quality gate (objects drawn in the right colour and shape) is
 reported too, so that the maps are read next to how well the model draws.
 """
 
@@ -65,12 +66,29 @@ def main() -> None:
         )
         ghm = trc.compute_global_heat_map()
         per_layer = {name: trc.compute_global_heat_map(layers=[name]) for name in layers}
+        own = {  # each layer's word map guided by that layer's own self-attention block
+            name: daami2i.trace_image(
+                pipe,
+                scene.image,
+                scene.caption,
+                timesteps=steps,
+                generator=torch.Generator().manual_seed(i),
+                max_sequence_length=MAX_TOKENS,
+                self_layers=[name],
+                cross_layers=[name],
+            ).compute_global_heat_map()
+            for name in layers
+        }
         for obj, mask in zip(scene.objects, scene.masks, strict=True):
             for kind, word in (("shape", obj.shape), ("colour", obj.color)):
                 raw = ghm.compute_word_heat_map(word)
                 maps = {"every layer": raw, "every layer, guided by self-attention": ghm.compute_guided_heat_map(raw)}
                 for name, g in per_layer.items():
                     maps[name] = g.compute_word_heat_map(word)
+                for name, g in own.items():
+                    maps[f"{name}, guided by its own self-attention"] = g.compute_guided_heat_map(
+                        g.compute_word_heat_map(word)
+                    )
                 for name, m in maps.items():
                     rows[f"{kind}: {name}"].append(score(m.expand_as((64, 64)).numpy(), mask))
             for name, b in baselines(mask).items():
@@ -79,10 +97,12 @@ def main() -> None:
             print(f"{i + 1}/{args.n} images, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     table = summarise(rows)
     gate_out = {k: float(np.mean(v)) for k, v in gate.items()}
-    print(f"quality gate on {args.n} captions: {gate_out['objects']:.0%} of objects, {gate_out['prompts']:.0%} of prompts")
-    print(f"{'map (real images, exact masks)':58} {'mIoU@0.4':>9} {'best mIoU':>9} {'pointing':>8}")
+    print(
+        f"quality gate on {args.n} captions: {gate_out['objects']:.0%} of objects, {gate_out['prompts']:.0%} of prompts"
+    )
+    print(f"{'map (real images, exact masks)':80} {'mIoU@0.4':>9} {'best mIoU':>9} {'pointing':>8}")
     for name, r in table.items():
-        print(f"{name:58} {r['miou@0.4']:9.3f} {r['best_miou']:9.3f} {r['pointing']:8.2f}")
+        print(f"{name:80} {r['miou@0.4']:9.3f} {r['best_miou']:9.3f} {r['pointing']:8.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

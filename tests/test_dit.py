@@ -437,3 +437,81 @@ def test_sd3_skip_layer_guidance_passes_are_not_captured(sd3):
     assert len(book["transformer_blocks.1.attn"]) == 7  # 4 guided calls + 3 skip-layer calls
     self_ref, maps_ref = dense(sd3, trc, book, batch_rows(1, True, "cond", 0), calls=lambda i, p: p.shape[0] == 2)
     check_queries(sd3, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+def test_words_are_found_in_t5_whatever_their_case(flux, sd3):
+    """T5 is case-sensitive ("Red" and "red" are different pieces): words are found in the prompt
+    text, ignoring case, and mapped to the pieces that spell them."""
+    prompt = "A Red cat (sitting) on a mat"
+    trc, book, _, _ = run(flux, prompt)
+    ghm = trc.compute_global_heat_map()
+    _, maps_ref = dense(flux, trc, book, [0])
+    pieces = flux.tokenizer_2.tokenize(prompt)
+    assert pieces[3:5] == ["R", "ed"] and "sitting" not in [p.strip("\u2581") for p in pieces]
+    for word in ("Red", "red", "RED"):
+        assert_close(ghm.compute_word_heat_map(word).value, maps_ref[[3, 4]].mean(0))
+    sitting = [i for i, p in enumerate(pieces) if p in ("s", "itting", "sitting", "sit", "ting")]
+    assert ghm.compute_word_heat_map("sitting").value.shape == (8, 12) and sitting
+    with pytest.raises(daami2i.QueryError, match="not in the prompt"):
+        ghm.compute_word_heat_map("ed")  # a piece, not a word
+    trc, book, _, _ = run(sd3, prompt)
+    ghm = trc.compute_global_heat_map()
+    _, maps_ref = dense(sd3, trc, book, batch_rows(1, True, "cond", 0))
+    clip_row = 1 + [t.replace("</w>", "") for t in sd3.tokenizer.tokenize(prompt.lower())].index("red")
+    t5_rows = [77 + 3, 77 + 4]
+    expected = (maps_ref[clip_row] + maps_ref[t5_rows].mean(0)) / 2  # both streams, not CLIP alone
+    assert_close(ghm.compute_word_heat_map("Red").value, expected)
+
+
+def test_a_truncated_prompt_has_no_word_on_the_end_token(flux):
+    prompt = "a red cat and a blue dog on a green mat"
+    pieces = flux.tokenizer_2.tokenize(prompt)
+    assert pieces[6:8] == ["\u2581blue", "\u2581dog"]
+    with daami2i.trace(flux) as trc:
+        call(flux, prompt, max_sequence_length=8)  # 7 pieces and the end token
+    ghm = trc.compute_global_heat_map()
+    assert ghm.compute_word_heat_map("blue").value.shape == (8, 12)
+    with pytest.raises(daami2i.QueryError, match="truncated"):
+        ghm.compute_word_heat_map("dog")
+
+
+def test_flux_steps_are_counted_by_latents_not_timesteps(flux):
+    """Two calls with equal timesteps (bf16 rounds neighbouring ones together) are two steps unless they
+    get the very same latents tensor (Flux's true-CFG second pass)."""
+    emb, pooled, txt_ids = flux.encode_prompt("a cat", None, max_sequence_length=32)
+    ids = torch.zeros(8, 12, 3)
+    ids[..., 1] += torch.arange(8)[:, None]
+    ids[..., 2] += torch.arange(12)[None, :]
+    kw = dict(encoder_hidden_states=emb, pooled_projections=pooled, txt_ids=txt_ids, img_ids=ids.view(-1, 3))
+    t = torch.tensor([0.5])
+    with torch.no_grad(), daami2i.trace(flux) as trc:
+        a, b = torch.randn(1, 96, 16), torch.randn(1, 96, 16)
+        flux.transformer(hidden_states=a, timestep=t, **kw)
+        flux.transformer(hidden_states=b, timestep=t, **kw)  # a new step, same timestep
+        flux.transformer(hidden_states=b, timestep=t, **kw)  # the same latents again: a second pass
+    gen = trc.last_generation
+    assert gen.steps_run == 2 and gen.steps_captured == [0, 1]
+
+
+def test_flux_uncond_without_true_cfg_is_an_error(flux):
+    with pytest.raises(daami2i.TraceError, match="negative_prompt"):
+        with daami2i.trace(flux, halves="uncond"):
+            call(flux, "a red cat")
+
+
+def test_overlapping_traces_of_two_pipelines(sd3):
+    other = tiny_sd3_pipeline(seed=1)
+    plain = call(other, "a red cat")
+    a = daami2i.trace(sd3)
+    b = daami2i.trace(other)
+    with a:
+        with b:
+            call(sd3, "a red cat")
+        with b:  # entered again after a's wrappers were shared
+            pass
+    with b:
+        with a:
+            pass  # a leaves first this time; b's wrappers must survive
+        assert np.array_equal(call(other, "a red cat"), plain)
+    assert b.last_generation.steps_captured == [0, 1]
+    assert sys.modules["diffusers.models.attention_processor"].F is torch.nn.functional

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..errors import QueryError
 from . import regions, selfattn
 from .selfattn import Direction, SelfAttentionLevel
-from .words import CrossAttentionLayer, TokenStream, aggregate_layers, split_words, token_rows
+from .words import CrossAttentionLayer, TokenStream, aggregate_layers, split_words, text_rows, token_rows
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -336,7 +336,12 @@ class GlobalHeatMap:
                 self.tokens  # raises the explanatory error  # noqa: B018
             try:
                 stop = n_rows if st.stop_row is None else st.stop_row
-                rows = token_rows(st.tokenizer, st.tokens or [], word, word_idx, offset_idx, stop, st.first_row)
+                found = None
+                if st.text is not None and word_idx is None and offset_idx == 0:
+                    found = text_rows(st.tokenizer, st.text, word, st.first_row, stop)
+                rows = found or token_rows(
+                    st.tokenizer, st.tokens or [], word, word_idx, offset_idx, stop, st.first_row
+                )
             except QueryError as err:
                 if len(use) == 1:
                     raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ class TokenStream:
     tokens: list[str] | None  # the prompt's tokens as the tokenizer writes them, without special tokens
     first_row: int
     stop_row: int | None = None  # rows of this stream end before this one (None: at the end of the map)
+    # the prompt as this stream's tokenizer saw it: when set (case-sensitive SentencePiece streams such
+    # as T5), words are found in the text, ignoring case, and mapped to tokens by character offsets
+    text: str | None = None
 
 
 def clean_token(token: str) -> str:
@@ -116,6 +120,40 @@ def token_rows(
             raise QueryError(
                 f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw "
                 "(the prompt was truncated, or offset_idx moves it out of range)"
+            )
+    return rows
+
+
+def text_rows(tokenizer: Any, prompt: str, word: str, first_row: int, n_rows: int | None = None) -> list[int] | None:
+    """Rows of the tokens overlapping a whole-word occurrence of ``word`` in ``prompt``, ignoring case
+    (so "red" finds "Red" and "(red)", which a case-sensitive tokenizer splits differently). None if
+    the tokenizer gives no character offsets.
+
+    >>> from daami2i.testing import t5_tokenizer
+    >>> tok = t5_tokenizer()
+    >>> tok.tokenize("A Red cat")
+    ['▁', 'A', '▁', 'R', 'ed', '▁cat']
+    >>> text_rows(tok, "A Red cat", "red", first_row=0)
+    [3, 4]
+    """
+    if not isinstance(word, str) or not word.strip():
+        raise QueryError(f"word must be a non-empty string, got {word!r}")
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        return None
+    spans = [(m.start(), m.end()) for m in re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt, re.I)]
+    rows = [first_row + i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
+    if not rows:
+        raise QueryError(
+            f"word {word!r} is not in the prompt {prompt!r}; its words are {split_words(tokenizer.tokenize(prompt))}"
+        )
+    if n_rows is not None:
+        bad = [r for r in rows if not 0 <= r < n_rows]
+        if bad:
+            raise QueryError(
+                f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw "
+                "(the prompt was truncated)"
             )
     return rows
 

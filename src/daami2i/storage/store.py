@@ -152,9 +152,15 @@ class Generation:
             for st in self.streams:
                 tok = (tokenizers or {}).get(st["tokenizer"])
                 toks = st["tokens"][image_idx]
+                text = st["prompts"][image_idx] if st.get("prompts") else None
                 if prompt is not None and tok is not None:
-                    toks = tok.tokenize(prompt.lower() if st["name"] == "clip" else prompt)
-                streams.append(TokenStream(st["name"], tok, toks, int(st["first_row"]), int(st["stop_row"])))
+                    toks, text = tok.tokenize(prompt.lower() if st["name"] == "clip" else prompt), prompt
+                clip = st["name"] == "clip"
+                streams.append(
+                    TokenStream(
+                        st["name"], tok, toks, int(st["first_row"]), int(st["stop_row"]), None if clip else text
+                    )
+                )
             return GlobalHeatMap(
                 grid_size=self.grid_size,
                 self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],

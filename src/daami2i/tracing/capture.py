@@ -17,6 +17,7 @@ import contextvars
 import inspect
 import math
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -129,10 +130,10 @@ class _FunctionalProxy(types.ModuleType):
         return getattr(self._base, name)
 
 
-def attention_function_patches(processors: list[Any]) -> list[tuple[Any, str, Any]]:
-    """``(module, attribute, replacement)`` for the attention functions the processors' modules call:
-    diffusers' ``dispatch_attention_fn`` and ``F.scaled_dot_product_attention``."""
-    out: list[tuple[Any, str, Any]] = []
+def attention_function_targets(processors: list[Any]) -> list[tuple[Any, str]]:
+    """``(module, attribute)`` of the attention functions the processors' modules call: diffusers'
+    ``dispatch_attention_fn`` and ``F`` (for ``F.scaled_dot_product_attention``)."""
+    out: list[tuple[Any, str]] = []
     seen: set[str] = set()
     for proc in processors:
         name = type(proc).__module__
@@ -140,12 +141,52 @@ def attention_function_patches(processors: list[Any]) -> list[tuple[Any, str, An
         if mod is None or name in seen:
             continue
         seen.add(name)
-        fn = getattr(mod, "dispatch_attention_fn", None)
-        if callable(fn):
-            out.append((mod, "dispatch_attention_fn", _recording(fn, "bshd")))
-        if getattr(mod, "F", None) is torch.nn.functional:
-            out.append((mod, "F", _FunctionalProxy(torch.nn.functional)))
+        if callable(getattr(mod, "dispatch_attention_fn", None)):
+            out.append((mod, "dispatch_attention_fn"))
+        f = getattr(mod, "F", None)
+        if f is torch.nn.functional or isinstance(f, _FunctionalProxy):
+            out.append((mod, "F"))
     return out
+
+
+# installed recording wrappers, shared by every active trace: (module name, attribute) ->
+# [module, original value, number of traces using it]; the original is put back by the last one
+_INSTALLED: dict[tuple[str, str], list[Any]] = {}
+_INSTALL_LOCK = threading.Lock()
+
+
+def acquire_attention_patches(processors: list[Any]) -> list[tuple[str, str]]:
+    """Install (or share) the recording wrappers for these processors; returns keys for the release."""
+    keys = []
+    with _INSTALL_LOCK:
+        for mod, attr in attention_function_targets(processors):
+            key = (mod.__name__, attr)
+            entry = _INSTALLED.get(key)
+            if entry is None:
+                original = getattr(mod, attr)
+                if attr == "F":
+                    wrapper: Any = _FunctionalProxy(original)
+                else:
+                    wrapper = _recording(original, "bshd")
+                setattr(mod, attr, wrapper)
+                _INSTALLED[key] = [mod, original, 1]
+            else:
+                entry[2] += 1
+            keys.append(key)
+    return keys
+
+
+def release_attention_patches(keys: list[tuple[str, str]]) -> None:
+    """Undo :func:`acquire_attention_patches` (the originals come back when no trace uses them)."""
+    with _INSTALL_LOCK:
+        for key in keys:
+            entry = _INSTALLED.get(key)
+            if entry is None:
+                continue
+            entry[2] -= 1
+            if entry[2] <= 0:
+                setattr(entry[0], key[1], entry[1])
+                del _INSTALLED[key]
 
 
 class JointCapturingProcessor(CapturingProcessor):

@@ -18,10 +18,11 @@ from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
 from .capture import (
     CapturingProcessor,
     JointCapturingProcessor,
-    attention_function_patches,
+    acquire_attention_patches,
     attention_probs_chunks,
     mask_bias,
     probs_chunks,
+    release_attention_patches,
 )
 from .dit import Family, family_of, find_dit_sites, grid_of, streams_of
 from .unet import AttentionSite, find_sites, size_at, unet_of
@@ -167,12 +168,14 @@ class Trace:
         self._n_text = 0
         self._stream_prompts: dict[str, Any] = {}  # joint models: prompt arguments seen by check_inputs
         self._last_timestep: float | None = None
+        self._last_sample: weakref.ref[torch.Tensor] | None = None
         self._pass = 0  # joint models: 0 for a step's first transformer call, 1 for a repeat (Flux true CFG)
         self._capturing = False
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
         self._active = False
         self._originals: dict[str, Any] = {}
         self._handles: list[Any] = []
+        self._attention_keys: list[tuple[str, str]] = []  # shared attention-function wrappers in use
         self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, had instance attr, old)
 
     # -- configuration --------------------------------------------------------------------------
@@ -232,8 +235,7 @@ class Trace:
                 self._originals[s.name] = original
                 s.module.set_processor(wrapper(original, s, self))
             if self.family is not None:
-                for module, name, value in attention_function_patches(list(self._originals.values())):
-                    self._patch(module, name, value)
+                self._attention_keys = acquire_attention_patches(list(self._originals.values()))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             check = self.pipe.check_inputs
             try:
@@ -284,6 +286,8 @@ class Trace:
                     s.module.set_processor(self._originals[s.name])
             for h in self._handles:
                 h.remove()
+            release_attention_patches(self._attention_keys)
+            self._attention_keys = []
             for obj, name, had, old in reversed(self._patches):
                 if had:
                     object.__setattr__(obj, name, old)
@@ -313,6 +317,8 @@ class Trace:
         self.generations.append(self._current)
         self._step = -1
         self._last_timestep = None
+        self._last_sample = None
+        self._pass = 0
         self._capturing = False
 
     def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
@@ -323,12 +329,25 @@ class Trace:
         gen = self._current
         assert gen is not None
         if joint and self._cfg_override is None:
-            # a second call with the same timestep is a second pass of the step: Flux's true CFG (the
-            # negative prompt), SD3's skip-layer guidance (not captured)
-            t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-            t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
-            repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
-            self._last_timestep = t_val
+            # a second call in one step is a second pass: Flux's true CFG (the negative prompt: the very
+            # same latents tensor again; timesteps cannot tell, bf16 rounds neighbouring ones together),
+            # SD3's skip-layer guidance (the same float32 timestep; not captured)
+            assert self.family is not None
+            if self.family.packed:
+                last = self._last_sample() if self._last_sample is not None else None
+                repeat = gen.latent_size is not None and isinstance(sample, torch.Tensor) and last is sample
+                self._last_sample = weakref.ref(sample) if isinstance(sample, torch.Tensor) else None
+            else:
+                t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+                t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
+                repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
+                self._last_timestep = t_val
+            if not repeat and self._pass == 0 and self.halves == "uncond" and self._passes() and self._step >= 0:
+                raise TraceError(
+                    "halves='uncond' was asked for, but Flux ran step "
+                    f"{self._step} without a second (negative-prompt) pass: true classifier-free guidance needs "
+                    "negative_prompt=... and true_cfg_scale > 1; otherwise use halves='cond'"
+                )
             self._pass = 1 if repeat else 0
         else:
             self._pass = 0
@@ -443,16 +462,20 @@ class Trace:
                 for p in prompts
             ]
             known = [len(t) for t in tokens if t is not None]
-            width = stop - st.offset
+            full = width = stop - st.offset
+            truncated = False
             if known and len(known) == len(tokens):
-                width = min(width, max(known) + st.bos + 1)
+                need = max(known) + st.bos + 1  # start token, prompt tokens, end token
+                width, truncated = min(full, need), need > full
             gen.streams.append(
                 {
                     "name": st.name,
                     "tokenizer": st.tokenizer,
                     "first_row": len(columns) + st.bos,
-                    "stop_row": len(columns) + width,
+                    # a truncated prompt's last column is the end token: no word maps there
+                    "stop_row": len(columns) + width - (1 if truncated else 0),
                     "tokens": tokens,
+                    "prompts": list(prompts),
                 }
             )
             columns.extend(range(st.offset, st.offset + width))
