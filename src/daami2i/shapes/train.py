@@ -189,12 +189,13 @@ def cross_loss(
     labels: dict[int, torch.Tensor],
     keep: torch.Tensor,
     head_share: float = 1.0,
+    sizes: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """1 - fraction of each object word's (pixel-normalised) attention that falls on its object."""
     total: Any = 0.0
     count = 0
     for name, p in sink.items():
-        if not name.endswith("attn2"):
+        if not name.endswith("attn2") or (sizes is not None and p.shape[2] not in sizes):
             continue
         p = _supervised_heads(p, head_share)
         lab = labels[p.shape[2]]  # (B, N)
@@ -208,12 +209,17 @@ def cross_loss(
     return total / max(count, 1)
 
 
-def self_loss(sink: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], head_share: float = 1.0) -> torch.Tensor:
+def self_loss(
+    sink: dict[str, torch.Tensor],
+    labels: dict[int, torch.Tensor],
+    head_share: float = 1.0,
+    sizes: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """1 - fraction of each pixel's self-attention that stays within its own segment."""
     total: Any = 0.0
     count = 0
     for name, p in sink.items():
-        if not name.endswith("attn1"):
+        if not name.endswith("attn1") or (sizes is not None and p.shape[2] not in sizes):
             continue
         p = _supervised_heads(p, head_share)
         lab = labels[p.shape[2]]
@@ -370,6 +376,7 @@ def train_unet(
     aux_steps: int = 0,
     aux_lr: float = 1e-4,
     head_share: float = 1.0,
+    aux_sizes: tuple[int, ...] | None = None,
 ) -> tuple[Any, Any]:
     rank, world = _dist_rank_world()
     torch.manual_seed(seed + 1)
@@ -442,11 +449,11 @@ def train_unet(
         loss = (per_sample * min_snr_weights(alphas, t, snr_gamma)).mean()
         parts = {"diff": loss.item()}
         if aux and cross_weight > 0:
-            lc = cross_loss(sink, token_obj, labels, keep, head_share)
+            lc = cross_loss(sink, token_obj, labels, keep, head_share, aux_sizes)
             loss = loss + cross_weight * lc
             parts["cross"] = lc.item()
         if aux and self_weight > 0:
-            ls = self_loss(sink, labels, head_share)
+            ls = self_loss(sink, labels, head_share, aux_sizes)
             loss = loss + self_weight * ls
             parts["self"] = ls.item()
         opt.zero_grad(set_to_none=True)
@@ -523,6 +530,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-lr", type=float, default=1e-4, help="peak learning rate of stage 4")
     p.add_argument(
         "--head-share", type=float, default=0.5, help="share of each layer's heads the attention losses supervise"
+    )
+    p.add_argument(
+        "--aux-grids",
+        default="16,8",
+        help="attention grids (sides) the auxiliary losses supervise, e.g. '16' for the 16x16 layers only",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -603,6 +615,7 @@ def _unet_stages(args: argparse.Namespace, vae: Any, t0: float, save: bool = Tru
         aux_steps=args.aux_steps,
         aux_lr=args.aux_lr,
         head_share=args.head_share,
+        aux_sizes=tuple(int(g) ** 2 for g in str(args.aux_grids).split(",") if g),
     )
     planned = args.unet_steps + args.refine_steps + (args.aux_steps if args.variant == "supervised" else 0)
     if not save:
