@@ -221,8 +221,8 @@ class Trace:
                 "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
                 "before entering another"
             )
-        for s in self.selected:
-            if "Fused" in type(s.module.get_processor()).__name__:
+        for s in self.selected:  # (joint layers are read at the attention function: fused projections are fine)
+            if self.family is None and "Fused" in type(s.module.get_processor()).__name__:
                 raise TraceError(
                     f"layer {s.name} runs {type(s.module.get_processor()).__name__}, whose fused QKV projection "
                     "hides the query and key: call pipe.unfuse_qkv_projections() before tracing"
