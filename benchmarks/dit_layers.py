@@ -9,8 +9,9 @@ word and of its colour word is scored with mIoU at tau = 0.4 on the min-max norm
 best-threshold mIoU and pointing accuracy, next to the whole-image baseline. Variants: the word map
 of each joint layer alone (``compute_global_heat_map(layers=[name])``), of every layer, guided by the
 self-attention of every layer, and each layer's word map guided by that layer's own self-attention
-(traced with ``self_layers=[name], cross_layers=[name]``). The model's quality gate (objects drawn in the right colour and shape) is
-reported too, so that the maps are read next to how well the model draws.
+(traced with ``self_layers=[name], cross_layers=[name]``). The model's quality gate (objects drawn
+in the right colour and shape) is reported too, so that the maps are read next to how well the
+model draws.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from daami2i.shapes.train import HELD_OUT
 from daami2i.shapes.train_dit import CALL, MAX_TOKENS, load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes_quality import baselines, score, summarise  # noqa: E402
+from shapes_quality import baselines, score, summarise
 
 
 def main() -> None:
