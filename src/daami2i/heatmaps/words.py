@@ -114,13 +114,14 @@ def token_rows(
                 f"word {word!r} (tokens {search}) is not in the prompt; its tokens are {tokens}. "
                 "Pass one of these words, or word_idx=<position> for a single token."
             )
-    if n_rows is not None:
-        bad = [r for r in rows if not 0 <= r < n_rows]
-        if bad:
-            raise QueryError(
-                f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw "
-                "(the prompt was truncated, or offset_idx moves it out of range)"
-            )
+    return _within(rows, word, n_rows, "(the prompt was truncated, or offset_idx moves it out of range)")
+
+
+def _within(rows: list[int], word: str, n_rows: int | None, why: str) -> list[int]:
+    """``rows``, or an error naming those at or beyond ``n_rows``."""
+    bad = [r for r in rows if n_rows is not None and not 0 <= r < n_rows]
+    if bad:
+        raise QueryError(f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw {why}")
     return rows
 
 
@@ -148,14 +149,7 @@ def text_rows(tokenizer: Any, prompt: str, word: str, first_row: int, n_rows: in
         raise QueryError(
             f"word {word!r} is not in the prompt {prompt!r}; its words are {split_words(tokenizer.tokenize(prompt))}"
         )
-    if n_rows is not None:
-        bad = [r for r in rows if not 0 <= r < n_rows]
-        if bad:
-            raise QueryError(
-                f"word {word!r} maps to token rows {bad} beyond the {n_rows} rows the text encoder saw "
-                "(the prompt was truncated)"
-            )
-    return rows
+    return _within(rows, word, n_rows, "(the prompt was truncated)")
 
 
 def aggregate_layers(
