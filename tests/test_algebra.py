@@ -31,8 +31,16 @@ def test_pixel_weights_count_occurrences():
     assert w.tolist() == [[2, 0, 0, 0], [0, 0, 0, 1]]
 
 
-def test_box_weights_are_half_open():
-    w = regions.box_weights(1, 0, 3, 2, (3, 4))
+def test_box_weights_are_inclusive_like_daam_i2i():
+    w = regions.box_weights(1, 0, 2, 1, (3, 4))
+    assert w.tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    # a single cell, and a corner one past the last column / row is clipped to it
+    assert regions.box_weights(3, 2, 3, 2, (3, 4)).tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    assert regions.box_weights(2, 1, 4, 3, (3, 4)).tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_box_weights_half_open_keyword():
+    w = regions.box_weights(1, 0, 3, 2, (3, 4), half_open=True)
     assert w.tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
 
 

@@ -32,7 +32,18 @@ def test_pixel_ids(ghm, ids, match):
 
 @pytest.mark.parametrize(
     "box",
-    [(5, 0, 3, 4), (0, 4, 3, 4), (0, 0, 13, 4), (0, 0, 4, 9), (-1, 0, 2, 2), (0.5, 0, 2, 2)],
+    [
+        (5, 0, 3, 4),  # x2 < x1
+        (0, 4, 3, 3),  # y2 < y1
+        (0, 0, 13, 4),  # two past the last column (12 columns: 0-11, 12 is clipped)
+        (0, 0, 4, 9),  # two past the last row
+        (12, 0, 12, 4),  # x1 one past the last column: nothing left
+        (0, 8, 3, 8),
+        (-1, 0, 2, 2),
+        (0.5, 0, 2, 2),
+        (True, 0, 2, 2),
+        ("1", 0, 2, 2),
+    ],
 )
 def test_boxes(ghm, box):
     with pytest.raises(QueryError, match="box|integer"):
@@ -40,8 +51,10 @@ def test_boxes(ghm, box):
 
 
 def test_box_message_says_the_convention(ghm):
-    with pytest.raises(QueryError, match=r"0 <= x1 < x2 <= 12 and 0 <= y1 < y2 <= 8.*exclusive"):
+    with pytest.raises(QueryError, match=r"0 <= x1 <= x2 <= 11 and 0 <= y1 <= y2 <= 7.*inclusive.*half_open=True"):
         ghm.compute_bbox_heat_map(0, 0, 13, 4)
+    with pytest.raises(QueryError, match=r"0 <= x1 < x2 <= 12 and 0 <= y1 < y2 <= 8.*exclusive"):
+        ghm.compute_bbox_heat_map(0, 0, 13, 4, half_open=True)
 
 
 @pytest.mark.parametrize(

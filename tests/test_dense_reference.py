@@ -57,11 +57,12 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
     assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(dense, w, grid))
     assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(dense, w, grid))
 
-    # box (half-open latent coordinates, x = column)
-    x1, y1, x2, y2 = 1, 2, grid[1] - 1, grid[0] // 2 + 1
+    # box (inclusive latent corners, x = column, as daam-i2i), and half_open=True for slices
+    x1, y1, x2, y2 = 1, 2, grid[1] - 2, grid[0] // 2
     wb = torch.zeros(grid)
-    wb[y1:y2, x1:x2] = 1
+    wb[y1 : y2 + 1, x1 : x2 + 1] = 1
     assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(dense, wb, grid))
+    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2 + 1, y2 + 1, half_open=True).value, column_query(dense, wb, grid))
 
     # guided by a word map: the merged map
     word = ghm.tokens[-1].replace("</w>", "")

@@ -132,9 +132,9 @@ def check_queries(pipe, trc, self_ref, maps_ref, image_idx, prompt, word):
     wp[ids] = 1
     assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, grid))
     assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, grid))
-    x1, y1, x2, y2 = 1, 2, grid[1] - 1, grid[0] // 2 + 1
+    x1, y1, x2, y2 = 1, 2, grid[1] - 2, grid[0] // 2
     wb = torch.zeros(grid)
-    wb[y1:y2, x1:x2] = 1
+    wb[y1 : y2 + 1, x1 : x2 + 1] = 1  # inclusive corners
     assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
     H, W = gen.image_size
     tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]

@@ -62,7 +62,7 @@ def test_sd2_v_layout_with_96x96_latent():
     ghm = trc.compute_global_heat_map()
     dense = dense_self(book, selected_layers(pipe, trc, "self"), gen.latent_size, gen.grid_size, [0])
     wb = torch.zeros(96, 96)
-    wb[10:30, 40:90] = 1
+    wb[10:31, 40:91] = 1  # inclusive corners
     assert_close(ghm.compute_bbox_heat_map(40, 10, 90, 30).value, column_query(dense, wb, (96, 96)))
     assert ghm.compute_word_heat_map("cat").value.shape == (96, 96)
 

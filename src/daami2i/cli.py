@@ -309,9 +309,9 @@ def show(
         x1, y1, x2, y2 = _ints(_numbers(box, "--box", 4), "--box")
         hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2)
         if guide is not None:
-            weights = hm.weights * guide.value
+            weights, region = hm.weights * guide.value, hm.region
             hm = ghm.compute_region_heat_map(weights)
-            hm.region = {"kind": "box", "box": (x1, y1, x2, y2)}
+            hm.region = region
         label = f"box-{x1}-{y1}-{x2}-{y2}"
     else:
         assert contour is not None

@@ -182,11 +182,11 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
             (xa, ya), (xb, yb) = state.clicks
             state.clicks = []
             gh, gw = ghm.grid_size
-            x1, x2 = sorted((int(xa * gw / image.width), int(xb * gw / image.width)))
-            y1, y2 = sorted((int(ya * gh / image.height), int(yb * gh / image.height)))
-            box = (x1, y1, min(gw, x2 + 1), min(gh, y2 + 1))
+            x1, x2 = sorted((min(gw - 1, int(xa * gw / image.width)), min(gw - 1, int(xb * gw / image.width))))
+            y1, y2 = sorted((min(gh - 1, int(ya * gh / image.height)), min(gh - 1, int(yb * gh / image.height))))
+            box = (x1, y1, x2, y2)
             state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
-            state.last_title = f"box {box} (latent, x2 / y2 exclusive)"
+            state.last_title = f"box {box} (latent columns {x1}-{x2}, rows {y1}-{y2}, corners included)"
     elif mode == "polygon":
         state.clicks.append((x, y))
         state.last_title = "polygon: click more vertices, then 'close polygon'"
@@ -205,10 +205,10 @@ def drag_box(state: Session, x0: float, y0: float, x1: float, y1: float) -> Sess
     ya, yb = sorted(
         (min(gh - 1, max(0, int(y0 * gh / image.height))), min(gh - 1, max(0, int(y1 * gh / image.height))))
     )
-    box = (xa, ya, xb + 1, yb + 1)
+    box = (xa, ya, xb, yb)
     state.clicks = []
     state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
-    state.last_title = f"box {box} (latent, x2 / y2 exclusive)"
+    state.last_title = f"box {box} (latent columns {xa}-{xb}, rows {ya}-{yb}, corners included)"
     return state
 
 

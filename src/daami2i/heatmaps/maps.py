@@ -136,7 +136,8 @@ class GlobalHeatMap:
     """Everything captured for one generated image; every query starts here.
 
     Pixel ids are row-major indices of the latent grid (``grid_size``, (height, width)); boxes are
-    latent coordinates ``(x1, y1, x2, y2)`` with x the column and x2, y2 exclusive; contours are
+    latent coordinates ``(x1, y1, x2, y2)`` with x the column, both corners inclusive (daam-i2i's
+    meaning; ``half_open=True`` for Python-slice boxes); contours are
     ``[x, y]`` points in image pixels.
     """
 
@@ -187,11 +188,23 @@ class GlobalHeatMap:
         return self._region(w, direction, {"kind": "pixels"})
 
     def compute_bbox_heat_map(
-        self, x1: int, y1: int, x2: int, y2: int, direction: Direction | None = None
+        self,
+        x1: int,
+        y1: int,
+        x2: int,
+        y2: int,
+        direction: Direction | None = None,
+        *,
+        half_open: bool = False,
     ) -> PixelHeatMap:
-        """Mean self-attention map of the latent box columns [x1, x2) x rows [y1, y2)."""
-        w = regions.box_weights(x1, y1, x2, y2, self.grid_size)
-        return self._region(w, direction, {"kind": "box", "box": (x1, y1, x2, y2)})
+        """Mean self-attention map of the latent box columns x1..x2, rows y1..y2 (both included, as in
+        daam-i2i; a corner one past the last column / row is clipped). ``half_open=True``: columns
+        [x1, x2), rows [y1, y2), like Python slices."""
+        w = regions.box_weights(x1, y1, x2, y2, self.grid_size, half_open=half_open)
+        stop_x, stop_y = (x2, y2) if half_open else (min(x2 + 1, self.grid_size[1]), min(y2 + 1, self.grid_size[0]))
+        # "box": the covered cells' edges, half-open (what a plot draws); "corners": as the caller gave them
+        region = {"kind": "box", "box": (x1, y1, stop_x, stop_y), "corners": (x1, y1, x2, y2), "half_open": half_open}
+        return self._region(w, direction, region)
 
     def compute_contour_heat_map(
         self,
