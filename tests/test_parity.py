@@ -53,7 +53,7 @@ def test_daam_i2i_self_attention_parity(sd2):
     ours = ghm.compute_pixel_heat_map(ids).expand_as(image)
     assert (ours - expand(pixel_ref(ids), (h_img, w_img))).abs().max() < 1e-3
 
-    box_ids = [y * gw + x for y in range(2, 6) for x in range(3, 9)]
+    box_ids = [y * gw + x for y in range(2, 7) for x in range(3, 10)]  # daam-i2i: both corners included
     ours = ghm.compute_bbox_heat_map(3, 2, 9, 6).expand_as(image)
     assert (ours - expand(pixel_ref(box_ids), (h_img, w_img))).abs().max() < 1e-3
 

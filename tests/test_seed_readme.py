@@ -52,6 +52,6 @@ def test_seed_readme_runs_as_written():
             ax.imshow(heatmap)
     finally:
         plt.close(fig)
-    # the box example covers columns 0..24 and rows 10..63 of the latent grid
-    assert torch.equal(maps["bbox"].weights[10:, :25], torch.ones(54, 25))
-    assert maps["bbox"].weights.sum() == 54 * 25
+    # the box example covers columns 0..25 and rows 10..63 of the latent grid (daam-i2i's inclusive corners)
+    assert torch.equal(maps["bbox"].weights[10:, :26], torch.ones(54, 26))
+    assert maps["bbox"].weights.sum() == 54 * 26

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from ..errors import QueryError
 from . import regions, selfattn
 from .selfattn import Direction, SelfAttentionLevel
-from .words import CrossAttentionLayer, TokenStream, aggregate_layers, split_words, text_rows, token_rows
+from .words import (
+    CrossAttentionLayer,
+    TokenStream,
+    aggregate_layers,
+    encoder_rows as _encoder_rows,
+    split_words,
+    text_rows,
+    token_rows,
+    truncation_note,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -74,13 +83,15 @@ class HeatMap:
         >>> HeatMap(torch.tensor([[0.0, 1.0], [2.0, 3.0]])).expand_as((4, 6)).shape
         torch.Size([4, 6])
         """
+        if threshold is not None:
+            regions.check_fraction(threshold)  # before any work
         h, w = image_size_of(image)
         im = F.interpolate(self.value[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
         if not absolute:
             lo, span = im.min(), im.max() - im.min()
             im = (im - lo) / span if float(span) > 0 else torch.zeros_like(im)  # a flat map has no peak
         if threshold is not None:
-            im = (im > threshold).float()
+            im = (im > regions.check_fraction(threshold)).float()
         return im
 
     def plot_overlay(self, image: Any, ax: Axes | None = None, **kwargs: Any) -> tuple[Figure, Axes]:
@@ -163,9 +174,11 @@ class GlobalHeatMap:
             self.streams = list(streams)
             tokenizer, prompt_tokens = self.streams[0].tokenizer, self.streams[0].tokens
         else:
-            self.streams = [
-                TokenStream("clip", tokenizer, list(prompt_tokens) if prompt_tokens is not None else None, 1)
-            ]
+            toks = list(prompt_tokens) if prompt_tokens is not None else None
+            # CLIP keeps a start token, at most (rows - 2) prompt tokens and an end token: a longer prompt is cut
+            n_rows = int(cross_layers[0].sums.shape[2]) if cross_layers else _encoder_rows(tokenizer)
+            stop = n_rows - 1 if toks is not None and n_rows is not None and len(toks) + 2 > n_rows else None
+            self.streams = [TokenStream("clip", tokenizer, toks, 1, stop)]
         self.prompt_tokens = list(prompt_tokens) if prompt_tokens is not None else None
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -310,18 +323,29 @@ class GlobalHeatMap:
 
     @property
     def words(self) -> list[str]:
-        """The prompt's distinct words (sub-word tokens joined, punctuation dropped), in order."""
-        return split_words(self.tokens)
+        """The prompt's distinct words the text encoder saw (sub-word tokens joined and decoded to text,
+        punctuation dropped), in order; words past the cut of a long prompt are left out."""
+        self.tokens  # raises the explanatory error when there is no prompt  # noqa: B018
+        st = self.streams[0]
+        return split_words(st.tokens or [], st.tokenizer, st.n_seen)
 
     @property
     def tokens(self) -> list[str]:
-        """The prompt's tokens (without start/end tokens), as the tokenizer writes them."""
+        """The prompt's tokens the text encoder saw (without start/end tokens), as the tokenizer writes them."""
         if self.prompt_tokens is None:
             raise QueryError(
                 "this generation has no prompt text (it was run with prompt_embeds?): "
                 "pass prompt=... to compute_global_heat_map to look words up"
             )
-        return self.prompt_tokens
+        return self.streams[0].seen_tokens or []
+
+    @property
+    def truncation(self) -> str | None:
+        """None, or a sentence saying where the text encoder cut a prompt too long for it."""
+        for st in self.streams:
+            if st.truncated:
+                return truncation_note(st)
+        return None
 
     def compute_word_heat_map(
         self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None
@@ -351,9 +375,9 @@ class GlobalHeatMap:
                 stop = n_rows if st.stop_row is None else st.stop_row
                 found = None
                 if st.text is not None and word_idx is None and offset_idx == 0:
-                    found = text_rows(st.tokenizer, st.text, word, st.first_row, stop)
+                    found = text_rows(st.tokenizer, st.text, word, st.first_row, stop, st.n_seen)
                 rows = found or token_rows(
-                    st.tokenizer, st.tokens or [], word, word_idx, offset_idx, stop, st.first_row
+                    st.tokenizer, st.tokens or [], word, word_idx, offset_idx, stop, st.first_row, st.n_seen
                 )
             except QueryError as err:
                 if len(use) == 1:

@@ -22,22 +22,63 @@ def _grid_text(grid: Size) -> str:
     return f"{grid[0]}x{grid[1]} (height x width) grid"
 
 
+def _is_integer(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_fraction(value: Any, name: str = "threshold") -> float:
+    """``value`` as a float in [0, 1), the range of a cut on a min-max normalised map, or a QueryError.
+
+    >>> check_fraction(0.4)
+    0.4
+    """
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not 0.0 <= float(value) < 1.0:  # (NaN fails the comparison)
+        raise QueryError(
+            f"{name} must be a number in [0, 1) (a cut on the min-max normalised map: 0.4 keeps values above 40 % "
+            f"of the peak), got {value!r}"
+        )
+    return float(value)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as a positive int (no bools, no floats such as 2.5), or a QueryError."""
+    if not _is_integer(value) or value < 1:
+        raise QueryError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def pixel_weights(pix_ids: Iterable[int] | int, grid: Size) -> torch.Tensor:
     """Weights of a list of row-major pixel ids: each id counts once per occurrence.
+
+    Ids must be integers (Python or NumPy ints, or an integer tensor); ``1.5``, ``"3"`` and ``True``
+    are errors, not silently converted.
 
     >>> pixel_weights([0, 5], (2, 3))
     tensor([[1., 0., 0.],
             [0., 0., 1.]])
     """
     n = grid[0] * grid[1]
-    if isinstance(pix_ids, (int, np.integer)):
-        pix_ids = [int(pix_ids)]
+    if _is_integer(pix_ids):
+        pix_ids = [int(pix_ids)]  # type: ignore[arg-type]
     if isinstance(pix_ids, torch.Tensor):
+        if pix_ids.dtype.is_floating_point or pix_ids.dtype.is_complex or pix_ids.dtype == torch.bool:
+            raise QueryError(f"pixel ids must be an integer tensor (row-major latent indices), got dtype {pix_ids.dtype}")
         pix_ids = pix_ids.flatten().tolist()
-    try:
-        ids = [int(i) for i in pix_ids]
-    except (TypeError, ValueError) as exc:
-        raise QueryError(f"pixel ids must be integers (row-major latent indices), got {pix_ids!r}") from exc
+    elif isinstance(pix_ids, np.ndarray):
+        if not np.issubdtype(pix_ids.dtype, np.integer):
+            raise QueryError(f"pixel ids must be an integer array (row-major latent indices), got dtype {pix_ids.dtype}")
+        pix_ids = pix_ids.ravel().tolist()
+    if isinstance(pix_ids, (str, bytes)) or not isinstance(pix_ids, Iterable):
+        raise QueryError(f"pixel ids must be a list of integers (row-major latent indices), got {pix_ids!r}")
+    ids = list(pix_ids)
+    wrong = [i for i in ids if not _is_integer(i)]
+    if wrong:
+        raise QueryError(
+            f"pixel ids must be integers (row-major latent indices, id = row * {grid[1]} + column), got "
+            f"{wrong[:5]!r}{' ...' if len(wrong) > 5 else ''} of type {type(wrong[0]).__name__}"
+        )
+    ids = [int(i) for i in ids]
     if not ids:
         raise QueryError(
             f"the pixel list is empty: pass at least one row-major id in [0, {n - 1}] of the {_grid_text(grid)}"
@@ -67,7 +108,7 @@ def box_weights(x1: int, y1: int, x2: int, y2: int, grid: Size, half_open: bool 
     """
     h, w = grid
     for name, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+        if not _is_integer(v):
             raise QueryError(f"box corner {name} must be an integer latent coordinate, got {v!r}")
     x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
     box = f"box (x1={x1}, y1={y1}, x2={x2}, y2={y2})"

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from ..errors import QueryError
+from .regions import check_fraction, check_positive_int
 from .resample import adjoint, upsample
 
 Direction = Literal["attended_by", "attends_to"]
@@ -154,10 +155,8 @@ def diffuse(
     ``T`` min-max normalises a map and zeroes the values below ``threshold``, so the region grows
     through self-attention only where the current map is strong.
     """
-    if not isinstance(iterations, int) or iterations < 1:
-        raise QueryError(f"iterations must be a positive integer, got {iterations!r}")
-    if not 0.0 <= float(threshold) < 1.0:
-        raise QueryError(f"threshold must be in [0, 1) (applied to the min-max normalised map), got {threshold!r}")
+    iterations = check_positive_int(iterations, "iterations")
+    threshold = check_fraction(threshold)
     m = query(levels, weights, grid, direction)
     for _ in range(iterations - 1):
         g = threshold_normalised(m, float(threshold))
@@ -196,10 +195,8 @@ def diffuse_all(
     check_direction(direction)
     if not levels:
         raise QueryError("no self-attention was captured: trace with self_attention=True to use self-attention queries")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise QueryError(f"iterations must be a positive integer, got {iterations!r}")
-    if not 0.0 <= float(threshold) < 1.0:
-        raise QueryError(f"threshold must be in [0, 1) (applied to the min-max normalised map), got {threshold!r}")
+    iterations = check_positive_int(iterations, "iterations")
+    threshold = check_fraction(threshold)
     if not isinstance(tile, int) or tile < 1:
         raise QueryError(f"tile must be a positive integer, got {tile!r}")
     h, w = grid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,39 +42,117 @@ class TokenStream:
     # as T5), words are found in the text, ignoring case, and mapped to tokens by character offsets
     text: str | None = None
 
+    @property
+    def n_seen(self) -> int | None:
+        """How many of the prompt's tokens the text encoder saw (None if the prompt is unknown)."""
+        if self.tokens is None:
+            return None
+        if self.stop_row is None:
+            return len(self.tokens)
+        return max(0, min(len(self.tokens), self.stop_row - self.first_row))
+
+    @property
+    def seen_tokens(self) -> list[str] | None:
+        """The prompt's tokens the text encoder saw: a prompt longer than the encoder's window is cut."""
+        return None if self.tokens is None else self.tokens[: self.n_seen]
+
+    @property
+    def truncated(self) -> bool:
+        """True when the text encoder saw only the first :attr:`n_seen` of the prompt's tokens."""
+        return self.tokens is not None and (self.n_seen or 0) < len(self.tokens)
+
 
 def clean_token(token: str) -> str:
     """A token without its word-boundary marker (CLIP's ``</w>`` suffix, SentencePiece's ``▁`` prefix)."""
     return token.replace("</w>", "").lstrip("\u2581")
 
 
-def split_words(tokens: Sequence[str]) -> list[str]:
-    """The distinct words of a token sequence (sub-word tokens joined, punctuation dropped), in order.
+def _is_word(text: str) -> bool:
+    """A word has a letter, a digit or a pictograph (emoji); punctuation alone is not a word."""
+    return any(ch.isalnum() or unicodedata.category(ch) == "So" for ch in text)
+
+
+def decode_tokens(tokenizer: Any, tokens: Sequence[str]) -> str:
+    """The text of a run of tokens: byte-level BPE (CLIP) pieces decoded to UTF-8, word markers dropped.
+
+    >>> from daami2i.testing import clip_tokenizer
+    >>> tok = clip_tokenizer()
+    >>> tok.tokenize("café")
+    ['cafÃ©</w>']
+    >>> decode_tokens(tok, tok.tokenize("café"))
+    'café'
+    """
+    if tokenizer is not None and tokens:
+        try:
+            ids = tokenizer.convert_tokens_to_ids(list(tokens))
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if isinstance(ids, list) and all(isinstance(i, int) for i in ids) and (unk is None or unk not in ids):
+                text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                if isinstance(text, str):
+                    return " ".join(text.split())
+        except Exception:  # a tokenizer without a decoder: fall back to the pieces themselves
+            pass
+    return "".join(clean_token(t) for t in tokens)
+
+
+def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """(start, stop) token positions of each word (sub-word tokens joined), punctuation included.
 
     Works for CLIP BPE (``</w>`` ends a word) and SentencePiece (``▁`` starts one).
 
+    >>> word_spans(["a</w>", "zeb", "ra</w>", ",</w>"])
+    [(0, 1), (1, 3), (3, 4)]
+    >>> word_spans(["▁a", "▁re", "d", "▁cat"])
+    [(0, 1), (1, 3), (3, 4)]
+    """
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i, tok in enumerate(tokens):
+        if tok.startswith("▁") and i > start:
+            spans.append((start, i))
+            start = i
+        if tok.endswith("</w>"):
+            spans.append((start, i + 1))
+            start = i + 1
+    if start < len(tokens):
+        spans.append((start, len(tokens)))
+    return spans
+
+
+def split_words(tokens: Sequence[str], tokenizer: Any = None, n_seen: int | None = None) -> list[str]:
+    """The distinct words of a token sequence (sub-word tokens joined, punctuation dropped), in order.
+
+    With ``tokenizer``, byte-level pieces are decoded (``cafÃ©`` -> ``café``). ``n_seen`` (a prompt
+    the text encoder cut) keeps only the words whose every token is among the first ``n_seen``.
+
     >>> split_words(["a</w>", "zeb", "ra</w>", ",</w>", "a</w>"])
     ['a', 'zebra']
-    >>> split_words(["\u2581a", "\u2581re", "d", "\u2581cat"])
+    >>> split_words(["▁a", "▁re", "d", "▁cat"])
     ['a', 'red', 'cat']
+    >>> split_words(["a</w>", "zeb", "ra</w>", "cat</w>"], n_seen=2)
+    ['a']
     """
     out: list[str] = []
-    part = ""
-
-    def flush() -> None:
-        if part and any(ch.isalnum() for ch in part) and part not in out:
-            out.append(part)
-
-    for tok in tokens:
-        if tok.startswith("\u2581"):
-            flush()
-            part = ""
-        part += clean_token(tok)
-        if tok.endswith("</w>"):
-            flush()
-            part = ""
-    flush()
+    for a, b in word_spans(tokens):
+        if n_seen is not None and b > n_seen:
+            break
+        word = decode_tokens(tokenizer, tokens[a:b])
+        if _is_word(word) and word not in out:
+            out.append(word)
     return out
+
+
+def _whole_word_at(tokens: Sequence[str], search: Sequence[str], i: int) -> bool:
+    """Does ``search`` match ``tokens[i:]`` as whole words (not a piece of a longer word)?"""
+    n = len(search)
+    if list(tokens[i : i + n]) != list(search):
+        return False
+    if i > 0 and not (tokens[i - 1].endswith("</w>") or search[0].startswith("▁")):
+        return False  # CLIP: the previous token does not end a word ("bob" + "cat</w>")
+    if search[-1].endswith("</w>") or i + n == len(tokens):
+        return True
+    nxt = tokens[i + n]
+    return nxt.startswith("▁") or not clean_token(nxt)[:1].isalnum()  # SentencePiece: a new word follows
 
 
 def token_rows(
@@ -84,37 +163,92 @@ def token_rows(
     offset_idx: int = 0,
     n_rows: int | None = None,
     first_row: int = 1,
+    n_seen: int | None = None,
 ) -> list[int]:
     """Rows of the cross-attention map that belong to ``word``; the prompt's first token is at
     ``first_row`` (1 for CLIP, whose start token is row 0).
 
-    With ``word_idx=None`` every occurrence of the word's token sequence in the prompt is merged
-    (DAAM's behaviour), shifted by ``offset_idx``; otherwise the token at position ``word_idx`` of
-    the tokenized prompt (0 = first token after the start token) is used.
+    With ``word_idx=None`` every whole-word occurrence of the word's token sequence among the first
+    ``n_seen`` tokens (those the text encoder saw; all by default) is merged (DAAM's behaviour),
+    shifted by ``offset_idx``; otherwise the token at position ``word_idx`` of the tokenized prompt
+    (0 = first token after the start token) is used.
+
+    >>> from daami2i.testing import clip_tokenizer
+    >>> tok = clip_tokenizer()
+    >>> toks = tok.tokenize("a cat and a catdog")
+    >>> toks
+    ['a</w>', 'cat</w>', 'and</w>', 'a</w>', 'cat', 'dog</w>']
+    >>> token_rows(tok, toks, "cat"), token_rows(tok, toks, "catdog")
+    ([2], [5, 6])
     """
-    # CLIP's end-of-word marker is dropped (DAAM's matching); SentencePiece's start-of-word marker is
-    # kept, so "red" (``▁re d``) does not match inside "bored" (``▁bo re d``)
-    tokens = [t.replace("</w>", "") for t in prompt_tokens]
+    tokens = list(prompt_tokens)
+    seen = len(tokens) if n_seen is None else min(n_seen, len(tokens))
+    cut = f" (the text encoder saw only the first {seen} of the prompt's {len(tokens)} tokens)" if seen < len(tokens) else ""
     if word_idx is not None:
-        if not isinstance(word_idx, int) or not 0 <= word_idx < len(tokens):
+        if isinstance(word_idx, bool) or not isinstance(word_idx, int) or not 0 <= word_idx < seen:
             raise QueryError(
-                f"word_idx must be a token position in [0, {len(tokens) - 1}] of the prompt tokens {tokens}, "
-                f"got {word_idx!r}"
+                f"word_idx must be a token position in [0, {seen - 1}] of the prompt tokens "
+                f"{[t.replace('</w>', '') for t in tokens[:seen]]}{cut}, got {word_idx!r}"
             )
         rows = [word_idx + first_row]
     else:
         if not isinstance(word, str) or not word.strip():
             raise QueryError(f"word must be a non-empty string, got {word!r}")
-        search = [t.replace("</w>", "") for t in tokenizer.tokenize(word.lower())]
+        if isinstance(offset_idx, bool) or not isinstance(offset_idx, int):
+            raise QueryError(f"offset_idx must be an integer token shift, got {offset_idx!r}")
+        search = list(tokenizer.tokenize(word.strip().lower()))
         n = len(search)
-        starts = [i + offset_idx for i in range(len(tokens) - n + 1) if tokens[i : i + n] == search]
+        found = [i for i in range(len(tokens) - n + 1) if _whole_word_at(tokens, search, i)]
+        starts = [i + offset_idx for i in found if i + n <= seen]
         rows = [s + j + first_row for s in starts for j in range(n)]
         if not rows:
+            shown = word.strip()
+            if found:
+                raise QueryError(
+                    f"word {shown!r} occurs only after token {seen}, where the prompt was truncated{cut}: the model never "
+                    "saw it. Shorten the prompt, or query a word of its first part."
+                )
+            bare = [t.replace("</w>", "") for t in tokens[:seen]]
+            loose = [t.replace("</w>", "") for t in search]
+            pieces = [i for i in range(seen - n + 1) if bare[i : i + n] == loose]
+            if pieces:
+                a, b = next((a, b) for a, b in word_spans(tokens) if a <= pieces[0] < b)
+                raise QueryError(
+                    f"word {shown!r} is only a piece of the prompt's word {decode_tokens(tokenizer, tokens[a:b])!r} "
+                    f"(tokens {bare[a:b]}); query that word, or pass word_idx={pieces[0]} for the piece alone"
+                )
+            words = split_words(tokens, tokenizer, seen)
             raise QueryError(
-                f"word {word!r} (tokens {search}) is not in the prompt; its tokens are {tokens}. "
+                f"word {shown!r} (tokens {loose}) is not in the prompt; its tokens are {bare} (words {words}){cut}. "
                 "Pass one of these words, or word_idx=<position> for a single token."
             )
-    return _within(rows, word, n_rows, "(the prompt was truncated, or offset_idx moves it out of range)")
+    return _within(rows, word, n_rows, "(offset_idx moves it out of range)")
+
+
+def encoder_rows(tokenizer: Any) -> int | None:
+    """The text encoder's window (77 for CLIP) as the tokenizer states it, or None if it does not."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 100_000 else None
+
+
+def truncation_note(stream: TokenStream) -> str:
+    """One sentence saying where a long prompt was cut, for a truncated ``stream``.
+
+    >>> from daami2i.testing import clip_tokenizer
+    >>> tok = clip_tokenizer()
+    >>> st = TokenStream("clip", tok, tok.tokenize("a red cat on a mat"), 1, stop_row=4)
+    >>> truncation_note(st)
+    "the prompt is longer than the clip text encoder's window: it saw the first 3 of 6 tokens, up to '... a red cat'; 'on a mat' was cut and has no word maps"
+    """
+    toks, n = stream.tokens or [], stream.n_seen or 0
+    kept = decode_tokens(stream.tokenizer, toks[:n])
+    lost = decode_tokens(stream.tokenizer, toks[n:])
+    tail = kept if len(kept) <= 40 else kept[-40:].split(" ", 1)[-1]
+    lost = lost if len(lost) <= 60 else lost[:60].rsplit(" ", 1)[0] + " ..."
+    return (
+        f"the prompt is longer than the {stream.name} text encoder's window: it saw the first {n} of {len(toks)} "
+        f"tokens, up to '... {tail}'; {lost!r} was cut and has no word maps"
+    )
 
 
 def _within(rows: list[int], word: str, n_rows: int | None, why: str) -> list[int]:
@@ -125,10 +259,12 @@ def _within(rows: list[int], word: str, n_rows: int | None, why: str) -> list[in
     return rows
 
 
-def text_rows(tokenizer: Any, prompt: str, word: str, first_row: int, n_rows: int | None = None) -> list[int] | None:
+def text_rows(
+    tokenizer: Any, prompt: str, word: str, first_row: int, n_rows: int | None = None, n_seen: int | None = None
+) -> list[int] | None:
     """Rows of the tokens overlapping a whole-word occurrence of ``word`` in ``prompt``, ignoring case
-    (so "red" finds "Red" and "(red)", which a case-sensitive tokenizer splits differently). None if
-    the tokenizer gives no character offsets.
+    (so "red" finds "Red" and "(red)", which a case-sensitive tokenizer splits differently), among the
+    first ``n_seen`` tokens (those the text encoder saw). None if the tokenizer gives no offsets.
 
     >>> from daami2i.testing import t5_tokenizer
     >>> tok = t5_tokenizer()
@@ -144,12 +280,20 @@ def text_rows(tokenizer: Any, prompt: str, word: str, first_row: int, n_rows: in
     except (NotImplementedError, TypeError, KeyError, ValueError):
         return None
     spans = [(m.start(), m.end()) for m in re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt, re.I)]
-    rows = [first_row + i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
-    if not rows:
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
+    if not hits:
         raise QueryError(
-            f"word {word!r} is not in the prompt {prompt!r}; its words are {split_words(tokenizer.tokenize(prompt))}"
+            f"word {word!r} is not in the prompt {prompt!r}; its words are "
+            f"{split_words(tokenizer.tokenize(prompt), tokenizer, n_seen)}"
         )
-    return _within(rows, word, n_rows, "(the prompt was truncated)")
+    seen = [i for i in hits if n_seen is None or i < n_seen]
+    if not seen:
+        raise QueryError(
+            f"word {word!r} occurs only after token {n_seen}, where the prompt was truncated (the text encoder saw only "
+            f"the first {n_seen} of its {len(offsets)} tokens): the model never saw it. Shorten the prompt, or "
+            "query a word of its first part."
+        )
+    return _within([first_row + i for i in seen], word, n_rows, "(the prompt was truncated)")
 
 
 def aggregate_layers(

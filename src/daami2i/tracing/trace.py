@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.words import TokenStream, truncation_note
 from ..heatmaps.selfattn import Direction, check_direction
 from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
 from .capture import (
@@ -31,6 +34,25 @@ Halves = Literal["cond", "uncond", "both"]
 FactorSpec = str | Iterable[int] | None
 
 _ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # denoisers currently traced
+
+
+def _check_steps(steps: Any) -> list[int]:
+    """``steps`` as a list of non-negative step indices, or a ConfigError saying what was wrong."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise ConfigError(
+            f"steps must be None, a callable step -> bool, or an iterable of 0-based step indices "
+            f"(e.g. range(10, 20)), got {steps!r}"
+        )
+    out = list(steps)
+    bad = [t for t in out if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0]
+    if bad:
+        raise ConfigError(
+            f"steps must be non-negative integer step indices (0 is the first denoising step), got {bad[:5]} "
+            f"in {out[:10]}{' ...' if len(out) > 10 else ''}"
+        )
+    if not out:
+        raise ConfigError("steps is empty: nothing would be captured; pass None to capture every step")
+    return [int(t) for t in out]
 
 
 def denoiser_of(pipe: Any) -> tuple[Any, Family | None]:
@@ -126,7 +148,7 @@ class Trace:
         self.keep = keep
         self.cross_steps = bool(cross_steps)
         if steps is not None and not callable(steps):
-            steps = [int(t) for t in steps]
+            steps = _check_steps(steps)
         if max_store_mb is not None and not max_store_mb > 0:
             raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
         self.max_store_mb = max_store_mb
@@ -324,6 +346,7 @@ class Trace:
     def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
         joint = self.family is not None
         sample = args[0] if args else kwargs.get("hidden_states" if joint else "sample")
+        direct = self._current is None and self._cfg_override is None
         if self._current is None:  # the denoiser was called without the pipeline's __call__
             self._begin(None)
         gen = self._current
@@ -365,7 +388,24 @@ class Trace:
                     f"(got {type(sample).__name__})"
                 )
             n_tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) else 77
-            self._setup_generation(gen, sample, n_tokens, kwargs)
+            if direct:
+                self._cfg_override = False  # a bare denoiser call: its batch rows are kept as they come
+                try:
+                    self._setup_generation(gen, sample, n_tokens, kwargs)
+                finally:
+                    self._cfg_override = None
+                if gen.n_images > 1 and gen.n_images % 2 == 0:
+                    warnings.warn(
+                        f"the {type(self.unet).__name__} was called directly, not by the pipeline, with a batch of "
+                        f"{gen.n_images}: daami2i keeps each batch entry as its own image and cannot tell whether "
+                        "the batch is the guidance halves [uncond; cond]. If it is, image_idx=0 is the unconditional "
+                        f"half: pass compute_global_heat_map(image_idx={gen.n_images // 2}) for the conditional one, "
+                        "or use daami2i.trace_image(pipe, image, prompt), which runs the denoiser and its guidance "
+                        "itself.",
+                        stacklevel=2,
+                    )
+            else:
+                self._setup_generation(gen, sample, n_tokens, kwargs)
         wanted_pass = {"cond": (0,), "uncond": (1,), "both": (0, 1)}[self.halves] if self._passes() else (0,)
         self._capturing = self._step_ok(self._step) and self._pass in wanted_pass
         if self._capturing and gen.steps_captured[-1:] != [self._step]:
@@ -425,6 +465,12 @@ class Trace:
             for p in gen.image_prompts
         ]
         gen.config = dict(self.config)
+        if self.family is None and self._cross_sites:
+            for p, toks in zip(gen.image_prompts, gen.image_tokens, strict=True):
+                if toks is not None and len(toks) + 2 > n_tokens:
+                    note = truncation_note(TokenStream("clip", tokenizer, toks, 1, n_tokens - 1))
+                    warnings.warn(f"{note}. Prompt: {p!r}", stacklevel=4)
+                    break
         known = [len(t) for t in gen.image_tokens if t is not None]
         self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
         if self.family is not None:
@@ -467,6 +513,11 @@ class Trace:
             if known and len(known) == len(tokens):
                 need = max(known) + st.bos + 1  # start token, prompt tokens, end token
                 width, truncated = min(full, need), need > full
+            if truncated:
+                toks = max((t for t in tokens if t is not None), key=len)
+                seen_stop = st.bos + width - 1
+                note = truncation_note(TokenStream(st.name, tokenizer, toks, st.bos, seen_stop))
+                warnings.warn(note, stacklevel=4)
             gen.streams.append(
                 {
                     "name": st.name,
@@ -686,6 +737,12 @@ class Trace:
         "grounding" layers of a transformer, chosen after the run.
         """
         gen = self.last_generation if generation == -1 else self._generation(generation)
+        if gen.steps_run and not gen.steps_captured:
+            raise QueryError(
+                f"nothing was captured: steps={self.config['steps'] if self.config['steps'] is not None else 'callable'} "
+                f"selected none of the {gen.steps_run} denoising steps this generation ran (0-{gen.steps_run - 1}); "
+                "trace with steps inside that range (0-based step indices)"
+            )
         return gen.heat_map(
             image_idx,
             tokenizer=getattr(self.pipe, "tokenizer", None),
