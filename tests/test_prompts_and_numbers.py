@@ -163,3 +163,25 @@ def test_a_bare_unet_call_with_an_even_batch_warns(sd1):
     gen = trc.last_generation
     assert gen.n_images == 2 and not gen.cfg  # each batch row is an image, whatever the pipeline did before
     trc.compute_global_heat_map(image_idx=1)
+
+
+@pytest.mark.parametrize(
+    "seed, steps, guidance, match",
+    [
+        (0, 0, 4.0, "steps"),
+        (0, -3, 4.0, "steps"),
+        (0, 2.5, 4.0, "steps"),
+        (0, 99999999999, 4.0, "steps"),
+        (0, None, 4.0, "steps"),
+        (-1, 2, 4.0, "seed"),
+        (1.5, 2, 4.0, "seed"),
+        (0, 2, math.nan, "guidance"),
+        (0, 2, -1.0, "guidance"),
+        (0, 2, math.inf, "guidance"),
+    ],
+)
+def test_explorer_checks_its_numbers_before_generating(sd1, seed, steps, guidance, match):
+    from daami2i.explore import Session, generate
+
+    with pytest.raises(QueryError, match=f"{match} must be"):
+        generate(sd1, Session(), "a red cat", seed, steps, guidance)

@@ -18,6 +18,7 @@ Each browser session has its own state; generation requests are queued one at a 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,17 +129,36 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
+    n_steps = _whole(steps, "steps", 1, 1000)
+    n_seed = _whole(seed, "seed", 0, 2**63 - 1)
+    try:
+        scale = float(guidance)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale) or not 0 <= scale <= 100:
+        raise QueryError(f"guidance must be a number from 0 to 100 (1 or less turns guidance off), got {guidance!r}")
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt,
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance),
-            generator=torch.Generator(device="cpu").manual_seed(int(seed)),
+            num_inference_steps=n_steps,
+            guidance_scale=scale,
+            generator=torch.Generator(device="cpu").manual_seed(n_seed),
         )
     state = _session(out.images[0], trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
-    trc.to_experiment(state.experiment_dir, seed=int(seed))
+    trc.to_experiment(state.experiment_dir, seed=n_seed)
     return state
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    """A whole number from a form field (``3`` or ``3.0``, not ``2.5``) in [low, high], or a QueryError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not math.isfinite(v) or v != int(v) or not low <= v <= high:
+        raise QueryError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(v)
 
 
 def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Session:
