@@ -36,6 +36,17 @@ FactorSpec = str | Iterable[int] | None
 _ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # denoisers currently traced
 
 
+def _warn_user(message: str) -> None:
+    """A UserWarning attributed to the caller's line (the pipeline call), not to a torch hook."""
+    import sys
+
+    skip = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(skip) or "/diffusers/" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)
+
+
 def _check_steps(steps: Any) -> list[int]:
     """``steps`` as a list of non-negative step indices, or a ConfigError saying what was wrong."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
@@ -395,14 +406,13 @@ class Trace:
                 finally:
                     self._cfg_override = None
                 if gen.n_images > 1 and gen.n_images % 2 == 0:
-                    warnings.warn(
+                    _warn_user(
                         f"the {type(self.unet).__name__} was called directly, not by the pipeline, with a batch of "
                         f"{gen.n_images}: daami2i keeps each batch entry as its own image and cannot tell whether "
                         "the batch is the guidance halves [uncond; cond]. If it is, image_idx=0 is the unconditional "
                         f"half: pass compute_global_heat_map(image_idx={gen.n_images // 2}) for the conditional one, "
                         "or use daami2i.trace_image(pipe, image, prompt), which runs the denoiser and its guidance "
-                        "itself.",
-                        stacklevel=2,
+                        "itself."
                     )
             else:
                 self._setup_generation(gen, sample, n_tokens, kwargs)
@@ -469,7 +479,7 @@ class Trace:
             for p, toks in zip(gen.image_prompts, gen.image_tokens, strict=True):
                 if toks is not None and len(toks) + 2 > n_tokens:
                     note = truncation_note(TokenStream("clip", tokenizer, toks, 1, n_tokens - 1))
-                    warnings.warn(f"{note}. Prompt: {p!r}", stacklevel=4)
+                    _warn_user(f"{note}. Prompt: {p!r}")
                     break
         known = [len(t) for t in gen.image_tokens if t is not None]
         self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
@@ -517,7 +527,7 @@ class Trace:
                 toks = max((t for t in tokens if t is not None), key=len)
                 seen_stop = st.bos + width - 1
                 note = truncation_note(TokenStream(st.name, tokenizer, toks, st.bos, seen_stop))
-                warnings.warn(note, stacklevel=4)
+                _warn_user(note)
             gen.streams.append(
                 {
                     "name": st.name,
