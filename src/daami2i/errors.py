@@ -26,3 +26,10 @@ class QueryError(Daami2iError, ValueError):
 
 class ConfigError(Daami2iError, ValueError):
     """A trace option has a value daami2i does not understand."""
+
+
+class ExperimentError(Daami2iError, OSError):
+    """An experiment folder cannot be written or read: missing, damaged, inconsistent or unsafe files.
+
+    Also an ``OSError`` (as it was before the error family gathered here), so ``except OSError`` keeps
+    working."""

@@ -8,6 +8,13 @@ Layout of an experiment folder (no pickle anywhere; loading never executes code 
                            "cross_steps/<layer>"  (steps, n_images, heads, N, T) float32, optional
     image_<i>.png          the generated images
     tokenizer/             only when the pipeline's tokenizer is not the standard CLIP BPE one
+    tokenizers/<attr>/     joint models (SD3, Flux): each text stream's tokenizer, when not standard
+
+Loading trusts nothing in the folder: every size is checked against the tensors' shapes (read from
+the safetensors header before any tensor is loaded), every path named by the manifest must lie
+inside the folder, images are opened as PNG only, and any damage is an :class:`ExperimentError`
+that names the file, what was expected and what was found. ``load_experiment(OUT)`` on the folder
+``daami2i generate -o OUT`` wrote opens ``OUT/experiment``.
 
 >>> import daami2i, tempfile
 >>> from daami2i.testing import tiny_sd_pipeline
@@ -23,14 +30,16 @@ torch.Size([8, 8])
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import Daami2iError, QueryError
+from ..errors import ExperimentError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction
 from .store import CrossAttentionStore, Generation, SelfAttentionStore
@@ -39,10 +48,6 @@ FORMAT = "daami2i-experiment"
 VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "attention.safetensors"
-
-
-class ExperimentError(Daami2iError, OSError):
-    """An experiment folder cannot be written or read."""
 
 
 def _is_standard_clip(tokenizer: Any) -> bool:
@@ -87,8 +92,13 @@ def save_experiment(
     from .. import __version__
 
     path = Path(path)
-    _prepare_folder(path, overwrite)
     images = list(images) if images is not None else list(gen.images)
+    if images and len(images) != gen.n_images:
+        raise ExperimentError(
+            f"images must hold one image per generated image ({gen.n_images}), got {len(images)}: "
+            "pass all of them, or images=[] to save none"
+        )
+    _prepare_folder(path, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     for factor, st in gen.self_attention.items():
         tensors[f"self/{factor}"] = st.sums.detach().float().cpu().contiguous()
@@ -170,12 +180,16 @@ class Experiment:
         generation: Generation,
         tokenizer: Any,
         tokenizers: dict[str, Any] | None = None,
+        image_paths: list[Path] | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
         self.generation = generation
         self.tokenizer = tokenizer
         self.tokenizers = tokenizers or {}  # joint models: pipeline attribute -> tokenizer of each stream
+        if image_paths is None:  # built by hand: the manifest's names, taken as they are
+            image_paths = [path / name for name in manifest.get("images", [])]
+        self.image_paths = image_paths  # checked by load_experiment: PNG files inside the folder
 
     @property
     def prompts(self) -> list[str | None]:
@@ -184,13 +198,17 @@ class Experiment:
 
     @property
     def images(self) -> list[Any]:
-        """The generated images (PIL), loaded from the folder."""
+        """The generated images (PIL), loaded from the folder (PNG only)."""
         from PIL import Image
 
         out = []
-        for name in self.manifest.get("images", []):
-            with Image.open(self.path / name) as im:
-                out.append(im.copy())
+        for file in self.image_paths:
+            try:
+                with Image.open(file, formats=["PNG"]) as im:
+                    im.load()
+                    out.append(im.copy())
+            except Exception as exc:  # the file changed or broke after loading: still one error family
+                raise ExperimentError(f"{file} cannot be read as a PNG image ({_one_line(exc)}); {_FIX}") from exc
         return out
 
     def compute_global_heat_map(
@@ -219,83 +237,592 @@ class Experiment:
         return f"Experiment({str(self.path)!r}, prompts={g.image_prompts}, image_size={g.image_size})"
 
 
-def _load_tokenizer(path: Path, kind: str | None, folder: str = "tokenizer") -> Any:
+# -- loading: nothing read from the folder is trusted -------------------------------------------------
+_FIX = "the folder is damaged or was edited: save the experiment again (Trace.to_experiment or daami2i generate)"
+_FIX_PATH = "every file an experiment names must lie inside its folder: remove the entry or copy the file in"
+_MAX_MANIFEST_BYTES = 64 * 2**20
+_MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20
+_FACTORS = tuple(2**k for k in range(7))  # latent downsampling factors of a store: 1 .. 64
+_MAX_LATENT_PER_GRID = 8  # latent side / grid side (a UNet's grid factor, a DiT's patch or packing)
+_MAX_IMAGE_PER_LATENT = 32  # image side / latent side (the VAE's downsampling)
+_MAX_IMAGE_SIDE = 2**15
+_MAX_IMAGE_PIXELS = 2**28
+_HALVES = ("cond", "uncond", "both")
+_DIRECTIONS = ("attended_by", "attends_to")
+_ATTRIBUTE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a pipeline attribute, e.g. "tokenizer_3"
+_MISSING = object()
+Size = tuple[int, int]
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+class _Checker:
+    """Checks the values of one manifest; each error names the file, the field, what was expected,
+    what was found, and the fix."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def error(self, what: str, expected: str, got: Any = _MISSING, fix: str = _FIX) -> ExperimentError:
+        found = "" if got is _MISSING else f", got {_shown(got)}"
+        return ExperimentError(f"{self.file}: {what} must be {expected}{found}; {fix}")
+
+    def key(self, obj: dict[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
+        if key in obj:
+            return obj[key]
+        if default is not _MISSING:
+            return default
+        raise ExperimentError(f"{self.file}: {where} lacks the required key {key!r}; {_FIX}")
+
+    def mapping(self, value: Any, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(what, "a JSON object", value)
+        return value
+
+    def items(self, value: Any, what: str, length: int | None = None) -> list[Any]:
+        if not isinstance(value, list) or (length is not None and len(value) != length):
+            expected = "a JSON list" if length is None else f"a JSON list of {length} entries (one per image)"
+            raise self.error(what, expected, value)
+        return value
+
+    def integer(self, value: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
+        if type(value) is not int or value < lo or (hi is not None and value > hi):
+            expected = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+            raise self.error(what, expected, value)
+        return value
+
+    def flag(self, value: Any, what: str) -> bool:
+        if type(value) is not bool:
+            raise self.error(what, "true or false", value)
+        return value
+
+    def text(self, value: Any, what: str, choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = "a string" if choices is None else "one of " + ", ".join(repr(c) for c in choices)
+            raise self.error(what, expected + (" or null" if optional else ""), value)
+        return value
+
+    def size(self, value: Any, what: str, optional: bool = False) -> Size | None:
+        if value is None and optional:
+            return None
+        if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int and v >= 1 for v in value)):
+            raise self.error(what, "[height, width], two positive integers" + (" (or null)" if optional else ""), value)
+        return (value[0], value[1])
+
+    def texts(self, value: Any, what: str, n: int, allow_empty: bool = True) -> list[str | None]:
+        if allow_empty and value == []:
+            return []
+        values = self.items(value, what, n)
+        for i, v in enumerate(values):
+            self.text(v, f"{what}[{i}]", optional=True)
+        return list(values)
+
+    def token_lists(self, value: Any, what: str, n: int, allow_empty: bool = True) -> list[list[str] | None]:
+        if allow_empty and value == []:
+            return []
+        out: list[list[str] | None] = []
+        for i, toks in enumerate(self.items(value, what, n)):
+            if toks is not None:
+                if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks):
+                    raise self.error(f"{what}[{i}]", "a list of token strings or null", toks)
+                toks = list(toks)
+            out.append(toks)
+        return out
+
+
+def _downsample(size: Size, ratio: int) -> Size:
+    """``size`` after ``log2(ratio)`` stride-2 steps, each rounding up (as the UNet does)."""
+    h, w = size
+    while ratio > 1:
+        h, w, ratio = (h + 1) // 2, (w + 1) // 2, ratio // 2
+    return h, w
+
+
+def _inside(root: Path, name: Any, what: str, check: _Checker) -> Path:
+    """The file ``name`` (relative, from the manifest or the layout) of the folder ``root``, resolved;
+    refused when it is absolute, climbs out with '..', or is a link leading outside."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise check.error(what, "a file name inside the experiment folder", name)
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise check.error(what, "a relative path inside the experiment folder (not absolute, no '..')", name, _FIX_PATH)
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise ExperimentError(
+            f"{check.file}: {what} {name!r} resolves to {target}, outside the experiment folder {root} "
+            f"(a symbolic link?); {_FIX_PATH}"
+        )
+    return target
+
+
+def _find_folder(path: Path) -> Path:
+    """The experiment folder: ``path`` itself, or ``path/experiment`` (what ``daami2i generate -o``
+    wrote), or the folder of ``path`` when it names the manifest."""
+    if path.name == MANIFEST and path.is_file():
+        return path.parent
+    if (path / MANIFEST).exists() or (path / MANIFEST).is_symlink():
+        return path
+    if (path / "experiment" / MANIFEST).is_file():
+        return path / "experiment"
+    if not path.exists():
+        why = "the folder does not exist"
+    elif not path.is_dir():
+        why = "it is not a folder"
+    else:
+        why = "expected a folder written by Trace.to_experiment or by daami2i generate -o OUT (OUT/experiment)"
+    raise ExperimentError(f"{path} is not a daami2i experiment: {MANIFEST} is missing ({why})")
+
+
+def _read_json(file: Path, what: str, limit: int) -> Any:
+    if not file.is_file():
+        raise ExperimentError(f"{file}: {what} must be a regular file; {_FIX}")
+    try:
+        size = file.stat().st_size
+        if size > limit:
+            raise ExperimentError(
+                f"{file}: {what} must be at most {limit // 2**20} MiB of JSON, got {size} bytes; {_FIX}"
+            )
+        raw = file.read_bytes()[: limit + 1]
+    except OSError as exc:
+        if isinstance(exc, ExperimentError):
+            raise
+        raise ExperimentError(f"{file} cannot be read ({_one_line(exc)}): check its permissions") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(
+            f"{file}: {what} must be UTF-8 JSON text, got binary data ({exc.reason}); {_FIX}"
+        ) from exc
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ExperimentError(f"{file}: {what} must be valid JSON, got {_one_line(exc)}; {_FIX}") from exc
+
+
+def _manifest(root: Path) -> tuple[dict[str, Any], _Checker]:
+    """The manifest of ``root`` as a JSON object whose format and version this daami2i reads."""
+    mpath = root / MANIFEST
+    check = _Checker(mpath)
+    _inside(root, MANIFEST, "the manifest", check)
+    manifest = _read_json(mpath, "the manifest", _MAX_MANIFEST_BYTES)
+    if not isinstance(manifest, dict):
+        raise ExperimentError(
+            f"{mpath} is not a daami2i experiment manifest: expected a JSON object with format "
+            f"{FORMAT!r}, got a JSON {type(manifest).__name__}; {_FIX}"
+        )
+    if manifest.get("format") != FORMAT:
+        raise ExperimentError(
+            f"{mpath} is not a daami2i experiment manifest: expected format {FORMAT!r}, got "
+            f"{_shown(manifest.get('format'))}; open a folder written by Trace.to_experiment"
+        )
+    if manifest.get("version") != VERSION or type(manifest.get("version")) is not int:
+        raise ExperimentError(
+            f"{root} uses experiment format version {_shown(manifest.get('version'))}, this daami2i reads version "
+            f"{VERSION}: open it with the daami2i that wrote it (manifest 'software'), or save it again"
+        )
+    for key in ("generation", "self_attention", "cross_attention"):
+        check.key(manifest, key, "the manifest")
+    for key in ("info", "software", "nbytes", "stream_tokenizers"):
+        if key in manifest:
+            check.mapping(manifest[key], key)
+    for k, v in manifest.get("nbytes", {}).items():
+        check.integer(v, f"nbytes.{k}")
+    return manifest, check
+
+
+def _generation(manifest: dict[str, Any], check: _Checker) -> Generation:
+    """The generation's fields (without stores), each checked for type and range."""
+    g = check.mapping(manifest["generation"], "generation")
+
+    def key(name: str, default: Any = _MISSING) -> Any:
+        return check.key(g, name, "generation", default)
+
+    n = check.integer(key("n_images"), "generation.n_images", lo=1)
+    prompts = key("prompts")
+    if prompts is not None:
+        prompts = check.texts(prompts, "generation.prompts", len(prompts) if isinstance(prompts, list) else -1)
+    steps = check.items(key("steps_captured"), "generation.steps_captured")
+    for i, t in enumerate(steps):
+        check.integer(t, f"generation.steps_captured[{i}]")
+    if len(set(steps)) != len(steps):
+        raise check.error("generation.steps_captured", "distinct step numbers", steps)
+    config = check.mapping(key("config", {}), "generation.config")
+    if "direction" in config:
+        check.text(config["direction"], "generation.config.direction", _DIRECTIONS)
+    return Generation(
+        index=check.integer(key("index"), "generation.index"),
+        grid_size=check.size(key("grid_size"), "generation.grid_size"),  # type: ignore[arg-type]
+        prompts=prompts,
+        latent_size=check.size(key("latent_size"), "generation.latent_size", optional=True),
+        image_size=check.size(key("image_size"), "generation.image_size", optional=True),
+        n_images=n,
+        cfg=check.flag(key("cfg"), "generation.cfg"),
+        halves=check.text(key("halves"), "generation.halves", _HALVES),
+        steps_run=check.integer(key("steps_run"), "generation.steps_run"),
+        steps_captured=list(steps),
+        image_prompts=check.texts(key("image_prompts"), "generation.image_prompts", n),
+        image_tokens=check.token_lists(key("image_tokens"), "generation.image_tokens", n),
+        config=dict(config),
+        streams=[
+            dict(check.mapping(st, f"generation.streams[{i}]"))
+            for i, st in enumerate(check.items(key("streams", []), "generation.streams"))
+        ],
+    )
+
+
+def _entries(manifest: dict[str, Any], check: _Checker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The self- and cross-attention store entries, checked for type; sizes are checked later, against
+    the tensors."""
+    selfs, crosses = [], []
+    for i, entry in enumerate(check.items(manifest["self_attention"], "self_attention")):
+        where = f"self_attention[{i}]"
+        entry = check.mapping(entry, where)
+        layers = check.items(check.key(entry, "layers", where), f"{where}.layers")
+        for j, name in enumerate(layers):
+            check.text(name, f"{where}.layers[{j}]")
+        selfs.append(
+            {
+                "factor": check.integer(check.key(entry, "factor", where), f"{where}.factor", lo=1, hi=_FACTORS[-1]),
+                "size": check.size(check.key(entry, "size", where), f"{where}.size"),
+                "layers": list(layers),
+            }
+        )
+    for i, entry in enumerate(check.items(manifest["cross_attention"], "cross_attention")):
+        where = f"cross_attention[{i}]"
+        entry = check.mapping(entry, where)
+        per_step = entry.get("per_step")
+        crosses.append(
+            {
+                "layer": check.text(check.key(entry, "layer", where), f"{where}.layer"),
+                "factor": check.integer(check.key(entry, "factor", where), f"{where}.factor", lo=1, hi=_FACTORS[-1]),
+                "size": check.size(check.key(entry, "size", where), f"{where}.size"),
+                "step_tokens": check.integer(entry.get("step_tokens", 0), f"{where}.step_tokens"),
+                "per_step": None if per_step is None else check.flag(per_step, f"{where}.per_step"),
+            }
+        )
+    for kind, entries, name in (("self", selfs, "factor"), ("cross", crosses, "layer")):
+        for e in entries:
+            if name == "factor" and e["factor"] not in _FACTORS:
+                raise check.error(f"{kind}_attention factor", "a power of two from 1 to 64", e["factor"])
+        seen = [e[name] for e in entries]
+        if len(set(seen)) != len(seen):
+            raise check.error(f"the {name}s of {kind}_attention", "distinct", seen)
+    if not selfs and not crosses:
+        raise check.error("self_attention and cross_attention", "lists with at least one captured store", [])
+    return selfs, crosses
+
+
+def _check_sizes(gen: Generation, stores: list[tuple[str, int, Size]], check: _Checker) -> None:
+    """The grid, latent and image sizes must follow from the stores' sizes (which match the tensors):
+    each store is the grid downsampled by its factor over the grid's factor."""
+    fmin = min(f for _, f, _ in stores)
+    grid = gen.grid_size
+    if not any(
+        all(f % g == 0 and _downsample(grid, f // g) == size for _, f, size in stores) for g in _FACTORS if g <= fmin
+    ):
+        held = ", ".join(f"{name} {s[0]}x{s[1]} at factor {f}" for name, f, s in stores[:3])
+        more = f" and {len(stores) - 3} more" if len(stores) > 3 else ""
+        raise ExperimentError(
+            f"{check.file}: generation.grid_size and the store sizes must agree (each store is the grid "
+            f"downsampled by its factor), got grid_size {list(grid)} with {held}{more}; {_FIX}"
+        )
+    lat = gen.latent_size
+    if lat is not None and not all(g <= v <= g * _MAX_LATENT_PER_GRID for v, g in zip(lat, grid, strict=True)):
+        raise check.error(
+            "generation.latent_size",
+            f"between the grid {grid[0]}x{grid[1]} and {_MAX_LATENT_PER_GRID} times it, per side",
+            list(lat),
+        )
+    img = gen.image_size
+    if img is not None:
+        base = lat or grid
+        top = _MAX_IMAGE_PER_LATENT * (1 if lat else _MAX_LATENT_PER_GRID)
+        if (
+            not all(b <= v <= min(b * top, _MAX_IMAGE_SIDE) for v, b in zip(img, base, strict=True))
+            or img[0] * img[1] > _MAX_IMAGE_PIXELS
+        ):
+            name = "latent" if lat else "grid"
+            raise check.error(
+                "generation.image_size",
+                f"between the {name} {base[0]}x{base[1]} and {top} times it per side (at most "
+                f"{_MAX_IMAGE_SIDE} pixels a side)",
+                list(img),
+            )
+
+
+def _check_streams(gen: Generation, n_text: int | None, check: _Checker) -> None:
+    """Joint models' text streams: names, tokenizer attributes, rows within the stored text keys."""
+    for i, st in enumerate(gen.streams):
+        where = f"generation.streams[{i}]"
+        check.mapping(st, where)
+        check.text(check.key(st, "name", where), f"{where}.name")
+        attr = check.text(check.key(st, "tokenizer", where), f"{where}.tokenizer")
+        if not _ATTRIBUTE.fullmatch(attr):
+            raise check.error(f"{where}.tokenizer", "a pipeline attribute name such as 'tokenizer_3'", attr)
+        first = check.integer(check.key(st, "first_row", where), f"{where}.first_row", hi=n_text)
+        stop = check.integer(check.key(st, "stop_row", where), f"{where}.stop_row", lo=first, hi=n_text)
+        st["first_row"], st["stop_row"] = first, stop
+        st["tokens"] = check.token_lists(check.key(st, "tokens", where), f"{where}.tokens", gen.n_images, False)
+        if st.get("prompts") is not None:
+            st["prompts"] = check.texts(st["prompts"], f"{where}.prompts", gen.n_images)
+
+
+def _tensor_header(
+    root: Path, gen: Generation, selfs: list[dict[str, Any]], crosses: list[dict[str, Any]], check: _Checker
+) -> tuple[Any, list[str]]:
+    """The open safetensors file and the names of the tensors to read, each checked (dtype, shape)
+    in the header against the manifest, and the manifest's sizes against them; nothing is read yet."""
+    from safetensors import safe_open
+
+    tpath = root / TENSORS
+    _inside(root, TENSORS, "the attention tensors file", check)
+    if not tpath.is_file():
+        why = "is missing" if not tpath.exists() else "is not a regular file"
+        raise ExperimentError(f"{tpath} {why}: an experiment keeps its attention maps there; {_FIX}")
+    try:
+        handle = safe_open(str(tpath), framework="pt")
+        header = {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in handle.keys()}
+        meta = handle.metadata() or {}
+    except Exception as exc:  # SafetensorError and friends: truncated, garbage, not safetensors
+        raise ExperimentError(f"{tpath} is not a readable safetensors file ({_one_line(exc)}); {_FIX}") from exc
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ExperimentError(f"{tpath}: metadata format must be {FORMAT!r}, got {_shown(meta.get('format'))}; {_FIX}")
+    n, n_steps = gen.n_images, len(gen.steps_captured)
+
+    def shape_of(key: str, rank: int) -> tuple[int, ...]:
+        if key not in header:
+            held = _shown(sorted(header), 120)
+            raise ExperimentError(f"{tpath} lacks the tensor {key!r} that {MANIFEST} lists (it holds {held}); {_FIX}")
+        shape, dtype = header[key]
+        if dtype != "F32":
+            raise ExperimentError(f"{tpath}: tensor {key!r} must be float32 (F32), got {dtype}; {_FIX}")
+        if len(shape) != rank:
+            raise ExperimentError(
+                f"{tpath}: tensor {key!r} must have {rank} dimensions, got shape {list(shape)}; {_FIX}"
+            )
+        return shape
+
+    def expect(key: str, shape: tuple[int, ...], want: tuple[int, ...], why: str) -> None:
+        if shape != want:
+            raise ExperimentError(
+                f"{tpath}: tensor {key!r} must have shape {list(want)} ({why} in {MANIFEST}), got {list(shape)}; {_FIX}"
+            )
+
+    for e in selfs:
+        key, (h, w) = f"self/{e['factor']}", e["size"]
+        shape = shape_of(key, 3)
+        expect(key, shape, (n, h * w, h * w), f"n_images {n}, size {h}x{w}")
+    n_text, text_key = None, ""
+    for e in crosses:
+        key, (h, w) = f"cross/{e['layer']}", e["size"]
+        shape = shape_of(key, 4)
+        heads, tokens = shape[1], shape[3]
+        expect(key, shape, (n, max(heads, 1), h * w, max(tokens, 1)), f"n_images {n}, heads >= 1, size {h}x{w}")
+        if n_text is not None and tokens != n_text:
+            raise ExperimentError(
+                f"{tpath}: tensor {key!r} must have as many text tokens as {text_key!r} ({n_text}), "
+                f"got {tokens}; {_FIX}"
+            )
+        n_text, text_key = tokens, key
+        skey = f"cross_steps/{e['layer']}"
+        if e["per_step"] is False and skey in header:
+            raise ExperimentError(f"{tpath} holds {skey!r}, but {MANIFEST} says per_step is false; {_FIX}")
+        e["has_steps"] = e["per_step"] or (e["per_step"] is None and skey in header)
+        if e["has_steps"]:
+            sshape = shape_of(skey, 5)
+            step_tokens = e["step_tokens"] if e["per_step"] else sshape[4]
+            if not 1 <= step_tokens <= tokens:
+                raise check.error(f"cross_attention step_tokens of {e['layer']!r}", f"in [1, {tokens}]", step_tokens)
+            e["step_tokens"] = step_tokens
+            expect(skey, sshape, (n_steps, n, heads, h * w, step_tokens), f"{n_steps} captured steps, as {key}")
+    stores = [(f"self/{e['factor']}", e["factor"], e["size"]) for e in selfs]
+    stores += [(f"cross/{e['layer']}", e["factor"], e["size"]) for e in crosses]
+    _check_sizes(gen, stores, check)
+    _check_streams(gen, n_text, check)
+    wanted = [f"self/{e['factor']}" for e in selfs] + [f"cross/{e['layer']}" for e in crosses]
+    wanted += [f"cross_steps/{e['layer']}" for e in crosses if e["has_steps"]]
+    return handle, wanted
+
+
+def _read_tensors(root: Path, handle: Any, wanted: list[str]) -> dict[str, torch.Tensor]:
+    """The checked tensors, read; non-finite values are damage too."""
+    tpath = root / TENSORS
+    tensors = {}
+    for key in wanted:  # every size is now known to match the file: loading allocates what it holds
+        try:
+            t = handle.get_tensor(key)
+        except Exception as exc:
+            raise ExperimentError(f"{tpath}: tensor {key!r} cannot be read ({_one_line(exc)}); {_FIX}") from exc
+        if not bool(torch.isfinite(t).all()):
+            raise ExperimentError(f"{tpath}: tensor {key!r} must hold finite numbers, got NaN or infinity; {_FIX}")
+        tensors[key] = t
+    return tensors
+
+
+def _images(root: Path, manifest: dict[str, Any], n_images: int, check: _Checker) -> list[Path]:
+    """The image files: inside the folder, present, and complete PNGs; none, or one per image."""
+    from PIL import Image
+
+    names = check.items(manifest.get("images", []), "images")
+    if names and len(names) != n_images:
+        raise check.error("images", f"a list of {n_images} file names (one per image) or empty", names)
+    files = []
+    for i, name in enumerate(names):
+        file = _inside(root, name, f"images[{i}]", check)
+        if not file.is_file():
+            raise ExperimentError(f"{file} is missing or not a file (images[{i}] of {MANIFEST}); {_FIX}")
+        try:
+            with Image.open(file, formats=["PNG"]) as im:
+                im.verify()  # reads every chunk and its checksum: finds truncation and garbage
+        except Exception as exc:
+            raise ExperimentError(f"{file} must be a complete PNG image, got {_one_line(exc)}; {_FIX}") from exc
+        files.append(file)
+    return files
+
+
+def _tokenizer_folder(root: Path, name: str, check: _Checker) -> Path:
+    """A saved tokenizer's folder: inside the experiment, plain files only (no links leading out), and a
+    config that neither asks for remote code nor points at files of its own choosing."""
+    folder = _inside(root, name, "the tokenizer folder", check)
+    if not folder.is_dir():
+        raise ExperimentError(f"{root / name} is missing: {MANIFEST} says the tokenizer was saved there; {_FIX}")
+    for base, dirs, files in os.walk(folder, followlinks=False):
+        for entry in dirs + files:
+            rel = str((Path(base) / entry).relative_to(root))
+            path = _inside(root, rel, "a tokenizer file", check)
+            if not (path.is_file() or path.is_dir()):
+                raise ExperimentError(f"{root / rel} must be a regular file or folder; {_FIX}")
+    config_file = folder / "tokenizer_config.json"
+    if config_file.exists():
+        config = _read_json(config_file, "the tokenizer config", _MAX_TOKENIZER_CONFIG_BYTES)
+        if not isinstance(config, dict):
+            raise ExperimentError(f"{config_file} must be a JSON object, got a JSON {type(config).__name__}; {_FIX}")
+        if "auto_map" in config:
+            raise ExperimentError(
+                f"{config_file} asks for remote tokenizer code (auto_map), which loading never runs; {_FIX}"
+            )
+        named = [k for k, v in config.items() if k.endswith(("_file", "_files")) and v is not None]
+        if named:
+            raise ExperimentError(
+                f"{config_file} must not name its own files, got {named}: save_pretrained never writes them; {_FIX}"
+            )
+    return folder
+
+
+def _load_tokenizer(root: Path, kind: str | None, folder: Path | None) -> Any:
     if kind is None:
         return None
     if kind == "clip-bpe-49408":
         from ..testing import clip_tokenizer
 
         return clip_tokenizer()
-    if kind == "saved":
-        from transformers import AutoTokenizer
+    assert kind == "saved" and folder is not None
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path / folder), local_files_only=True, trust_remote_code=False)
-    raise ExperimentError(f"unknown tokenizer kind {kind!r} in {path / MANIFEST}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # damaged files: json, sentencepiece, tokenizers errors of every kind
+        raise ExperimentError(f"{folder}: the saved tokenizer cannot be loaded ({_one_line(exc)}); {_FIX}") from exc
+
+
+def _check_tokenizer(
+    tokenizer: Any, folder: Path, prompts: list[str | None], tokens: list[list[str] | None], lower: bool
+) -> None:
+    """A saved tokenizer must split the saved prompts into the saved tokens: a damaged folder can
+    load without error yet hold a different (or empty) vocabulary."""
+    for i, (prompt, toks) in enumerate(zip(prompts, tokens, strict=False)):
+        if prompt is None or toks is None:
+            continue
+        try:
+            got = tokenizer.tokenize(prompt.lower() if lower else prompt)
+        except Exception as exc:
+            raise ExperimentError(
+                f"{folder}: the saved tokenizer cannot split prompts ({_one_line(exc)}); {_FIX}"
+            ) from exc
+        if list(got) != list(toks):
+            raise ExperimentError(
+                f"{folder}: the saved tokenizer must split image {i}'s prompt {_shown(prompt, 40)} into the saved "
+                f"tokens {_shown(toks, 60)}, got {_shown(got, 60)}; {_FIX}"
+            )
+
+
+def _tokenizers(
+    root: Path, gen: Generation, kinds: dict[str, tuple[str | None, Path | None]]
+) -> tuple[Any, dict[str, Any]]:
+    """The pipeline's tokenizer and each stream's, loaded; saved ones checked against the saved tokens."""
+    loaded = {attr: _load_tokenizer(root, kind, folder) for attr, (kind, folder) in kinds.items()}
+    main_kind, main_folder = kinds[""]
+    if main_kind == "saved" and main_folder is not None and not gen.streams:
+        _check_tokenizer(loaded[""], main_folder, gen.image_prompts, gen.image_tokens, lower=True)
+    for st in gen.streams:
+        kind, folder = kinds.get(st["tokenizer"], (None, None))
+        if kind == "saved" and folder is not None and st.get("prompts"):
+            _check_tokenizer(loaded[st["tokenizer"]], folder, st["prompts"], st["tokens"], lower=st["name"] == "clip")
+    main = loaded.pop("")
+    return main, loaded
+
+
+def _tokenizer_kinds(
+    root: Path, manifest: dict[str, Any], check: _Checker
+) -> dict[str, tuple[str | None, Path | None]]:
+    """'' (the pipeline's tokenizer) and each stream's attribute -> (kind, checked folder)."""
+    kinds = ("clip-bpe-49408", "saved")
+    out: dict[str, tuple[str | None, Path | None]] = {}
+    kind = check.text(manifest.get("tokenizer"), "tokenizer", kinds, optional=True)
+    out[""] = (kind, _tokenizer_folder(root, "tokenizer", check) if kind == "saved" else None)
+    for attr, kind in manifest.get("stream_tokenizers", {}).items():
+        if not _ATTRIBUTE.fullmatch(attr):
+            raise check.error(
+                "stream_tokenizers keys", "pipeline attribute names such as 'tokenizer_3'", attr, _FIX_PATH
+            )
+        kind = check.text(kind, f"stream_tokenizers.{attr}", kinds, optional=True)
+        out[attr] = (kind, _tokenizer_folder(root, f"tokenizers/{attr}", check) if kind == "saved" else None)
+    return out
+
+
+def _nbytes(manifest: dict[str, Any], gen: Generation) -> None:
+    """The manifest's store sizes, recomputed from the tensors (``info`` prints them)."""
+    manifest["nbytes"] = {k: gen.nbytes(k) for k in ("self", "cross", "cross_steps")}
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Open an experiment folder written by :meth:`daami2i.Trace.to_experiment`."""
-    from safetensors.torch import load_file
+    """Open an experiment folder written by :meth:`daami2i.Trace.to_experiment` (or the folder
+    ``daami2i generate -o OUT`` wrote, whose experiment is ``OUT/experiment``).
 
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ExperimentError(f"{path} is not a daami2i experiment: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExperimentError(f"{mpath} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise ExperimentError(f"{mpath} is not a daami2i experiment manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise ExperimentError(
-            f"{path} uses experiment format version {manifest.get('version')}, this daami2i reads version {VERSION}"
+    Raises :class:`ExperimentError` (a :class:`daami2i.Daami2iError`) for a missing, damaged,
+    inconsistent or unsafe folder, before anything large is allocated; never unpickles or runs code."""
+    folder = _find_folder(Path(path))
+    root = folder.resolve()
+    manifest, check = _manifest(root)
+    gen = _generation(manifest, check)
+    selfs, crosses = _entries(manifest, check)
+    image_files = _images(root, manifest, gen.n_images, check)
+    kinds = _tokenizer_kinds(root, manifest, check)
+    handle, wanted = _tensor_header(root, gen, selfs, crosses, check)
+    tokenizer, tokenizers = _tokenizers(root, gen, kinds)
+    tensors = _read_tensors(root, handle, wanted)
+    for e in selfs:
+        f = e["factor"]
+        gen.self_attention[f] = SelfAttentionStore(f, e["size"], tensors[f"self/{f}"], e["layers"])
+    for e in crosses:
+        layer = e["layer"]
+        steps = tensors.get(f"cross_steps/{layer}")
+        gen.cross_attention[layer] = CrossAttentionStore(
+            layer,
+            e["factor"],
+            e["size"],
+            tensors[f"cross/{layer}"],
+            per_step=list(steps.unbind(0)) if steps is not None else None,
+            step_tokens=e["step_tokens"],
         )
-    tensors = load_file(str(path / TENSORS))
-    g = manifest["generation"]
-    gen = Generation(
-        index=g["index"],
-        grid_size=tuple(g["grid_size"]),
-        prompts=g["prompts"],
-        latent_size=tuple(g["latent_size"]) if g["latent_size"] else None,
-        image_size=tuple(g["image_size"]) if g["image_size"] else None,
-        n_images=g["n_images"],
-        cfg=g["cfg"],
-        halves=g["halves"],
-        steps_run=g["steps_run"],
-        steps_captured=list(g["steps_captured"]),
-        image_prompts=list(g["image_prompts"]),
-        image_tokens=list(g["image_tokens"]),
-        config=dict(g.get("config", {})),
-        streams=list(g.get("streams", [])),
-    )
-    try:
-        for entry in manifest["self_attention"]:
-            f = int(entry["factor"])
-            gen.self_attention[f] = SelfAttentionStore(
-                f, tuple(entry["size"]), tensors[f"self/{f}"], list(entry["layers"])
-            )
-        for entry in manifest["cross_attention"]:
-            layer = entry["layer"]
-            steps = tensors.get(f"cross_steps/{layer}")
-            gen.cross_attention[layer] = CrossAttentionStore(
-                layer,
-                int(entry["factor"]),
-                tuple(entry["size"]),
-                tensors[f"cross/{layer}"],
-                per_step=list(steps.unbind(0)) if steps is not None else None,
-                step_tokens=int(entry.get("step_tokens", 0)),
-            )
-    except KeyError as exc:
-        raise ExperimentError(f"{path / TENSORS} lacks the tensor {exc} that the manifest lists") from exc
-    for st in gen.self_attention.values():
-        n = st.size[0] * st.size[1]
-        if tuple(st.sums.shape) != (gen.n_images, n, n):
-            raise ExperimentError(f"self/{st.factor} has shape {tuple(st.sums.shape)}, expected {(gen.n_images, n, n)}")
-    if gen.n_images < 1:
-        raise QueryError(f"{path} holds no image")
-    tokenizers = {
-        attr: _load_tokenizer(path, kind, f"tokenizers/{attr}")
-        for attr, kind in manifest.get("stream_tokenizers", {}).items()
-    }
-    return Experiment(path, manifest, gen, _load_tokenizer(path, manifest.get("tokenizer")), tokenizers)
+    _nbytes(manifest, gen)
+    return Experiment(folder, manifest, gen, tokenizer, tokenizers, image_files)
