@@ -85,9 +85,17 @@ def binarize(heat: Any, method: Method = "tau", tau: float = 0.4, blur_sigma: fl
     raise QueryError(f"method must be 'tau' or 'otsu', got {method!r}")
 
 
+Kind = Literal["auto", "polygon", "rle"]
+
+
 @dataclass
 class Instance:
-    """One object: its mask, outer contours and holes ([x, y] pixel points), COCO box and area."""
+    """One object: its mask, outer boundaries and holes, COCO box and area.
+
+    Boundaries are closed polygons of ``[x, y]`` pixel *corners* (the lines between pixels, as COCO
+    and pycocotools read polygons): a single pixel at column 3, row 5 is the square
+    (3, 5) - (4, 5) - (4, 6) - (3, 6), so a polygon drawn back by pycocotools covers exactly the mask.
+    """
 
     mask: np.ndarray  # (H, W) bool
     polygons: list[np.ndarray] = field(default_factory=list)  # outer boundaries, each (n, 2) [x, y]
@@ -95,6 +103,7 @@ class Instance:
 
     @property
     def area(self) -> int:
+        """Pixels in the mask."""
         return int(self.mask.sum())
 
     @property
@@ -108,51 +117,118 @@ class Instance:
         rle = _coco_mask().encode(np.asfortranarray(self.mask.astype(np.uint8)))
         return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
-    def segmentation(self, kind: Literal["auto", "polygon", "rle"] = "auto") -> Any:
+    def segmentation(self, kind: Kind = "auto") -> Any:
         """COCO ``segmentation``: polygons (flat [x0, y0, x1, y1, ...] lists) or RLE.
 
-        ``auto`` writes polygons unless the instance has holes (COCO polygons cannot hold them) or
-        its polygons, drawn back by pycocotools, cover the mask with IoU below 0.8 (small or thin
-        instances: a polygon through boundary pixels' centres loses half a pixel all around).
+        Polygons follow pixel boundaries, and they are only written when pycocotools draws them back
+        to exactly the mask; otherwise this falls back to RLE. ``auto`` writes polygons for
+        instances without holes and RLE for those with holes; ``polygon`` also writes instances with
+        holes as polygons, each hole joined to its outer boundary by a zero-width vertical cut (read
+        by pycocotools exactly; some other tools may draw the cut as a hairline); ``rle`` always
+        writes RLE.
         """
         if kind not in ("auto", "polygon", "rle"):
             raise QueryError(f"segmentation kind must be 'auto', 'polygon' or 'rle', got {kind!r}")
-        polys = [[float(v) for v in p.reshape(-1)] for p in self.polygons]
-        if kind == "rle" or (kind == "auto" and (self.holes or self.polygon_iou(polys) < 0.8)):
+        if kind == "rle" or (kind == "auto" and self.holes):
+            return self.rle()
+        rings = _bridged(self.polygons, self.holes) if self.holes else self.polygons
+        polys = [[float(v) for v in p.reshape(-1)] for p in rings]
+        if not polys or not np.array_equal(self._drawn(polys), self.mask):
             return self.rle()
         return polys
 
-    def annotation(self, kind: Literal["auto", "polygon", "rle"] = "auto") -> dict[str, Any]:
-        """The COCO annotation fields of this instance (no ids): bbox, area, segmentation, iscrowd."""
-        return {"bbox": self.bbox, "area": self.area, "segmentation": self.segmentation(kind), "iscrowd": 0}
+    def annotation(self, kind: Kind = "auto") -> dict[str, Any]:
+        """The COCO annotation fields of this instance (no ids): bbox, area, segmentation, iscrowd.
+
+        ``area`` is pycocotools' area of the segmentation written (equal to the mask's pixel count,
+        since what is written draws back to the mask).
+        """
+        seg = self.segmentation(kind)
+        return {"bbox": self.bbox, "area": segmentation_area(seg, *self.mask.shape), "segmentation": seg, "iscrowd": 0}
 
     def polygon_iou(self, polys: list[list[float]]) -> float:
         """IoU of the polygons, rasterised by pycocotools, with the mask."""
         if not polys:
             return 0.0
-        cm = _coco_mask()
-        h, w = self.mask.shape
-        drawn = cm.decode(cm.merge(cm.frPyObjects(polys, h, w))).astype(bool)
+        drawn = self._drawn(polys)
         union = (drawn | self.mask).sum()
         return float((drawn & self.mask).sum() / union) if union else 0.0
 
+    def _drawn(self, polys: list[list[float]]) -> np.ndarray:
+        cm = _coco_mask()
+        h, w = self.mask.shape
+        return cm.decode(cm.merge(cm.frPyObjects(polys, h, w))).astype(bool)
+
+
+def segmentation_area(segmentation: Any, height: int, width: int) -> int:
+    """pycocotools' area (pixels) of a COCO ``segmentation`` (polygons or RLE) on a height x width image."""
+    cm = _coco_mask()
+    if isinstance(segmentation, dict):
+        counts, size = segmentation["counts"], list(segmentation["size"])
+        if isinstance(counts, list):  # uncompressed RLE
+            rle = cm.frPyObjects({"size": size, "counts": counts}, *size)
+        else:
+            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        rle = cm.merge(cm.frPyObjects(segmentation, height, width))
+    return int(cm.area(rle))
+
 
 def _contours(mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Outer boundaries and holes of a binary mask (OpenCV, two-level hierarchy)."""
+    """Outer boundaries and holes of a binary mask, traced along pixel boundaries (OpenCV).
+
+    OpenCV traces the centres of boundary pixels. On the mask scaled up 2 x 2 (nearest), a boundary
+    pixel on the low side of a block (top, left) has an even index and one on the high side an odd
+    one, so ``(index + 1) // 2`` is the block's edge on that side: the traced centres become the
+    original pixels' corners. Repeated and collinear points are dropped.
+    """
     cv2 = _cv2()
-    found, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    up = np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8))
+    found, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     outer: list[np.ndarray] = []
     holes: list[np.ndarray] = []
     for c, h in zip(found, hierarchy[0] if hierarchy is not None else [], strict=False):
-        pts = c.reshape(-1, 2).astype(np.float64)
-        if len(pts) < 3:  # a one- or two-pixel-wide sliver: its pixels' box, so COCO can draw it
-            x0, y0 = pts.min(0)
-            x1, y1 = pts.max(0) + 1
-            pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
-        else:  # OpenCV gives boundary pixels' indices; their centres are at +0.5 in image coordinates
-            pts = pts + 0.5
-        (holes if h[3] >= 0 else outer).append(pts)
+        pts = (c.reshape(-1, 2) + 1) // 2
+        pts = pts[np.any(pts != np.roll(pts, 1, axis=0), axis=1)]  # repeats
+        if len(pts) > 2:  # collinear middle points
+            d_in, d_out = pts - np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0) - pts
+            pts = pts[d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0]
+        (holes if h[3] >= 0 else outer).append(pts.astype(np.float64))
     return outer, holes
+
+
+def _bridged(outer: list[np.ndarray], holes: list[np.ndarray]) -> list[np.ndarray]:
+    """Outer boundaries with every hole spliced in through a zero-width vertical cut.
+
+    Each hole (topmost first) is joined from its top-left corner straight up to the nearest
+    horizontal edge above it (the boundary of the ring that encloses it, or of a hole already
+    spliced into that ring). pycocotools fills polygons by the parity
+    of crossings per pixel column; a vertical cut crosses no column, so the spliced ring draws
+    exactly the outer region minus the hole. A hole with no edge above it is left out (and the
+    caller's exactness check then falls back to RLE).
+    """
+    rings = [p.copy() for p in outer]
+    for hole in sorted(holes, key=lambda q: (q[:, 1].min(), q[:, 0].min())):
+        top = int(np.lexsort((hole[:, 0], hole[:, 1]))[0])  # smallest y, then smallest x
+        x0, y0 = hole[top]
+        best: tuple[float, int, int] | None = None  # (distance, ring, edge start)
+        for r, ring in enumerate(rings):
+            a, b = ring, np.roll(ring, -1, axis=0)
+            horizontal = (a[:, 1] == b[:, 1]) & (a[:, 1] < y0)
+            spans = (np.minimum(a[:, 0], b[:, 0]) <= x0) & (x0 <= np.maximum(a[:, 0], b[:, 0]))
+            for e in np.nonzero(horizontal & spans)[0]:
+                dist = float(y0 - a[e, 1])
+                if best is None or dist < best[0]:
+                    best = (dist, r, int(e))
+        if best is None:
+            continue
+        _, r, edge = best
+        ring = rings[r]
+        hit = np.array([[x0, ring[edge, 1]]])
+        loop = np.roll(hole, -top, axis=0)
+        loop = np.concatenate([loop, loop[:1]])  # around the hole, back to its corner
+        rings[r] = np.concatenate([ring[: edge + 1], hit, loop, hit, ring[edge + 1 :]])
+    return rings
 
 
 def _box_iou(a: list[float], b: list[float]) -> float:
