@@ -15,12 +15,21 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers says on every load that torchvision is missing and it falls back to PIL (it does so
+# itself; nothing to act on): keep its messages to errors, before it is imported
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from matplotlib.figure import Figure
+from transformers.utils import logging as transformers_logging
 
 import daami2i
 from daami2i.shapes.model import DEFAULTS, load_pipeline
+
+# the embedded model loads in a second: no per-component progress bars
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 
 def main() -> None:

@@ -75,26 +75,65 @@ def plot_overlay(
     return fig, ax
 
 
+def _draw_outline(ax: Axes, mask: np.ndarray, color: str = "white") -> None:
+    """The edge of a 0/1 mask, in ``color`` with a black rim: visible on any image."""
+    from matplotlib import patheffects
+
+    if not mask.any() or mask.all():
+        return
+    cs = ax.contour(mask, levels=[0.5], colors=[color], linewidths=1.5)
+    cs.set_path_effects([patheffects.withStroke(linewidth=3.0, foreground="black")])
+
+
 def plot_mask(
     image: Any,
     heat_map: HeatMap,
     threshold: float = 0.4,
     ax: Axes | None = None,
-    color: tuple[float, float, float] = (1.0, 0.1, 0.1),
+    color: tuple[float, float, float] | None = None,
     alpha: float = 0.55,
     title: str | None = None,
 ) -> tuple[Figure, Axes]:
-    """The binary mask ``expand_as(image, threshold=threshold)`` drawn in ``color`` over the image."""
+    """The binary mask ``expand_as(image, threshold=threshold)`` over the image, with its edge outlined.
+
+    By default the image keeps its colours inside the mask and is dimmed (black at ``alpha``) outside
+    it, so the mask reads on an object of any colour; ``color=(r, g, b)`` fills the mask with that
+    colour at ``alpha`` instead. Either way the mask's edge is drawn in white with a black rim.
+    """
     fig, ax = _fig_ax(ax)
     mask = heat_map.expand_as(image, threshold=threshold).numpy()
     rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
-    rgba[..., :3] = color
-    rgba[..., 3] = mask * alpha
+    if color is None:
+        rgba[..., 3] = (1.0 - mask) * alpha
+    else:
+        rgba[..., :3] = color
+        rgba[..., 3] = mask * alpha
     ax.imshow(_as_array(image))
     ax.imshow(rgba)
+    _draw_outline(ax, mask)
     ax.set_title(title if title is not None else f"mask > {threshold:g}")
     ax.axis("off")
     return fig, ax
+
+
+def plot_overlay_with_mask(
+    image: Any,
+    heat_map: HeatMap,
+    threshold: float,
+    axes: Any = None,
+    title: str | None = None,
+    **overlay: Any,
+) -> tuple[Figure, Any]:
+    """Two panels: the map over the image (:func:`plot_overlay`) and its mask at ``threshold``
+    (:func:`plot_mask`)."""
+    if axes is None:
+        fig = _figure((8, 4))
+        axes = fig.subplots(1, 2)
+    else:
+        fig = axes[0].figure
+    plot_overlay(image, heat_map, ax=axes[0], title=title, **overlay)
+    plot_mask(image, heat_map, threshold=threshold, ax=axes[1])
+    return fig, axes
 
 
 def plot_word_grid(
@@ -127,29 +166,37 @@ def plot_word_grid(
 
 
 def draw_region(ax: Axes, heat_map: PixelHeatMap, image_size: tuple[int, int], color: str = "white") -> None:
-    """Outline the region behind a self-attention map (box, contours or pixels) on ``ax``."""
+    """Outline the region behind a self-attention map (box, contours or pixels) on ``ax``, in ``color``
+    with a black rim (visible on light and dark images alike)."""
+    from matplotlib import patheffects
     from matplotlib.patches import Polygon, Rectangle
 
+    rim: list[patheffects.AbstractPathEffect] = [patheffects.withStroke(linewidth=3.5, foreground="black")]
     h, w = image_size
     gh, gw = heat_map.size
     sy, sx = h / gh, w / gw
     region = heat_map.region
     if region["kind"] == "box":
-        x1, y1, x2, y2 = region["box"]
-        ax.add_patch(Rectangle((x1 * sx, y1 * sy), (x2 - x1) * sx, (y2 - y1) * sy, fill=False, color=color, lw=2))
+        x1, y1, x2, y2 = region["box"]  # the covered cells' edges, half-open
+        rect = Rectangle((x1 * sx, y1 * sy), (x2 - x1) * sx, (y2 - y1) * sy, fill=False, color=color, lw=2)
+        rect.set_path_effects(rim)
+        ax.add_patch(rect)
     elif region["kind"] == "contours":
         ch, cw = region["image_size"]
         for contour in region["contours"]:
             pts = np.asarray(contour, dtype=float) * [w / cw, h / ch]
-            ax.add_patch(Polygon(pts, closed=True, fill=False, color=color, lw=2))
+            poly = Polygon(pts, closed=True, fill=False, color=color, lw=2)
+            poly.set_path_effects(rim)
+            ax.add_patch(poly)
     else:
         weights = heat_map.weights.numpy()
-        ax.contour(
+        cs = ax.contour(
             np.repeat(np.repeat(weights > 0, math.ceil(sy), 0), math.ceil(sx), 1)[:h, :w],
             levels=[0.5],
             colors=[color],
             linewidths=1.5,
         )
+        cs.set_path_effects(rim)
 
 
 def plot_region(
@@ -157,14 +204,20 @@ def plot_region(
     heat_map: PixelHeatMap,
     axes: Any = None,
     title: str | None = None,
+    threshold: float | None = None,
     **overlay: Any,
 ) -> tuple[Figure, Any]:
-    """Two panels: the region drawn on the image, and its self-attention map over the image."""
+    """The region drawn on the image, and its self-attention map over the image, the region outlined
+    on both; with ``threshold`` a third panel, the map's mask at that level (:func:`plot_mask`)."""
+    panels = 2 if threshold is None else 3
     if axes is None:
-        fig = _figure((8, 4))
-        axes = fig.subplots(1, 2)
+        fig = _figure((4 * panels, 4))
+        axes = fig.subplots(1, panels)
     else:
         fig = axes[0].figure
+        if len(axes) < panels:
+            why = " (the third for the mask at the threshold)" if threshold is not None else ""
+            raise Daami2iError(f"plot_region needs {panels} axes{why}, got {len(axes)}")
     size = image_size_of(image)
     axes[0].imshow(_as_array(image))
     draw_region(axes[0], heat_map, size)
@@ -172,4 +225,7 @@ def plot_region(
     axes[0].axis("off")
     plot_overlay(image, heat_map, ax=axes[1], title=title or f"self-attention ({heat_map.direction})", **overlay)
     draw_region(axes[1], heat_map, size)
+    if threshold is not None:
+        plot_mask(image, heat_map, threshold=threshold, ax=axes[2])
+        draw_region(axes[2], heat_map, size, color="yellow")
     return fig, axes
