@@ -412,7 +412,10 @@ def dataset(
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-k", min=1, help="Samples per prompt."),
     scheme: str = typer.Option("guided", "--scheme", help="raw, guided, cascade, repeated or diffused."),
     words: str | None = typer.Option(
-        None, "--words", help="Comma-separated words to annotate where they occur [default: nouns via spaCy]."
+        None,
+        "--words",
+        help="Comma-separated words to annotate where they occur [default: the embedded model's shapes (circle, "
+        "square, triangle) for -m shapes, else nouns via spaCy].",
     ),
     method: str = typer.Option("tau", "--method", help="Mask threshold: tau (fixed) or otsu."),
     tau: float = typer.Option(0.4, "--tau", help="Threshold on the min-max normalised map for --method tau."),
@@ -427,10 +430,29 @@ def dataset(
     device: str | None = typer.Option(None, "--device", help="torch device [default: the process's device]."),
 ) -> None:
     """Generate a COCO detection / segmentation dataset from word maps (resumable; under
-    `accelerate launch` every process takes its share of the prompts and the main one merges)."""
-    from .datasets import DatasetConfig, generate_shard, merge, read_prompts
+    `accelerate launch` every process takes its share of the prompts and the main one merges).
+
+    Every option, the prompt file and the output folder are checked before the model loads and
+    before anything is written; a folder made with other prompts or settings is refused.
+    """
+    from .datasets import (
+        DatasetConfig,
+        check_out,
+        generate_shard,
+        merge,
+        model_identity,
+        parse_words,
+        prepare_out,
+        read_prompts,
+        settings_of,
+        summary,
+    )
+    from .shapes import SHAPES
 
     prompt_list = read_prompts(prompts)
+    vocabulary = parse_words(words)
+    if vocabulary is None and spacy_model is None and model == "shapes":
+        vocabulary = list(SHAPES)  # the embedded model knows three nouns: no spaCy needed
     default_steps, default_guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
     config = DatasetConfig(
         images_per_prompt=images_per_prompt,
@@ -443,17 +465,16 @@ def dataset(
         guidance=guidance if guidance is not None else default_guidance,
         save_experiments=experiments,
         spacy_model=spacy_model,
+        model=model_identity(model),
     )
-    config.check()
-    vocabulary = [w.strip() for w in words.split(",") if w.strip()] if words else None
+    settings = settings_of(config, vocabulary)  # checks every setting; loads spaCy when it finds the nouns
+    check_out(out, prompt_list, settings)
     state = _distributed_state()
     pipe = _load_pipeline(model, device or (str(state.device) if state is not None else None))
     pipe.set_progress_bar_config(disable=True)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     if rank == 0:
-        from .datasets import _check_out
-
-        _check_out(out, prompt_list, config)
+        prepare_out(out, prompt_list, settings)
     if state is not None:
         state.wait_for_everyone()
     made = generate_shard(pipe, prompt_list, out, config, vocabulary, rank=rank, world=world)
@@ -462,6 +483,7 @@ def dataset(
     if rank == 0:
         inst, caps = merge(out)
         typer.echo(f"{made} new sample(s) on this process; dataset: {inst} and {caps}")
+        typer.echo(f"dataset holds {summary(out)}")
 
 
 def _distributed_state() -> Any:
