@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test bench bench-deps lint clean
+.PHONY: demo test pictures pictures-check bench bench-deps lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(RUN) $(BIN)/python -m pytest -q
 	$(RUN) $(BIN)/python benchmarks/capture.py --smoke --json outputs/bench-smoke.json
+
+# the README's pictures, redrawn from the commands shown beside them (pictures-check: compare only;
+# tests/test_cli_pictures.py runs the same check in `make test`)
+pictures: $(VENV)/.installed
+	$(RUN) $(BIN)/python scripts/readme_pictures.py
+
+pictures-check: $(VENV)/.installed
+	$(RUN) $(BIN)/python scripts/readme_pictures.py --check
 
 bench: $(VENV)/.installed bench-deps
 	$(RUN) $(BIN)/python benchmarks/capture.py

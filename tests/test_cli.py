@@ -171,7 +171,7 @@ def test_help_reads_well():
     for cmd in ("generate", "show", "info"):
         assert cmd in res.output
     res = runner.invoke(app, ["show", "--help"])
-    assert "--guide-word" in res.output and "exclusive" in res.output
+    assert "--guide-word" in res.output and "both corners included" in " ".join(res.output.split())
 
 
 def test_console_script_and_module_entry_points(generated):
