@@ -9,16 +9,22 @@
 
 Exit codes: 0 success; 1 a failure while loading, generating or writing; 2 bad arguments or a
 query that cannot be answered; 3 a missing or unreadable experiment folder. Errors are one line with
-the fix; ``--debug`` shows the traceback instead.
+the fix; ``--debug`` (before or after the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import math
 import os
 import re
+import secrets
+import shutil
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +48,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: Rich markup would eat the "[default: ...]" of our help texts and label every
+    # flag "<bool>" although flags take no value
+    rich_markup_mode=None,
 )
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,15 +70,42 @@ def _debug() -> bool:
     return _STATE["debug"]
 
 
+DEBUG_HELP = "Show full tracebacks instead of one-line errors."
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line, ``warning: ...``, on its own line even while a progress bar is drawn
+    (Python's format names a source line of torch's, which tells the user nothing)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def friendly(func: F) -> F:
-    """Turn expected exceptions into one line on stderr and a meaningful exit code."""
+    """Turn expected exceptions into one line on stderr and a meaningful exit code.
+
+    The command also gets a ``--debug`` flag, so that ``daami2i show ... --debug`` works as well as
+    ``daami2i --debug show ...``.
+    """
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         from .storage.experiment import ExperimentError
 
+        if debug:
+            _STATE["debug"] = True
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not _debug():
+                    warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except typer.Exit:
             raise
         except Exception as exc:
@@ -88,6 +124,18 @@ def friendly(func: F) -> F:
             typer.echo(f"error: {kind}{exc}{hint}", err=True)
             raise typer.Exit(code) from None
 
+    # typer reads the parameters from the signature: the command's own, plus --debug
+    signature = inspect.signature(func)
+    debug_param = inspect.Parameter(
+        "debug",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--debug", help=DEBUG_HELP),
+        annotation="bool",
+    )
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), debug_param]
+    )
+    wrapper.__annotations__ = {**func.__annotations__, "debug": "bool"}
     return wrapper  # type: ignore[return-value]
 
 
@@ -102,7 +150,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """daami2i: where each word acts (cross-attention) and what each region is tied to (self-attention)."""
@@ -116,45 +164,169 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
+def _device(device: str | None) -> str:
+    """The torch device to use: ``device`` checked (before any model is loaded), or cuda / cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(
+            f"--device {device!r} is not a torch device ({str(exc).splitlines()[0]}): use cpu, cuda or cuda:N",
+            EXIT_USAGE,
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CliError(f"--device {device}: this torch sees no CUDA device; use --device cpu", EXIT_USAGE)
+        if dev.index is not None and dev.index >= count:
+            raise CliError(f"--device {device}: only {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})", EXIT_USAGE)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {device}: MPS is not available here; use --device cpu", EXIT_USAGE)
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide the per-component progress bars of diffusers / transformers while a pipeline loads (our own
+    "load model" bar stands for them); restore their settings afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    for lib in (diffusers_logging, transformers_logging):
+        if lib.is_progress_bar_enabled():
+            lib.disable_progress_bar()
+            restore.append(lib)
+    try:
+        yield
+    finally:
+        for lib in restore:
+            lib.enable_progress_bar()
+
+
 def _load_pipeline(model: str, device: str | None) -> Any:
     import torch
     from tqdm.auto import tqdm
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     bar = tqdm(total=2, desc="load model", unit="stage", file=sys.stderr)
     try:
-        if model == "shapes":
-            from .shapes.model import load_pipeline
+        with _quiet_loading():
+            if model == "shapes":
+                from .shapes.model import load_pipeline
 
-            pipe = load_pipeline()
-        elif model == "tiny":
-            from .testing import tiny_sd_pipeline
+                pipe = load_pipeline()
+            elif model == "tiny":
+                from .testing import tiny_sd_pipeline
 
-            pipe = tiny_sd_pipeline("sd2", sample_size=64)
-        else:
-            from diffusers import DiffusionPipeline
+                pipe = tiny_sd_pipeline("sd2", sample_size=64)
+            else:
+                from diffusers import DiffusionPipeline
 
-            local = Path(model).expanduser()
-            if local.exists() and not (local / "model_index.json").is_file():
-                raise CliError(f"{local} is not a diffusers pipeline folder (no model_index.json)", EXIT_USAGE)
-            try:
-                # half-precision weights run slowly (or not at all) on a CPU: load them as float32 there
-                dtype = torch.float32 if torch.device(dev).type == "cpu" else None
-                pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model, dtype=dtype)
-            except Exception as exc:
-                offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-                hint = (
-                    " (HF_HUB_OFFLINE is set: pass a local pipeline folder, or unset it to download)"
-                    if offline
-                    else " (pass a local pipeline folder or a valid hub id)"
-                )
-                raise CliError(f"could not load model {model!r}: {str(exc).splitlines()[0]}{hint}") from exc
+                local = Path(model).expanduser()
+                if local.exists() and not (local / "model_index.json").is_file():
+                    raise CliError(f"{local} is not a diffusers pipeline folder (no model_index.json)", EXIT_USAGE)
+                try:
+                    # half-precision weights run slowly (or not at all) on a CPU: load them as float32 there
+                    dtype = torch.float32 if torch.device(dev).type == "cpu" else None
+                    pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model, dtype=dtype)
+                except Exception as exc:
+                    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+                    hint = (
+                        " (HF_HUB_OFFLINE is set: pass a local pipeline folder, or unset it to download)"
+                        if offline
+                        else " (pass a local pipeline folder or a valid hub id)"
+                    )
+                    raise CliError(f"could not load model {model!r}: {str(exc).splitlines()[0]}{hint}") from exc
         bar.update(1)
         pipe = pipe.to(dev)
         bar.update(1)
     finally:
         bar.close()
     return pipe
+
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def _check_generate_options(
+    prompt: str, seed: int, height: int | None, width: int | None, guidance: float | None
+) -> None:
+    """Everything about generate's options that can be checked without the model (exit code 2)."""
+    if not any(ch.isalnum() for ch in prompt):
+        raise CliError(
+            f"the prompt {prompt!r} has no words: give a prompt with at least one word (maps are made per word)",
+            EXIT_USAGE,
+        )
+    if not 0 <= seed < SEED_LIMIT:
+        raise CliError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}", EXIT_USAGE)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise CliError(f"--{name} must be a positive multiple of 8 (the VAE's scale), got {value}", EXIT_USAGE)
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise CliError(
+            f"--guidance must be a finite number >= 0 (the classifier-free guidance scale; <= 1 turns guidance "
+            f"off), got {guidance}",
+            EXIT_USAGE,
+        )
+
+
+def _check_out_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a folder: choose a folder for the run's files", EXIT_USAGE)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CliError(
+            f"{out} is not empty: choose another --out, or pass --overwrite to replace its files", EXIT_USAGE
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` to write a run into; moved into place only on success.
+
+    On any failure (or Ctrl+C) the sibling, and any parent folder made for it, is removed, so ``out``
+    never holds a half-written run. Into an existing non-empty ``out`` (``--overwrite``) each new
+    entry replaces the one of the same name; other files there are kept.
+    """
+    out = Path(os.path.abspath(out))
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp, which makes it private) so that the folder gets the umask's permissions
+    stage = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise CliError(f"cannot write into {out.parent}: {exc.strerror or exc}", EXIT_USAGE) from None
+    try:
+        yield stage
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            stage.rename(out)
+        else:
+            for entry in sorted(stage.iterdir()):
+                _remove(out / entry.name)
+                entry.rename(out / entry.name)
+            stage.rmdir()
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 @app.command()
@@ -169,63 +341,67 @@ def generate(
         "and triangles) or 'tiny' (random weights, for tests).",
     ),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: 25 for shapes, else 20]."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(0, "--seed", help="Random seed, 0 to 2**64 - 1."),
     height: int | None = typer.Option(None, "--height", help="Image height in pixels (multiple of 8)."),
     width: int | None = typer.Option(None, "--width", help="Image width in pixels (multiple of 8)."),
     guidance: float | None = typer.Option(
-        None, "--guidance", help="Classifier-free guidance scale, <= 1 turns it off [default: 4 for shapes, else 7.5]."
+        None,
+        "--guidance",
+        help="Classifier-free guidance scale (finite, >= 0), <= 1 turns it off [default: 4 for shapes, else 7.5].",
     ),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder [default: outputs/<prompt>]."),
     device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
     cross_steps: bool = typer.Option(False, "--cross-steps", help="Keep per-step word maps in the experiment."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
 ) -> None:
-    """Generate an image while tracing; write the image, one overlay per word, and the experiment."""
+    """Generate an image while tracing; write the image, one overlay per word, and the experiment.
+
+    Every option is checked before the model is loaded; the run is written into a temporary folder
+    beside --out and moved into place at the end, so a failure leaves --out as it was.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from . import trace
     from .viz import plot_overlay, plot_word_grid
 
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (value <= 0 or value % 8):
-            raise CliError(f"--{name} must be a positive multiple of 8 (the VAE's scale), got {value}", EXIT_USAGE)
+    _check_generate_options(prompt, seed, height, width, guidance)
     out = out or Path("outputs") / _slug(prompt)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CliError(
-            f"{out} is not empty: choose another --out, or pass --overwrite to replace its files", EXIT_USAGE
-        )
+    _check_out_folder(out, overwrite)
+    dev = _device(device)
     default_steps, default_guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
     steps = steps if steps is not None else default_steps
     guidance = guidance if guidance is not None else default_guidance
-    pipe = _load_pipeline(model, device)
-    pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
-    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    with trace(pipe, cross_steps=cross_steps) as trc:
-        result = pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            **size,
-        )
-    image = result.images[0]
-    ghm = trc.compute_global_heat_map()
-    words = ghm.words
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "words").mkdir(exist_ok=True)
-    with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
-        image.save(out / "image.png")
-        bar.update(1)
-        for word in words:
-            fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
-            fig.savefig(out / "words" / f"{_slug(word)}.png", dpi=100, bbox_inches="tight")
+    with _staged(out, overwrite) as stage:
+        pipe = _load_pipeline(model, dev)
+        pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
+        size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        with trace(pipe, cross_steps=cross_steps) as trc:
+            result = pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                **size,
+            )
+        image = result.images[0]
+        ghm = trc.compute_global_heat_map()
+        words = ghm.words
+        if not words:
+            raise CliError(f"the prompt {prompt!r} has no words the text encoder saw; nothing was written")
+        (stage / "words").mkdir()
+        with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
+            image.save(stage / "image.png")
             bar.update(1)
-        fig, _ = plot_word_grid(image, ghm)
-        fig.savefig(out / "words.png", dpi=80, bbox_inches="tight")
-        bar.update(1)
-        trc.to_experiment(out / "experiment", seed=seed, overwrite=overwrite, model_arg=model, steps=steps)
-        bar.update(1)
+            for word in words:
+                fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
+                fig.savefig(stage / "words" / f"{_slug(word)}.png", dpi=100, bbox_inches="tight")
+                bar.update(1)
+            fig, _ = plot_word_grid(image, ghm)
+            fig.savefig(stage / "words.png", dpi=80, bbox_inches="tight")
+            bar.update(1)
+            trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps)
+            bar.update(1)
     typer.echo(f"image:      {out / 'image.png'}")
     typer.echo(f"word maps:  {out / 'words'}/ ({', '.join(words)}) and {out / 'words.png'}")
     example = max(words, key=len)
@@ -238,6 +414,8 @@ def _numbers(text: str, what: str, count: int | None = None) -> list[float]:
         values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise CliError(f"{what} must be numbers separated by commas, got {text!r}", EXIT_USAGE) from None
+    if not all(math.isfinite(v) for v in values):
+        raise CliError(f"{what} must be finite numbers, got {text!r}", EXIT_USAGE)
     if count is not None and len(values) != count:
         raise CliError(f"{what} needs {count} numbers, got {len(values)} in {text!r}", EXIT_USAGE)
     return values
@@ -249,6 +427,37 @@ def _ints(values: list[float], what: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def _check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not (math.isfinite(threshold) and 0 < threshold < 1):
+        raise CliError(
+            f"--threshold must be a number strictly between 0 and 1 (it cuts the map min-max normalised to "
+            f"[0, 1]; 0 or 1 would give an all-full or all-empty mask), got {threshold}",
+            EXIT_USAGE,
+        )
+
+
+def _output_file(out: str | None, folder: Path, name: str) -> Path:
+    """Where show writes: ``folder / name`` by default; inside ``out`` when it is a folder (existing,
+    or written with a trailing slash); else ``out``, with ``.png`` added when it has no extension."""
+    if out is None:
+        return folder / name
+    path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / name
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix[1:].lower() not in formats:
+        raise CliError(
+            f"-o {out}: {path.suffix!r} is not an image format matplotlib writes ({', '.join(formats)}); "
+            f"use e.g. {path.with_suffix('.png')}, or end a folder name with /",
+            EXIT_USAGE,
+        )
+    return path
+
+
 @app.command()
 @friendly
 def show(
@@ -257,21 +466,35 @@ def show(
     pixel: str | None = typer.Option(
         None, "--pixel", help="Latent pixels 'X,Y' (x = column), several as 'X,Y X,Y': their self-attention map."
     ),
-    box: str | None = typer.Option(None, "--box", help="Latent box 'X1,Y1,X2,Y2' (X2, Y2 exclusive)."),
+    box: str | None = typer.Option(
+        None,
+        "--box",
+        help="Latent box 'X1,Y1,X2,Y2' (x = column), both corners included: columns X1..X2, rows Y1..Y2 "
+        "(X2 = width or Y2 = height is clipped to the last column / row).",
+    ),
     contour: str | None = typer.Option(None, "--contour", help="Polygon in image pixels: 'x,y x,y x,y ...'."),
     guide_word: str | None = typer.Option(
         None, "--guide-word", help="Weight the --pixel/--box/--contour region by this word's map."
     ),
     merged: bool = typer.Option(False, "--merged", help="With --word: the word map refined by self-attention."),
-    threshold: float | None = typer.Option(None, "--threshold", help="Draw the binary mask above this level."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="Also draw the binary mask above this level (0 < T < 1, on the normalised map)."
+    ),
     image_idx: int = typer.Option(0, "--image", help="Which image of a batch."),
     direction: str = typer.Option("attended_by", "--direction", help="attended_by (columns) or attends_to (rows)."),
-    out: Path | None = typer.Option(None, "-o", "--out", help="PNG to write [default: inside the experiment]."),
+    out: str | None = typer.Option(
+        None,
+        "-o",
+        "--out",
+        metavar="PATH",
+        help="File to write (.png unless another extension is given); a folder (existing, or ending in /) "
+        "gets the default name [default: show-<query>.png inside the experiment].",
+    ),
 ) -> None:
     """Answer one query on a saved experiment, without the model, and write it as a PNG."""
     from . import load_experiment
     from .heatmaps import regions
-    from .viz import plot_mask, plot_overlay, plot_region
+    from .viz import plot_overlay, plot_overlay_with_mask, plot_region
 
     chosen = [n for n, v in (("--word", word), ("--pixel", pixel), ("--box", box), ("--contour", contour)) if v]
     if len(chosen) != 1:
@@ -282,6 +505,7 @@ def show(
         raise CliError("--guide-word weights a --pixel/--box/--contour region; for a word use --merged", EXIT_USAGE)
     if merged and not word:
         raise CliError("--merged refines a --word map", EXIT_USAGE)
+    _check_threshold(threshold)
     exp = load_experiment(experiment)
     ghm = exp.compute_global_heat_map(image_idx=image_idx, direction=direction)  # type: ignore[arg-type]
     image = exp.images[image_idx] if exp.images else ghm.image_size
@@ -323,18 +547,22 @@ def show(
         label += f"-guided-{_slug(guide_word)}"
     if threshold is not None:
         label += f"-mask{threshold:g}"
-    out = out or experiment / f"show-{label}.png"
-    if threshold is not None:
-        fig, _ = plot_mask(image, hm, threshold=threshold)
-    elif word:
-        fig, _ = plot_overlay(image, hm, title=word + (" (merged)" if merged else ""))
+    target = _output_file(out, experiment, f"show-{label}.png")
+    if word:
+        title = word + (" (merged)" if merged else "")
+        if threshold is None:
+            fig, _ = plot_overlay(image, hm, title=title)
+        else:
+            fig, _ = plot_overlay_with_mask(image, hm, threshold=threshold, title=title)
     else:
-        fig, _ = plot_region(image, hm)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
+        title = f"self-attention ({hm.direction})" + (f"\nguided by '{guide_word}'" if guide_word else "")
+        fig, _ = plot_region(image, hm, title=title, threshold=threshold)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=100, bbox_inches="tight")
     v = hm.value
     typer.echo(
-        f"wrote {out}  (map on the {v.shape[0]}x{v.shape[1]} grid, min {float(v.min()):.4g}, max {float(v.max()):.4g})"
+        f"wrote {target}  (map on the {v.shape[0]}x{v.shape[1]} grid, min {float(v.min()):.4g}, "
+        f"max {float(v.max()):.4g})"
     )
 
 
