@@ -726,6 +726,10 @@ def test_the_folder_generate_printed(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "grid 8x8" in res.output, res.output
     res = runner.invoke(app, ["show", str(out), "--word", "cat", "-o", str(tmp_path / "cat.png")])
     assert res.exit_code == 0 and (tmp_path / "cat.png").is_file(), res.output
+    # without -o the picture lands beside the experiment it shows, not in OUT
+    res = runner.invoke(app, ["show", str(out), "--word", "cat"])
+    assert res.exit_code == 0 and (out / "experiment" / "show-word-cat.png").is_file(), res.output
+    assert str(out / "experiment" / "show-word-cat.png") in res.output
     with pytest.raises(ExperimentError, match=r"manifest\.json is missing .*OUT/experiment"):
         daami2i.load_experiment(out / "words")
 

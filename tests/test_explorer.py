@@ -219,4 +219,4 @@ def test_explore_command_checks_its_experiment_folder(tmp_path):
     from daami2i.cli import app
 
     res = CliRunner().invoke(app, ["explore", str(tmp_path)])
-    assert res.exit_code == 3 and "not an experiment folder" in res.output
+    assert res.exit_code == 3 and "manifest.json is missing" in res.output

@@ -97,7 +97,7 @@ def friendly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
-        from .storage.experiment import ExperimentError
+        from .errors import ExperimentError
 
         if debug:
             _STATE["debug"] = True
@@ -508,7 +508,8 @@ def show(
     _check_threshold(threshold)
     exp = load_experiment(experiment)
     ghm = exp.compute_global_heat_map(image_idx=image_idx, direction=direction)  # type: ignore[arg-type]
-    image = exp.images[image_idx] if exp.images else ghm.image_size
+    images = exp.images  # (read once: each access opens and checks the PNGs)
+    image = images[image_idx] if images else ghm.image_size
     guide = ghm.compute_word_heat_map(guide_word) if guide_word else None
     if word:
         hm: Any = ghm.compute_word_heat_map(word)
@@ -547,7 +548,7 @@ def show(
         label += f"-guided-{_slug(guide_word)}"
     if threshold is not None:
         label += f"-mask{threshold:g}"
-    target = _output_file(out, experiment, f"show-{label}.png")
+    target = _output_file(out, exp.path, f"show-{label}.png")  # exp.path: OUT/experiment when given OUT
     if word:
         title = word + (" (merged)" if merged else "")
         if threshold is None:
@@ -620,8 +621,11 @@ def explore(
     """Start the explorer web app: generate, click pixels, drag boxes, draw polygons, pick words."""
     from .explore import build_app, launch
 
-    if experiment is not None and not (experiment / "manifest.json").is_file():
-        raise CliError(f"{experiment} is not an experiment folder (no manifest.json)", EXIT_EXPERIMENT)
+    if experiment is not None:
+        from . import load_experiment
+
+        # the folder generate printed works too; a damaged folder exits 3 before the model loads
+        experiment = load_experiment(experiment).path
     pipe = _load_pipeline(model, device)
     pipe.set_progress_bar_config(disable=True)
     steps, guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
