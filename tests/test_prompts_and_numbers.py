@@ -185,3 +185,25 @@ def test_explorer_checks_its_numbers_before_generating(sd1, seed, steps, guidanc
 
     with pytest.raises(QueryError, match=f"{match} must be"):
         generate(sd1, Session(), "a red cat", seed, steps, guidance)
+
+
+def test_loading_the_embedded_model_prints_nothing():
+    """No torchvision notice, no loading bars: nothing a user could act on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    code = "from daami2i.shapes.model import load_pipeline; load_pipeline()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "" and res.stdout == ""
+
+
+def test_tokenizing_a_long_prompt_tells_nothing_itself(sd1, capfd):
+    from daami2i.heatmaps.words import tokenize_prompt
+    from daami2i.testing import clip_tokenizer
+
+    tok = clip_tokenizer()  # a fresh tokenizer: transformers warns once per tokenizer
+    assert len(tokenize_prompt(tok, "a " * 100)) == 100
+    assert "longer than the specified maximum" not in capfd.readouterr().err

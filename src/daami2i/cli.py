@@ -188,33 +188,16 @@ def _device(device: str | None) -> str:
     return device
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide the per-component progress bars of diffusers / transformers while a pipeline loads (our own
-    "load model" bar stands for them); restore their settings afterwards."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    restore = []
-    for lib in (diffusers_logging, transformers_logging):
-        if lib.is_progress_bar_enabled():
-            lib.disable_progress_bar()
-            restore.append(lib)
-    try:
-        yield
-    finally:
-        for lib in restore:
-            lib.enable_progress_bar()
-
-
 def _load_pipeline(model: str, device: str | None) -> Any:
     import torch
     from tqdm.auto import tqdm
 
+    from .quiet import quiet_loading
+
     dev = _device(device)
     bar = tqdm(total=2, desc="load model", unit="stage", file=sys.stderr)
     try:
-        with _quiet_loading():
+        with quiet_loading():
             if model == "shapes":
                 from .shapes.model import load_pipeline
 

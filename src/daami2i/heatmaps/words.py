@@ -62,6 +62,26 @@ class TokenStream:
         return self.tokens is not None and (self.n_seen or 0) < len(self.tokens)
 
 
+def tokenize_prompt(tokenizer: Any, prompt: str) -> list[str]:
+    """All of a prompt's tokens, however long (no truncation), without transformers' notice that the
+    sequence is longer than the model's window: daami2i reads the cut itself and says so once.
+
+    >>> from daami2i.testing import clip_tokenizer
+    >>> len(tokenize_prompt(clip_tokenizer(), "a " * 100))
+    100
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return list(tokenizer.tokenize(prompt))
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return list(tokenizer.tokenize(prompt))
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def clean_token(token: str) -> str:
     """A token without its word-boundary marker (CLIP's ``</w>`` suffix, SentencePiece's ``▁`` prefix)."""
     return token.replace("</w>", "").lstrip("\u2581")
@@ -284,7 +304,7 @@ def text_rows(
     if not hits:
         raise QueryError(
             f"word {word!r} is not in the prompt {prompt!r}; its words are "
-            f"{split_words(tokenizer.tokenize(prompt), tokenizer, n_seen)}"
+            f"{split_words(tokenize_prompt(tokenizer, prompt), tokenizer, n_seen)}"
         )
     seen = [i for i in hits if n_seen is None or i < n_seen]
     if not seen:

@@ -24,12 +24,15 @@ def model_path() -> Path:
 
 def load_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
     """Load the embedded model (weights are stored in float16; CPUs want float32)."""
-    from diffusers import StableDiffusionPipeline
+    from ..quiet import quiet_loading
 
     path = model_path()
     if not (path / "model_index.json").is_file():
         raise Daami2iError(f"the embedded shapes model is missing from {path}: reinstall daami2i")
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    with quiet_loading():  # no per-component bars, no torchvision notice: it loads in a second
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

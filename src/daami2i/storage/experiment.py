@@ -42,6 +42,7 @@ import torch
 from ..errors import ExperimentError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction
+from ..heatmaps.words import tokenize_prompt
 from .store import CrossAttentionStore, Generation, SelfAttentionStore
 
 FORMAT = "daami2i-experiment"
@@ -743,7 +744,7 @@ def _check_tokenizer(
         if prompt is None or toks is None:
             continue
         try:
-            got = tokenizer.tokenize(prompt.lower() if lower else prompt)
+            got = tokenize_prompt(tokenizer, prompt.lower() if lower else prompt)
         except Exception as exc:
             raise ExperimentError(
                 f"{folder}: the saved tokenizer cannot split prompts ({_one_line(exc)}); {_FIX}"

@@ -19,7 +19,7 @@ import torch
 from ..errors import QueryError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
-from ..heatmaps.words import CrossAttentionLayer, TokenStream
+from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
 
 Size = tuple[int, int]
 
@@ -154,7 +154,7 @@ class Generation:
                 toks = st["tokens"][image_idx]
                 text = st["prompts"][image_idx] if st.get("prompts") else None
                 if prompt is not None and tok is not None:
-                    toks, text = tok.tokenize(prompt.lower() if st["name"] == "clip" else prompt), prompt
+                    toks, text = tokenize_prompt(tok, prompt.lower() if st["name"] == "clip" else prompt), prompt
                 clip = st["name"] == "clip"
                 streams.append(
                     TokenStream(
@@ -177,7 +177,7 @@ class Generation:
         if prompt is not None:
             if tokenizer is None:
                 raise QueryError("no tokenizer is available to split the given prompt")
-            text, tokens = prompt, tokenizer.tokenize(prompt.lower())
+            text, tokens = prompt, tokenize_prompt(tokenizer, prompt.lower())
         return GlobalHeatMap(
             grid_size=self.grid_size,
             self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],

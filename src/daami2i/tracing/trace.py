@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
-from ..heatmaps.words import TokenStream, truncation_note
+from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
 from ..heatmaps.selfattn import Direction, check_direction
 from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
 from .capture import (
@@ -471,7 +471,7 @@ class Trace:
         else:
             gen.image_prompts = [None] * n
         gen.image_tokens = [
-            tokenizer.tokenize(p.lower()) if (p is not None and tokenizer is not None) else None
+            tokenize_prompt(tokenizer, p.lower()) if (p is not None and tokenizer is not None) else None
             for p in gen.image_prompts
         ]
         gen.config = dict(self.config)
@@ -514,7 +514,7 @@ class Trace:
             prompt = self._stream_prompts.get(st.prompt_arg)
             prompts = gen.image_prompts if prompt is None else self._per_image(prompt, gen.n_images)
             tokens = [
-                tokenizer.tokenize(p.lower() if st.name == "clip" else p) if p is not None and tokenizer else None
+                tokenize_prompt(tokenizer, p.lower() if st.name == "clip" else p) if p is not None and tokenizer else None
                 for p in prompts
             ]
             known = [len(t) for t in tokens if t is not None]
