@@ -12,6 +12,7 @@ from reference import (
     column_query,
     dense_cross,
     dense_self,
+    diffused_reference,
     factor_of,
     inside_polygon,
     recording,
@@ -20,13 +21,27 @@ from reference import (
 
 ATOL = 1e-5  # absolute, float32 maps
 RTOL = 1e-4  # relative to the map's largest value
+# share of the thresholded values that may lie within our measured rounding of the threshold, where
+# the reference follows our cut (measured: at most 0.011 % in any check, 11 of 111744, under native,
+# AVX2 and default kernels, 1 or 2 threads); far more would mean that the reference no longer decides
+# the cuts itself
+NEAR_SHARE = 1e-3
+
+
+def max_error(ours: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None if ``ours`` is within the bounds of ``ref``, else what is wrong."""
+    if ours.shape != ref.shape:
+        return f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    err = (ours.double() - ref.double()).abs().max().item()
+    scale = ref.abs().max().item()
+    if err <= ATOL and err <= RTOL * max(scale, 1e-12) + 1e-9:
+        return None
+    return f"max error {err:.3g} (map max {scale:.3g})"
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    err = (ours.double() - ref.double()).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= ATOL and err <= RTOL * max(scale, 1e-12) + 1e-9, f"max error {err:.3g} (map max {scale:.3g})"
+    problem = max_error(ours, ref)
+    assert problem is None, problem
 
 
 def run_traced(pipe, prompt, trace_kwargs=None, steps=2, **call):
@@ -64,8 +79,10 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
     assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(dense, wb, grid))
     assert_close(ghm.compute_bbox_heat_map(x1, y1, x2 + 1, y2 + 1, half_open=True).value, column_query(dense, wb, grid))
 
-    # guided by a word map: the merged map
-    word = ghm.tokens[-1].replace("</w>", "")
+    # guided by a word map: the merged map; the prompt's last word, all of its tokens (a BPE word ends
+    # with the token marked "</w>": "flowerpot" is "flower" + "pot</w>")
+    start = max(i for i, t in enumerate(["</w>", *ghm.tokens[:-1]]) if t.endswith("</w>"))
+    word = "".join(t.replace("</w>", "") for t in ghm.tokens[start:])
     token_maps = dense_cross(
         book,
         selected_layers(pipe, trc, "cross"),
@@ -74,7 +91,7 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
         batch_rows(gen.n_images, gen.cfg, halves, image_idx),
         steps,
     )
-    word_ref = token_maps[[i + 1 for i, t in enumerate(ghm.tokens) if t.replace("</w>", "") == word]].mean(0)
+    word_ref = token_maps[1 + start : 1 + len(ghm.tokens)].mean(0)  # + 1: the start token
     wm = ghm.compute_word_heat_map(word)
     assert_close(wm.value, word_ref)
     assert_close(ghm.compute_guided_heat_map(wm).value, column_query(dense, word_ref, grid))
@@ -104,39 +121,36 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
         column_query(dense, union * word_ref, grid),
     )
 
-    # diffused: iterate column queries with min-max + threshold, here on the dense matrix
-    def diffused(g0, iterations=4, threshold=0.4):
-        m = column_query(dense, g0, grid)
-        for _ in range(iterations - 1):
-            g = (m - m.min()) / (m.max() - m.min())
-            m = column_query(dense, torch.where(g >= threshold, g, torch.zeros_like(g)), grid)
-        return m
+    # diffused: iterate column queries with min-max + threshold, here on the dense matrix; a value within
+    # our measured rounding of the threshold follows our own cut (reference.diffused_reference)
+    def diffused(g0, ours_at):
+        return diffused_reference(lambda g: column_query(dense, g, grid), g0, 4, 0.4, assert_close, ours_at)
 
-    assert_close(ghm.compute_pixel_diffused_heat_map(ids, iterations=4, threshold=0.4).value, diffused(w.view(grid)))
-    assert_close(ghm.compute_diffused_heat_map(wm, iterations=4, threshold=0.4).value, diffused(word_ref))
+    near = cut = 0
+    singles = [
+        (w.view(grid), lambda k: ghm.compute_pixel_diffused_heat_map(ids, iterations=k, threshold=0.4).value),
+        (word_ref, lambda k: ghm.compute_diffused_heat_map(wm, iterations=k, threshold=0.4).value),
+    ]
+    for g0, ours_at in singles:
+        ref, n_near, n_cut = diffused(g0, ours_at)
+        assert_close(ours_at(4), ref)
+        near, cut = near + n_near, cut + n_cut
 
-    # every pixel's diffused map at once (tiles of 8 x 8 seeds; these grids have partial tiles)
-    def diffused_margin(g0, iterations=4, threshold=0.4):
-        """The dense diffused map, and how close any thresholded value came to the threshold."""
-        m, margin = column_query(dense, g0, grid), float("inf")
-        for _ in range(iterations - 1):
-            g = (m - m.min()) / (m.max() - m.min())
-            margin = min(margin, (g - threshold).abs().min().item())
-            m = column_query(dense, torch.where(g >= threshold, g, torch.zeros_like(g)), grid)
-        return m, margin
-
-    every = ghm.compute_all_diffused_heat_maps(iterations=4, threshold=0.4)
-    assert every.shape == (n, *grid)
-    compared = 0
+    # every pixel's diffused map at once (tiles of 8 x 8 seeds; these grids have partial tiles), and
+    # each against the single-pixel query
+    every = [ghm.compute_all_diffused_heat_maps(iterations=k, threshold=0.4) for k in range(1, 5)]
+    assert every[-1].shape == (n, *grid)
     for p in range(n):
         e = torch.zeros(n)
         e[p] = 1
-        ref, margin = diffused_margin(e.view(grid))
-        if margin > 1e-5:  # else float rounding may put a value on either side of the threshold
-            assert_close(every[p], ref)
-            assert_close(every[p], ghm.compute_pixel_diffused_heat_map([p], iterations=4, threshold=0.4).value)
-            compared += 1
-    assert compared >= 0.9 * n
+        ref, n_near, n_cut = diffused(e.view(grid), lambda k, p=p: every[k - 1][p])
+        assert_close(every[-1][p], ref)
+        near, cut = near + n_near, cut + n_cut
+        one = lambda k, p=p: ghm.compute_pixel_diffused_heat_map([p], iterations=k, threshold=0.4).value  # noqa: E731
+        if max_error(one(4), ref) is not None:  # it cut a value near the threshold otherwise: follow its own cuts
+            assert_close(one(4), diffused(e.view(grid), one)[0])
+    # the band is narrow: the reference itself decides (almost) every cut
+    assert near <= NEAR_SHARE * cut, f"{near} of {cut} thresholded values within rounding of the threshold"
 
 
 CASES = {

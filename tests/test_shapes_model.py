@@ -8,7 +8,7 @@ import torch
 
 import daami2i
 from daami2i.shapes import make_scene
-from daami2i.shapes.checker import check, mask_of_color
+from daami2i.shapes.checker import check, find_objects, mask_of_color, shape_margin
 from daami2i.shapes.model import DEFAULTS, model_path
 from daami2i.shapes.train import HELD_OUT
 
@@ -20,6 +20,14 @@ from daami2i.shapes.train import HELD_OUT
 # masks (guided, tau 0.4, instances): mIoU 0.641 here (0.588 on 100) -> at least 0.60;
 # generated mode: the raw map's peak lies on the object 77 % of the time here -> at least 70 %.
 MIN_OBJECTS = 0.60
+# Decisions within rounding of a cut-off count against the model, so that no CPU can fail these by
+# rounding (a pixel moves a shape's fill ratio by about 0.004). Measured: 3 of the gate's 55
+# detections lie within 0.02 of a shape cut-off, none of them counted; the smallest margin counted is
+# 0.021; every one of the 17 pointing hits beats the best off-object value by at least 0.165 and lies
+# at least 2 pixels inside its object; the counts stay 32 of 41 objects and 17 of 22 peaks under
+# native, AVX2 and default kernels.
+MIN_SHAPE_MARGIN = 0.02
+MIN_PEAK_MARGIN = 0.05
 MIN_IOU_OVER_BASELINE = 0.20
 MIN_GUIDED_IOU = 0.60
 MIN_MASK_IOU = 0.60
@@ -62,11 +70,18 @@ def test_loads_offline_as_an_ordinary_pipeline():
 
 
 def test_quality_gate(pipe):
+    """An object counts as drawn right only if its shape's descriptors clear the checker's cut-offs
+    by MIN_SHAPE_MARGIN: another CPU draws an image that differs by rounding, which may move a
+    borderline shape across a cut-off, but only ever removes such objects from the count."""
     ok: list[bool] = []
     for i in range(24):
         scene = make_scene(HELD_OUT + i)
         image = pipe(scene.caption, generator=torch.Generator().manual_seed(i), **DEFAULTS).images[0]
-        ok += check(image, [(o.color, o.shape) for o in scene.objects])
+        wanted = [(o.color, o.shape) for o in scene.objects]
+        found = find_objects(image)
+        right = [[d for d in found if (d.color, d.shape) == w] for w in wanted]
+        assert [bool(r) for r in right] == check(image, wanted)
+        ok += [any(shape_margin(d.mask) >= MIN_SHAPE_MARGIN for d in r) for r in right]
     assert np.mean(ok) >= MIN_OBJECTS, f"only {np.mean(ok):.0%} of held-out objects drawn right"
 
 
@@ -95,7 +110,12 @@ def test_generated_word_maps_find_the_object(pipe):
             if mask is None:
                 continue
             m = ghm.compute_word_heat_map(obj.shape).expand_as(image).numpy()
-            hits.append(bool(mask.flat[int(m.argmax())]))  # the map's peak lies on the object
+            y, x = np.unravel_index(int(m.argmax()), m.shape)
+            # the map's peak lies on the object; a hit counts only if it is decisive: the peak on the
+            # object exceeds the one off it by MIN_PEAK_MARGIN, and lies off the object's edge (the
+            # 3 x 3 pixels around it inside), so that rounding of the map or the image cannot move it
+            inside = m[mask].max() - m[~mask].max()
+            hits.append(bool(inside >= MIN_PEAK_MARGIN and mask[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].all()))
     assert len(hits) >= 12 and np.mean(hits) >= MIN_POINTING, hits
 
 

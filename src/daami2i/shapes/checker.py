@@ -40,7 +40,12 @@ def _background(rgb: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+SQUARE_FILL, CIRCLE_FILL, TAPER = 0.9, 0.66, 0.55  # the cut-offs of classify_shape
+
+
+def _descriptors(mask: np.ndarray) -> tuple[float, float, float]:
+    """Fill ratio (area over bounding-box area), mean width of the top and of the bottom third of
+    the rows (their ratio is the taper)."""
     ys, xs = np.nonzero(mask)
     h = ys.max() - ys.min() + 1
     w = xs.max() - xs.min() + 1
@@ -48,11 +53,35 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     rows = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].sum(1)
     third = max(1, h // 3)
     top, bottom = rows[:third].mean(), rows[-third:].mean()
-    if fill >= 0.9:
+    return fill, float(top), float(bottom)
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    fill, top, bottom = _descriptors(mask)
+    if fill >= SQUARE_FILL:
         return "square", fill
-    if fill < 0.66 or top < 0.55 * bottom:
+    if fill < CIRCLE_FILL or top < TAPER * bottom:
         return "triangle", fill
     return "circle", fill
+
+
+def shape_margin(mask: np.ndarray) -> float:
+    """How far ``mask``'s descriptors lie from the cut-offs that would change its
+    :func:`classify_shape` class: the smallest change of fill ratio or taper that does. A pixel more
+    or less moves the fill ratio of a 15 x 15 box by 0.004, so a small margin marks a shape that an
+    image differing by rounding (another CPU) may classify otherwise.
+
+    >>> square = np.ones((10, 10), bool)
+    >>> round(shape_margin(square), 3)  # fill 1.0: 0.1 above the square cut-off
+    0.1
+    """
+    fill, top, bottom = _descriptors(mask)
+    taper = top / bottom
+    if fill >= SQUARE_FILL:
+        return fill - SQUARE_FILL
+    if fill < CIRCLE_FILL or taper < TAPER:  # a circle needs both cut-offs crossed, a square the fill one
+        return min(SQUARE_FILL - fill, max(CIRCLE_FILL - fill, TAPER - taper))
+    return min(fill - CIRCLE_FILL, SQUARE_FILL - fill, taper - TAPER)
 
 
 def find_objects(image: Any, min_area: int = 20) -> list[Detection]:

@@ -191,8 +191,14 @@ def cross_loss(
     keep: torch.Tensor,
     head_share: float = 1.0,
     sizes: tuple[int, ...] | None = None,
+    words: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """1 - fraction of each object word's (pixel-normalised) attention that falls on its object."""
+    """1 - fraction of each object word's (pixel-normalised) attention that falls on its object.
+
+    The mean is over the object words kept in the batch; ``words`` overrides their count (data
+    parallel: each process's share of the whole batch's count, so that the processes' mean gradient
+    is the whole batch's).
+    """
     total: Any = 0.0
     count = 0
     for name, p in sink.items():
@@ -205,7 +211,8 @@ def cross_loss(
         a = a / (a.sum(-1, keepdim=True) + 1e-8)
         inside = (a * target[:, None]).sum(-1)  # (B, h, 77)
         w = ((token_obj > 0) & keep[:, None]).float()[:, None]  # (B, 1, 77)
-        total = total + ((1 - inside) * w).sum() / (w.sum() * p.shape[1] + 1e-8)
+        n = w.sum() if words is None else words
+        total = total + ((1 - inside) * w).sum() / (n * p.shape[1] + 1e-8)
         count += 1
     return total / max(count, 1)
 
@@ -378,7 +385,11 @@ def train_unet(
     aux_lr: float = 1e-4,
     head_share: float = 1.0,
     aux_sizes: tuple[int, ...] | None = None,
+    dump: Path | None = None,
 ) -> tuple[Any, Any]:
+    """Stages 2 to 4. ``dump`` (a folder; for tests) receives, for every step and process, the
+    inputs of the process's share of the batch, its loss and the gradients averaged over the
+    processes, before clipping: ``step-<step>-rank-<rank>.safetensors``."""
     rank, world = _dist_rank_world()
     torch.manual_seed(seed + 1)
     unet = build_unet().train()
@@ -430,7 +441,9 @@ def train_unet(
         ids = torch.where(keep[:, None], pool["ids"][idx], empty[None])
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
+        words = None  # the cross loss's count of object words: the whole batch's, shared by the processes
         if world > 1:  # every process draws the whole batch (same data as one process) and takes its share
+            words = ((token_obj > 0) & keep[:, None]).sum() / world
             share = slice(rank * batch // world, (rank + 1) * batch // world)
             lat, token_obj, ids, noise, t, keep = (
                 lat[share],
@@ -450,7 +463,7 @@ def train_unet(
         loss = (per_sample * min_snr_weights(alphas, t, snr_gamma)).mean()
         parts = {"diff": loss.item()}
         if aux and cross_weight > 0:
-            lc = cross_loss(sink, token_obj, labels, keep, head_share, aux_sizes)
+            lc = cross_loss(sink, token_obj, labels, keep, head_share, aux_sizes, words)
             loss = loss + cross_weight * lc
             parts["cross"] = lc.item()
         if aux and self_weight > 0:
@@ -466,6 +479,10 @@ def train_unet(
                 if q.grad is not None:
                     dist.all_reduce(q.grad)
                     q.grad.div_(world)
+        if dump is not None:
+            inputs = {"lat": lat, "noise": noise, "t": t, "ids": ids, "keep": keep, "token_obj": token_obj}
+            inputs.update({f"labels{k}": v for k, v in labels.items()})
+            _dump_step(Path(dump) / f"step-{step}-rank-{rank}", modules, inputs, loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if rank == 0 and (step + 1) % log_every == 0:
@@ -482,6 +499,19 @@ def train_unet(
 
     unet.set_attn_processor(AttnProcessor2_0())
     return unet.eval(), text.eval()
+
+
+def _dump_step(path: Path, modules: dict[str, Any], inputs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"input/{k}": v.contiguous() for k, v in inputs.items()}
+    tensors["loss"] = loss.detach().reshape(1)
+    for k, m in modules.items():
+        for n, q in m.named_parameters():
+            if q.grad is not None:
+                tensors[f"grad/{k}/{n}"] = q.grad.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path.with_suffix(".safetensors")))
 
 
 def assemble(work: Path, vae: Any, unet: Any, text: Any) -> Path:
@@ -549,6 +579,9 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1,
         help="UNet stages in this many processes of one thread each (data parallel, gloo): 2 on a 2-core machine",
+    )
+    p.add_argument(
+        "--dump", type=Path, default=None, help="debug: write every step's inputs, loss and gradients to this folder"
     )
     args = p.parse_args(argv)
     if args.procs < 1 or args.batch % args.procs:
@@ -620,6 +653,7 @@ def _unet_stages(args: argparse.Namespace, vae: Any, t0: float, save: bool = Tru
         aux_lr=args.aux_lr,
         head_share=args.head_share,
         aux_sizes=tuple(int(g) ** 2 for g in str(args.aux_grids).split(",") if g),
+        dump=args.dump,
     )
     planned = args.unet_steps + args.refine_steps + (args.aux_steps if args.variant == "supervised" else 0)
     if not save:
