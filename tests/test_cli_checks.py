@@ -47,9 +47,12 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["generate", ""], "has no words"),
         (["generate", " ,.; "], "has no words"),
-        (["generate", "a cat", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
-        (["generate", "a cat", "--guidance", "inf"], "--guidance must be a finite number >= 0"),
-        (["generate", "a cat", "--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["generate", "a cat", "--guidance", "nan"], "--guidance must be a number from 0 to 100"),
+        (["generate", "a cat", "--guidance", "inf"], "--guidance must be a number from 0 to 100"),
+        (["generate", "a cat", "--guidance", "-1"], "--guidance must be a number from 0 to 100"),
+        (["generate", "a cat", "--guidance", "1e308"], "--guidance must be a number from 0 to 100"),
+        (["generate", "a cat", "--steps", "1000"], "--steps must be from 1 to 999"),
+        (["generate", "!!!"], "has no words"),
         (["generate", "a cat", "--seed", "-1"], "--seed must be an integer from 0"),
         (["generate", "a cat", "--seed", str(2**64)], "--seed must be an integer from 0"),
         (["generate", "a cat", "--device", "nope"], "not a torch device"),
@@ -284,3 +287,39 @@ def test_help_shows_defaults_and_flags_without_values() -> None:
     res = runner.invoke(app, ["show", "--help"])
     text = " ".join(res.output.split())
     assert "both corners included" in text and "[default: show-<query>.png inside the experiment]" in text
+
+
+def test_generate_takes_an_emoji_prompt_as_words(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["generate", "\U0001f642 café", "--steps", "1", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    # each word its own file, named by its letters or code point, and the names printed
+    files = sorted(p.name for p in (tmp_path / "out" / "words").iterdir())
+    assert files == sorted(["u1f642.png", "café.png"]), files
+    assert "u1f642.png (\U0001f642)" in res.output
+
+
+def test_word_files_never_overwrite_each_other() -> None:
+    from daami2i.cli import _unique_names
+
+    names = _unique_names(["café", "cafe", "caf", "\U0001f642", "\U0001f44d", "prompt", "u1f642"])
+    assert len(set(names.values())) == len(names)
+
+
+def test_a_width_alone_keeps_the_models_height(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["generate", "a red circle", "--steps", "1", "--width", "128", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "o" / "image.png").size == (128, 64)  # (width, height); the model makes 64
+
+
+def test_show_half_open_boxes(tmp_path: Path, shapes_run: tuple[Path, str]) -> None:
+    out, _ = shapes_run
+    res = runner.invoke(app, ["show", str(out), "--box", "0,0,4,4", "--half-open", "-o", str(tmp_path / "b.png")])
+    assert res.exit_code == 0 and (tmp_path / "b.png").is_file(), res.output
+    res = runner.invoke(app, ["show", str(out), "--box", "0,0,16,4"])  # inclusive: x2 = 16 is clipped
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["show", str(out), "--box", "0,0,17,4", "--half-open"])
+    assert res.exit_code == 2 and "x2 and y2 are exclusive" in res.output
+    res = runner.invoke(app, ["show", str(out), "--word", "circle", "--half-open"])
+    assert res.exit_code == 2 and "give a --box" in res.output

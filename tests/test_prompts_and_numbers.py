@@ -207,3 +207,55 @@ def test_tokenizing_a_long_prompt_tells_nothing_itself(sd1, capfd):
     tok = clip_tokenizer()  # a fresh tokenizer: transformers warns once per tokenizer
     assert len(tokenize_prompt(tok, "a " * 100)) == 100
     assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_huge_step_lists_are_refused_without_building_them(sd1):
+    with pytest.raises(ConfigError, match=r"lists 1000000000 step indices.*callable"):
+        daami2i.trace(sd1, steps=range(0, 10**9))
+
+    def forever():
+        t = 0
+        while True:
+            yield t
+            t += 1
+
+    with pytest.raises(ConfigError, match="more than 100000"):
+        daami2i.trace(sd1, steps=forever())
+
+
+def test_a_long_prompt_is_told_once_while_traced(sd1, caplog):
+    """The libraries' own truncation notices are left out while a trace says it (with the lost words)."""
+    import logging
+
+    notice = "The following part of your input was truncated"
+    with caplog.at_level(logging.WARNING):
+        with pytest.warns(UserWarning, match="longer than"):
+            run(sd1, "a " * 80 + "dog")
+        assert not [r for r in caplog.records if r.getMessage().startswith(notice)]
+        # untraced, the pipeline's notice is as it was; the trace left no filter behind
+        sd1("a " * 80 + "cat", num_inference_steps=1, height=64, width=64)
+        assert [r for r in caplog.records if r.getMessage().startswith(notice)]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("diffusers", "transformers"))]
+    left = [f for n in names for f in logging.getLogger(n).filters if type(f).__name__ == "_TruncationNotices"]
+    assert names and not left
+
+
+def test_overflowing_attention_is_an_error_not_nan_maps(sd1, tmp_path):
+    trc = run(sd1, "a red cat")
+    gen = trc.last_generation
+    next(iter(gen.self_attention.values())).sums[0, 0, 0] = float("nan")
+    with pytest.raises(daami2i.TraceError, match="NaN or infinite"):
+        trc.compute_global_heat_map()
+    with pytest.raises(daami2i.TraceError, match="NaN or infinite"):
+        trc.to_experiment(tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_zero_dim_integer_tensors_are_integers(ghm):
+    ref = ghm.compute_pixel_heat_map([3]).value
+    assert torch.equal(ghm.compute_pixel_heat_map([torch.tensor(3)]).value, ref)
+    assert torch.equal(ghm.compute_pixel_heat_map(torch.tensor(3)).value, ref)
+    box = ghm.compute_bbox_heat_map(*torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(box.weights, ghm.compute_bbox_heat_map(0, 1, 2, 3).weights)
+    with pytest.raises(QueryError, match="integer"):
+        ghm.compute_bbox_heat_map(*torch.tensor([0.0, 1.0, 2.0, 3.0]))

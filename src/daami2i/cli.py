@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import unicodedata
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -106,7 +107,7 @@ def friendly(func: F) -> F:
                 if not _debug():
                     warnings.showwarning = _show_warning
                 return func(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, BrokenPipeError):  # (click ends a broken pipe, `... | head`, quietly)
             raise
         except Exception as exc:
             if _debug():
@@ -161,7 +162,33 @@ def root(
 
 # -- generate ---------------------------------------------------------------------------------------
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+    """A file-name form of ``text`` that keeps its letters (``café``) and names pictographs by code point
+    (``🙂`` -> ``u1f642``), so that different words get different files.
+
+    >>> _slug("A café, 🙂!"), _slug("...")
+    ('a-café-u1f642', 'prompt')
+    """
+    parts = [ch if ch.isalnum() else (f"-u{ord(ch):x}-" if unicodedata.category(ch) == "So" else "-") for ch in text.lower()]
+    return re.sub(r"-+", "-", "".join(parts)).strip("-")[:60].strip("-") or "prompt"
+
+
+def _unique_names(words: list[str]) -> dict[str, str]:
+    """A distinct file stem per word: its slug, with ``-2``, ``-3`` ... where two slugs collide.
+
+    >>> _unique_names(["cat", "Cat!", "dog"])
+    {'cat': 'cat', 'Cat!': 'cat-2', 'dog': 'dog'}
+    """
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for w in words:
+        stem, n = _slug(w), 1
+        name = stem
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        out[w] = name
+    return out
 
 
 def _device(device: str | None) -> str:
@@ -233,13 +260,17 @@ def _load_pipeline(model: str, device: str | None) -> Any:
 
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+GUIDANCE_MAX = 100.0  # far above any useful scale; 1e308 overflows the pipeline into NaN images
+STEPS_MAX = 999  # SD schedulers: 1000 training timesteps, and steps_offset=1 makes 1000 steps overrun them
 
 
 def _check_generate_options(
-    prompt: str, seed: int, height: int | None, width: int | None, guidance: float | None
+    prompt: str, seed: int, height: int | None, width: int | None, guidance: float | None, steps: int | None = None
 ) -> None:
     """Everything about generate's options that can be checked without the model (exit code 2)."""
-    if not any(ch.isalnum() for ch in prompt):
+    from .heatmaps.words import is_word
+
+    if not is_word(prompt):
         raise CliError(
             f"the prompt {prompt!r} has no words: give a prompt with at least one word (maps are made per word)",
             EXIT_USAGE,
@@ -249,12 +280,27 @@ def _check_generate_options(
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % 8):
             raise CliError(f"--{name} must be a positive multiple of 8 (the VAE's scale), got {value}", EXIT_USAGE)
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= GUIDANCE_MAX):
         raise CliError(
-            f"--guidance must be a finite number >= 0 (the classifier-free guidance scale; <= 1 turns guidance "
-            f"off), got {guidance}",
+            f"--guidance must be a number from 0 to {GUIDANCE_MAX:g} (the classifier-free guidance scale, e.g. 7.5; "
+            f"<= 1 turns guidance off), got {guidance}",
             EXIT_USAGE,
         )
+    if steps is not None and not 1 <= steps <= STEPS_MAX:
+        raise CliError(
+            f"--steps must be from 1 to {STEPS_MAX} (the schedulers of Stable Diffusion models have 1000 training "
+            f"timesteps), got {steps}",
+            EXIT_USAGE,
+        )
+
+
+def _image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, int]:
+    """Both sides for the pipeline (diffusers ignores a width given without a height): the missing one is
+    the model's default size."""
+    if height is None and width is None:
+        return {}
+    default = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    return {"height": height or default, "width": width or default}
 
 
 def _check_out_folder(out: Path, overwrite: bool) -> None:
@@ -348,7 +394,7 @@ def generate(
     from . import trace
     from .viz import plot_overlay, plot_word_grid
 
-    _check_generate_options(prompt, seed, height, width, guidance)
+    _check_generate_options(prompt, seed, height, width, guidance, steps)
     out = out or Path("outputs") / _slug(prompt)
     _check_out_folder(out, overwrite)
     dev = _device(device)
@@ -358,7 +404,7 @@ def generate(
     with _staged(out, overwrite) as stage:
         pipe = _load_pipeline(model, dev)
         pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
-        size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        size = _image_size(pipe, height, width)
         with trace(pipe, cross_steps=cross_steps) as trc:
             result = pipe(
                 prompt,
@@ -373,12 +419,13 @@ def generate(
         if not words:
             raise CliError(f"the prompt {prompt!r} has no words the text encoder saw; nothing was written")
         (stage / "words").mkdir()
+        names = _unique_names(words)
         with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
             image.save(stage / "image.png")
             bar.update(1)
             for word in words:
                 fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
-                fig.savefig(stage / "words" / f"{_slug(word)}.png", dpi=100, bbox_inches="tight")
+                fig.savefig(stage / "words" / f"{names[word]}.png", dpi=100, bbox_inches="tight")
                 bar.update(1)
             fig, _ = plot_word_grid(image, ghm)
             fig.savefig(stage / "words.png", dpi=80, bbox_inches="tight")
@@ -386,7 +433,8 @@ def generate(
             trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps)
             bar.update(1)
     typer.echo(f"image:      {out / 'image.png'}")
-    typer.echo(f"word maps:  {out / 'words'}/ ({', '.join(words)}) and {out / 'words.png'}")
+    files = ", ".join(f"{names[w]}.png" if names[w] == w else f"{names[w]}.png ({w})" for w in words)
+    typer.echo(f"word maps:  {out / 'words'}/ {files}; all words: {out / 'words.png'}")
     example = max(words, key=len)
     typer.echo(f"experiment: {out / 'experiment'}  (try: daami2i show {out / 'experiment'} --word {example})")
 
@@ -455,6 +503,7 @@ def show(
         help="Latent box 'X1,Y1,X2,Y2' (x = column), both corners included: columns X1..X2, rows Y1..Y2 "
         "(X2 = width or Y2 = height is clipped to the last column / row).",
     ),
+    half_open: bool = typer.Option(False, "--half-open", help="With --box: X2 and Y2 exclusive, like Python slices."),
     contour: str | None = typer.Option(None, "--contour", help="Polygon in image pixels: 'x,y x,y x,y ...'."),
     guide_word: str | None = typer.Option(
         None, "--guide-word", help="Weight the --pixel/--box/--contour region by this word's map."
@@ -488,6 +537,8 @@ def show(
         raise CliError("--guide-word weights a --pixel/--box/--contour region; for a word use --merged", EXIT_USAGE)
     if merged and not word:
         raise CliError("--merged refines a --word map", EXIT_USAGE)
+    if half_open and not box:
+        raise CliError("--half-open changes how --box reads its corners; give a --box", EXIT_USAGE)
     _check_threshold(threshold)
     exp = load_experiment(experiment)
     ghm = exp.compute_global_heat_map(image_idx=image_idx, direction=direction)  # type: ignore[arg-type]
@@ -515,7 +566,7 @@ def show(
         label = "pixel-" + "-".join(f"{x}x{y}" for x, y in pairs)
     elif box:
         x1, y1, x2, y2 = _ints(_numbers(box, "--box", 4), "--box")
-        hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2)
+        hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2, half_open=half_open)
         if guide is not None:
             weights, region = hm.weights * guide.value, hm.region
             hm = ghm.compute_region_heat_map(weights)

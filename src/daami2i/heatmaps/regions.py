@@ -23,6 +23,9 @@ def _grid_text(grid: Size) -> str:
 
 
 def _is_integer(v: Any) -> bool:
+    """A Python, NumPy or 0-d torch integer (not a bool)."""
+    if isinstance(v, torch.Tensor):
+        return v.ndim == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 

@@ -87,8 +87,12 @@ def clean_token(token: str) -> str:
     return token.replace("</w>", "").lstrip("\u2581")
 
 
-def _is_word(text: str) -> bool:
-    """A word has a letter, a digit or a pictograph (emoji); punctuation alone is not a word."""
+def is_word(text: str) -> bool:
+    """A word has a letter, a digit or a pictograph (emoji); punctuation alone is not a word.
+
+    >>> is_word("café"), is_word("🙂"), is_word("!!")
+    (True, True, False)
+    """
     return any(ch.isalnum() or unicodedata.category(ch) == "So" for ch in text)
 
 
@@ -157,7 +161,7 @@ def split_words(tokens: Sequence[str], tokenizer: Any = None, n_seen: int | None
         if n_seen is not None and b > n_seen:
             break
         word = decode_tokens(tokenizer, tokens[a:b])
-        if _is_word(word) and word not in out:
+        if is_word(word) and word not in out:
             out.append(word)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import QueryError
+from ..errors import QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
@@ -111,6 +111,19 @@ class Generation:
         if kind in ("cross_steps", "all"):
             total += sum(t.numel() * t.element_size() for s in self.cross_attention.values() for t in s.per_step or [])
         return total
+
+    def check_finite(self) -> None:
+        """A TraceError when a store holds NaN or infinite sums: the pipeline's attention overflowed
+        (an extreme guidance scale, fp16 overflow), and every map of it would be meaningless."""
+        stores = [("self-attention", f"factor {f}", st.sums) for f, st in self.self_attention.items()]
+        stores += [("cross-attention", name, st.sums) for name, st in self.cross_attention.items()]
+        for kind, where, sums in stores:
+            if not bool(torch.isfinite(sums).all()):
+                raise TraceError(
+                    f"the captured {kind} ({where}) holds NaN or infinite values: the pipeline's attention "
+                    "overflowed (an extreme guidance scale? float16 overflow?), so its maps would mean nothing; "
+                    "generate again with a normal guidance scale, or in float32"
+                )
 
     def check_image(self, image_idx: int) -> None:
         if not isinstance(image_idx, int) or not 0 <= image_idx < self.n_images:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
+import logging
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -47,6 +49,39 @@ def _warn_user(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level + 1)
 
 
+class _TruncationNotices(logging.Filter):
+    """Drops diffusers' and transformers' own "the prompt was truncated" notices while a trace captures
+    word maps: daami2i's one warning says the same, and which words were lost."""
+
+    NOTICES = ("The following part of your input was truncated", "Token indices sequence length is longer")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def _library_loggers() -> list[logging.Logger]:
+    """diffusers' and transformers' loggers (a record is filtered by the logger that emits it)."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("diffusers", "transformers")]
+    return [logging.getLogger(n) for n in names]
+
+
+MAX_STEP_LIST = 100_000  # far more steps than any sampler runs; beyond it, a callable says it better
+
+
+def _steps_text(steps: list[int] | None) -> str:
+    """A short form of a step list: ``[3, 4, 5, 9]`` -> ``3-5, 9``."""
+    if steps is None:
+        return "a callable"
+    runs: list[list[int]] = []
+    for t in sorted(set(steps)):
+        if runs and t == runs[-1][-1] + 1:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs]
+    return "[" + (", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")) + "]"
+
+
 def _check_steps(steps: Any) -> list[int]:
     """``steps`` as a list of non-negative step indices, or a ConfigError saying what was wrong."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
@@ -54,7 +89,17 @@ def _check_steps(steps: Any) -> list[int]:
             f"steps must be None, a callable step -> bool, or an iterable of 0-based step indices "
             f"(e.g. range(10, 20)), got {steps!r}"
         )
-    out = list(steps)
+    if isinstance(steps, range) and len(steps) > MAX_STEP_LIST:
+        raise ConfigError(
+            f"steps={steps} lists {len(steps)} step indices; pass at most {MAX_STEP_LIST}, or a callable such as "
+            f"steps=lambda t: t >= {steps.start} (None captures every step)"
+        )
+    out = list(itertools.islice(steps, MAX_STEP_LIST + 1))
+    if len(out) > MAX_STEP_LIST:
+        raise ConfigError(
+            f"steps lists more than {MAX_STEP_LIST} step indices; pass fewer, or a callable step -> bool "
+            "(None captures every step)"
+        )
     bad = [t for t in out if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0]
     if bad:
         raise ConfigError(
@@ -205,6 +250,7 @@ class Trace:
         self._pass = 0  # joint models: 0 for a step's first transformer call, 1 for a repeat (Flux true CFG)
         self._capturing = False
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
+        self._log_filter: logging.Filter | None = None
         self._active = False
         self._originals: dict[str, Any] = {}
         self._handles: list[Any] = []
@@ -270,6 +316,10 @@ class Trace:
             if self.family is not None:
                 self._attention_keys = acquire_attention_patches(list(self._originals.values()))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            if self._cross_sites:
+                self._log_filter = _TruncationNotices()
+                for logger in _library_loggers():
+                    logger.addFilter(self._log_filter)
             check = self.pipe.check_inputs
             try:
                 check_sig: inspect.Signature | None = inspect.signature(check)
@@ -321,6 +371,10 @@ class Trace:
                 h.remove()
             release_attention_patches(self._attention_keys)
             self._attention_keys = []
+            if self._log_filter is not None:
+                for logger in _library_loggers():
+                    logger.removeFilter(self._log_filter)
+                self._log_filter = None
             for obj, name, had, old in reversed(self._patches):
                 if had:
                     object.__setattr__(obj, name, old)
@@ -747,9 +801,10 @@ class Trace:
         "grounding" layers of a transformer, chosen after the run.
         """
         gen = self.last_generation if generation == -1 else self._generation(generation)
+        gen.check_finite()
         if gen.steps_run and not gen.steps_captured:
             raise QueryError(
-                f"nothing was captured: steps={self.config['steps'] if self.config['steps'] is not None else 'callable'} "
+                f"nothing was captured: steps={_steps_text(self.config['steps'])} "
                 f"selected none of the {gen.steps_run} denoising steps this generation ran (0-{gen.steps_run - 1}); "
                 "trace with steps inside that range (0-based step indices)"
             )
@@ -781,6 +836,7 @@ class Trace:
         from ..storage.experiment import save_experiment
 
         gen = self.last_generation if generation == -1 else self._generation(generation)
+        gen.check_finite()  # (a folder of NaN maps would only be refused when loaded)
         scheduler = getattr(self.pipe, "scheduler", None)
         record = {
             "seed": seed,
