@@ -777,10 +777,7 @@ def evaluate(
 
     from .datasets import evaluate as run
 
-    for path in (pred, gt):
-        if not path.is_file():
-            raise CliError(f"{path} does not exist", EXIT_USAGE)
-    res = run(pred, gt)
+    res = run(pred, gt)  # (it checks both files: missing, a folder, not JSON, not matching)
     typer.echo(f"segm AP {res['segm_AP']:.3f} (AP50 {res['segm_AP50']:.3f}), mIoU {res['segm_mIoU']:.3f}")
     typer.echo(f"bbox AP {res['bbox_AP']:.3f} (AP50 {res['bbox_AP50']:.3f}), mIoU {res['bbox_mIoU']:.3f}")
     for name, v in sorted(res["per_category"].items()):

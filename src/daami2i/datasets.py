@@ -45,6 +45,9 @@ from .heatmaps.schemes import SCHEMES, word_map
 FORMAT = "daami2i-dataset"
 VERSION = 2
 SEED_LIMIT = 2**63  # sample seeds (seed + image id) stay below torch's 2**64 limit
+MAX_PER_PROMPT = 100_000  # samples per prompt (-k); a dataset of more is many runs
+MAX_STEPS = 999  # SD schedulers have 1000 training timesteps; 1000 steps with steps_offset=1 overrun them
+MAX_GUIDANCE = 100.0  # far above any useful scale; 1e308 overflows the pipeline into NaN images
 # the names users know the settings by (the CLI's options)
 SETTING_NAMES = {
     "model": "model (-m)",
@@ -106,7 +109,7 @@ class DatasetConfig:
 
     def check(self) -> None:
         """Every setting checked (types, ranges, finite numbers): a ConfigError names the first bad one."""
-        _integer(self.images_per_prompt, "images_per_prompt", 1)
+        _integer(self.images_per_prompt, "images_per_prompt", 1, MAX_PER_PROMPT + 1)
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme (--scheme) must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.method not in ("tau", "otsu"):
@@ -120,8 +123,8 @@ class DatasetConfig:
                 f"segmentation (--segmentation) must be 'auto', 'polygon' or 'rle', got {self.segmentation!r}"
             )
         _integer(self.seed, "seed", 0, SEED_LIMIT)
-        _integer(self.steps, "steps", 1)
-        _number(self.guidance, "guidance", 0.0, math.inf, fix=" (the classifier-free guidance scale, e.g. 7.5)")
+        _integer(self.steps, "steps", 1, MAX_STEPS + 1)
+        _number(self.guidance, "guidance", 0.0, MAX_GUIDANCE, fix=" (the classifier-free guidance scale, e.g. 7.5)")
         if not isinstance(self.save_experiments, bool):
             raise ConfigError(f"save_experiments must be True or False, got {self.save_experiments!r}")
         for name in ("spacy_model", "model"):
@@ -368,6 +371,7 @@ def check_out(out: Path, prompts: list[str], settings: dict[str, Any]) -> None:
         if p.exists() and not p.is_dir():
             where = "is a file" if p == out else f"cannot be made: {p} is a file"
             raise ConfigError(f"the output folder {out} {where}: choose a folder for the dataset (-o/--out)")
+    _check_writable(out)
     meta = out / "dataset.json"
     if meta.is_file():
         try:
@@ -406,6 +410,21 @@ def check_out(out: Path, prompts: list[str], settings: dict[str, Any]) -> None:
             )
     elif out.is_dir() and any(p.name not in ("shards", "images") for p in out.iterdir()):
         raise ConfigError(f"{out} is not empty and is not a daami2i dataset folder: choose another output folder")
+
+
+def _check_writable(out: Path) -> None:
+    """A ConfigError unless files can be made in ``out`` (or in its nearest existing parent, where it will
+    be made): an empty probe folder is made and removed at once, so nothing is left behind."""
+    import tempfile
+
+    base = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".daami2i-probe-", dir=base))
+    except OSError as exc:
+        raise ConfigError(
+            f"the output folder {out} cannot be written ({base}: {exc.strerror or exc}): choose a folder you can "
+            "write to (-o/--out)"
+        ) from None
 
 
 def prepare_out(out: Path, prompts: list[str], settings: dict[str, Any]) -> None:
@@ -618,6 +637,8 @@ def merge(out: Path) -> tuple[Path, Path]:
 # -- evaluation --------------------------------------------------------------------------------------
 def _read_json(path: Path, role: str) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"the {role} file {path} is a folder: pass its COCO JSON file (e.g. {path / 'instances.json'})")
     if not path.is_file():
         raise ConfigError(f"the {role} file {path} does not exist")
     try:
@@ -665,6 +686,7 @@ def _predictions(raw: Any, path: Path, gt: dict[str, Any], gt_path: Path) -> lis
     every prediction's image is one of the ground truth's, with the same size."""
     gt_images = {img["id"]: img for img in gt["images"]}
     gt_cats = {c["name"]: c["id"] for c in gt["categories"]}
+    partial = ""
     if isinstance(raw, dict):  # an instances file: re-key its categories by name onto the ground truth's
         if not isinstance(raw.get("annotations"), list) or not isinstance(raw.get("categories"), list):
             missing = [k for k in ("annotations", "categories") if not isinstance(raw.get(k), list)]
@@ -673,13 +695,23 @@ def _predictions(raw: Any, path: Path, gt: dict[str, Any], gt_path: Path) -> lis
                 "instances file (annotations and categories, matched to the ground truth's by name) or a results list"
             )
         names = {c["id"]: c["name"] for c in raw["categories"] if isinstance(c, dict) and "id" in c and "name" in c}
-        for img in raw.get("images") or []:
+        pred_images = [img for img in raw.get("images") or [] if isinstance(img, dict)]
+        for img in pred_images:
             want = gt_images.get(img.get("id"))
             if want is not None and (img.get("height"), img.get("width")) != (want["height"], want["width"]):
                 raise ConfigError(
                     f"image {img.get('id')} is {img.get('height')}x{img.get('width')} in the predictions {path} but "
                     f"{want['height']}x{want['width']} in the ground truth {gt_path}: they are not the same images"
                 )
+            named = (img.get("file_name"), want.get("file_name")) if want is not None else (None, None)
+            if all(isinstance(n, str) for n in named) and named[0] != named[1]:
+                raise ConfigError(
+                    f"image {img.get('id')} is {named[0]!r} in the predictions {path} but {named[1]!r} in the ground "
+                    f"truth {gt_path}: they are not the same images (evaluate a dataset against its own ground truth)"
+                )
+        covered = {img.get("id") for img in pred_images} & set(gt_images)
+        if pred_images and len(covered) < len(gt_images):  # (told once the files are known to match)
+            partial = f"the predictions {path} cover {len(covered)} of the ground truth's {len(gt_images)} images"
         unknown = sorted({str(names.get(a.get("category_id"))) for a in raw["annotations"]} - set(gt_cats))
         results = [
             {**a, "category_id": gt_cats[names[a["category_id"]]], "score": a.get("score", 1.0)}
@@ -737,6 +769,12 @@ def _predictions(raw: Any, path: Path, gt: dict[str, Any], gt_path: Path) -> lis
                 "images"
             )
         a.pop("id", None)
+    if partial:
+        warnings.warn(
+            f"{partial}; the others count as missed (is this the dataset the ground truth belongs to?)",
+            DatasetWarning,
+            3,
+        )
     return results
 
 
