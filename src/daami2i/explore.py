@@ -129,7 +129,7 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
-    n_steps = _whole(steps, "steps", 1, 1000)
+    n_steps = _whole(steps, "steps", 1, 999)  # SD schedulers: 1000 training timesteps, steps_offset 1
     n_seed = _whole(seed, "seed", 0, 2**63 - 1)
     try:
         scale = float(guidance)
