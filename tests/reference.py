@@ -219,33 +219,38 @@ def joint_recording(transformer, text_first: bool):
 # -- thresholded iterations --------------------------------------------------------------------------
 def diffused_reference(query, g0, iterations, threshold, check, ours_at):
     """The dense diffused map: ``m_1 = query(g0)``, ``m_{k+1} = query(T(m_k))`` with ``T`` the min-max
-    normalisation that zeroes values below ``threshold``; returns ``(map, near, cut)``.
+    normalisation that zeroes values below ``threshold``; returns ``(map, near, cut)``. ``g0`` is one
+    (h, w) map or a batch (..., h, w) of them, each normalised and cut on its own.
 
     A threshold is where float rounding matters: a value within rounding of it falls on either side
     depending on the CPU's summation order, and the next iteration then differs by far more than
-    rounding. So each iteration compares the implementation's map after k iterations, ``ours_at(k)``,
-    with the reference's (``check``), and measures its error ``d`` (largest absolute difference).
-    That moves the numerator and the span of the normalisation by at most ``2 d`` each, hence each
-    normalised value by at most ``band = 4 d / (span - 2 d)`` (plus 1e-6: a few float32 ulps of the
-    normalisation itself). Values farther than ``band`` from the threshold are cut by the reference
-    alone (and the implementation must agree); for the ``near`` ones within ``band`` the reference
-    takes the implementation's cut. ``cut`` counts the values thresholded: the caller bounds
-    ``near / cut``, so that the reference decides (almost) every cut itself.
+    rounding. So each iteration compares the implementation's maps after k iterations, ``ours_at(k)``,
+    with the reference's (``check``), and measures each map's error ``d`` (largest absolute
+    difference). That moves the numerator and the span of the normalisation by at most ``2 d`` each,
+    hence each normalised value by at most ``band = 4 d / (span - 2 d)`` (plus 1e-6: a few float32
+    ulps of the normalisation itself). Values farther than ``band`` from the threshold are cut by the
+    reference alone (and the implementation must agree); for the ``near`` ones within ``band`` the
+    reference takes the implementation's cut. ``cut`` counts the values thresholded: the caller
+    bounds ``near / cut``, so that the reference decides (almost) every cut itself.
     """
     m = query(g0)
     near = cut = 0
+
+    def normalised(x):
+        lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+        return (x - lo) / (hi - lo), hi - lo
+
     for k in range(1, iterations):
         ours = ours_at(k)
         check(ours, m)
-        d = (ours.double() - m.double()).abs().max().item()
-        lo, hi = m.min().item(), m.max().item()
-        assert hi - lo > 4 * d, f"iteration {k}: span {hi - lo:.3g} within rounding ({d:.3g}): nothing to threshold"
-        band = 4 * d / (hi - lo - 2 * d) + 1e-6
-        g = (m - lo) / (hi - lo)
+        d = (ours.double() - m.double()).abs().amax(dim=(-2, -1), keepdim=True)
+        g, span = normalised(m)
+        assert bool((span > 4 * d).all()), f"iteration {k}: a map's span is within rounding: nothing to threshold"
+        band = 4 * d / (span - 2 * d) + 1e-6
         keep = g >= threshold
         close = (g - threshold).abs() <= band
-        og = (ours - ours.min()) / (ours.max() - ours.min())
-        assert torch.equal((og >= threshold)[~close], keep[~close]), f"iteration {k}: a cut beyond {band:.3g} differs"
+        og = normalised(ours)[0]
+        assert torch.equal((og >= threshold)[~close], keep[~close]), f"iteration {k}: a cut beyond the band differs"
         keep = torch.where(close, og >= threshold, keep)
         near += int(close.sum())
         cut += g.numel()
