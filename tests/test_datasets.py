@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from daami2i.datasets import DatasetConfig, evaluate, generate_shard, merge
@@ -115,7 +116,8 @@ def test_two_accelerate_processes_make_the_same_dataset(clean_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# shapes\n" + "\n".join(PROMPTS) + "\n")
     out = tmp_path / "ds"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # the subprocess computes with this process's thread count: the same reductions, the same masks
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
     # on a machine without GPUs, --multi_gpu makes accelerate start a torchrun-style group; the CLI
     # then forms a gloo process group of CPU workers
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]

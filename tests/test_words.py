@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import daami2i
+from daami2i.heatmaps import WordHeatMap
 from daami2i.testing import clip_tokenizer
 
 
@@ -64,9 +65,14 @@ def test_compute_ioa(ghm):
     assert a.compute_ioa(a) == pytest.approx(float((a.value**2).sum() / a.value.sum()), rel=1e-6)
     mask = torch.zeros(16, 16)
     mask[:8] = 1
-    up = torch.nn.functional.interpolate(a.value[None, None], size=(16, 16), mode="bicubic")[0, 0]
+    # against a mask, the map is resized and binarised at 1 (DAAM): scale it so that part of it is >= 1
+    scaled = WordHeatMap((a.value - a.value.min()) / (a.value.max() - a.value.min()) * 1.5, "cat")
+    up = torch.nn.functional.interpolate(scaled.value[None, None], size=(16, 16), mode="bicubic")[0, 0]
     binar = (up >= 1).float()
-    assert a.compute_ioa(mask) == pytest.approx(float((binar * mask).sum() / (binar.sum() + 1e-8)), abs=1e-6)
+    assert 0 < binar.sum() < binar.numel()  # the check below is not vacuous
+    ref = float((binar * mask).sum() / (binar.sum() + 1e-8))
+    assert 0 < ref < 1
+    assert scaled.compute_ioa(mask) == pytest.approx(ref, abs=1e-6)
 
 
 def test_prompt_override_and_prompt_embeds(sd1):
