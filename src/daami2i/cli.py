@@ -22,8 +22,8 @@ import os
 import re
 import secrets
 import shutil
-import unicodedata
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,7 +168,9 @@ def _slug(text: str) -> str:
     >>> _slug("A café, 🙂!"), _slug("...")
     ('a-café-u1f642', 'prompt')
     """
-    parts = [ch if ch.isalnum() else (f"-u{ord(ch):x}-" if unicodedata.category(ch) == "So" else "-") for ch in text.lower()]
+    parts = [
+        ch if ch.isalnum() else (f"-u{ord(ch):x}-" if unicodedata.category(ch) == "So" else "-") for ch in text.lower()
+    ]
     return re.sub(r"-+", "-", "".join(parts)).strip("-")[:60].strip("-") or "prompt"
 
 

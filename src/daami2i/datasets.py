@@ -638,7 +638,9 @@ def merge(out: Path) -> tuple[Path, Path]:
 def _read_json(path: Path, role: str) -> Any:
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"the {role} file {path} is a folder: pass its COCO JSON file (e.g. {path / 'instances.json'})")
+        raise ConfigError(
+            f"the {role} file {path} is a folder: pass its COCO JSON file (e.g. {path / 'instances.json'})"
+        )
     if not path.is_file():
         raise ConfigError(f"the {role} file {path} does not exist")
     try:

@@ -16,11 +16,13 @@ from .words import (
     CrossAttentionLayer,
     TokenStream,
     aggregate_layers,
-    encoder_rows as _encoder_rows,
     split_words,
     text_rows,
     token_rows,
     truncation_note,
+)
+from .words import (
+    encoder_rows as _encoder_rows,
 )
 
 if TYPE_CHECKING:

@@ -66,11 +66,15 @@ def pixel_weights(pix_ids: Iterable[int] | int, grid: Size) -> torch.Tensor:
         pix_ids = [int(pix_ids)]  # type: ignore[arg-type]
     if isinstance(pix_ids, torch.Tensor):
         if pix_ids.dtype.is_floating_point or pix_ids.dtype.is_complex or pix_ids.dtype == torch.bool:
-            raise QueryError(f"pixel ids must be an integer tensor (row-major latent indices), got dtype {pix_ids.dtype}")
+            raise QueryError(
+                f"pixel ids must be an integer tensor (row-major latent indices), got dtype {pix_ids.dtype}"
+            )
         pix_ids = pix_ids.flatten().tolist()
     elif isinstance(pix_ids, np.ndarray):
         if not np.issubdtype(pix_ids.dtype, np.integer):
-            raise QueryError(f"pixel ids must be an integer array (row-major latent indices), got dtype {pix_ids.dtype}")
+            raise QueryError(
+                f"pixel ids must be an integer array (row-major latent indices), got dtype {pix_ids.dtype}"
+            )
         pix_ids = pix_ids.ravel().tolist()
     if isinstance(pix_ids, (str, bytes)) or not isinstance(pix_ids, Iterable):
         raise QueryError(f"pixel ids must be a list of integers (row-major latent indices), got {pix_ids!r}")

@@ -207,7 +207,11 @@ def token_rows(
     """
     tokens = list(prompt_tokens)
     seen = len(tokens) if n_seen is None else min(n_seen, len(tokens))
-    cut = f" (the text encoder saw only the first {seen} of the prompt's {len(tokens)} tokens)" if seen < len(tokens) else ""
+    cut = (
+        f" (the text encoder saw only the first {seen} of the prompt's {len(tokens)} tokens)"
+        if seen < len(tokens)
+        else ""
+    )
     if word_idx is not None:
         if isinstance(word_idx, bool) or not isinstance(word_idx, int) or not 0 <= word_idx < seen:
             raise QueryError(
@@ -229,8 +233,8 @@ def token_rows(
             shown = word.strip()
             if found:
                 raise QueryError(
-                    f"word {shown!r} occurs only after token {seen}, where the prompt was truncated{cut}: the model never "
-                    "saw it. Shorten the prompt, or query a word of its first part."
+                    f"word {shown!r} occurs only after token {seen}, where the prompt was truncated{cut}: the model "
+                    "never saw it. Shorten the prompt, or query a word of its first part."
                 )
             bare = [t.replace("</w>", "") for t in tokens[:seen]]
             loose = [t.replace("</w>", "") for t in search]
@@ -261,8 +265,9 @@ def truncation_note(stream: TokenStream) -> str:
     >>> from daami2i.testing import clip_tokenizer
     >>> tok = clip_tokenizer()
     >>> st = TokenStream("clip", tok, tok.tokenize("a red cat on a mat"), 1, stop_row=4)
-    >>> truncation_note(st)
-    "the prompt is longer than the clip text encoder's window: it saw the first 3 of 6 tokens, up to '... a red cat'; 'on a mat' was cut and has no word maps"
+    >>> print(truncation_note(st))  # doctest: +NORMALIZE_WHITESPACE
+    the prompt is longer than the clip text encoder's window: it saw the first 3 of 6 tokens,
+    up to '... a red cat'; 'on a mat' was cut and has no word maps
     """
     toks, n = stream.tokens or [], stream.n_seen or 0
     kept = decode_tokens(stream.tokenizer, toks[:n])
@@ -313,8 +318,8 @@ def text_rows(
     seen = [i for i in hits if n_seen is None or i < n_seen]
     if not seen:
         raise QueryError(
-            f"word {word!r} occurs only after token {n_seen}, where the prompt was truncated (the text encoder saw only "
-            f"the first {n_seen} of its {len(offsets)} tokens): the model never saw it. Shorten the prompt, or "
+            f"word {word!r} occurs only after token {n_seen}, where the prompt was truncated (the text encoder saw "
+            f"only the first {n_seen} of its {len(offsets)} tokens): the model never saw it. Shorten the prompt, or "
             "query a word of its first part."
         )
     return _within([first_row + i for i in seen], word, n_rows, "(the prompt was truncated)")

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
-from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
 from ..heatmaps.selfattn import Direction, check_direction
+from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
 from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
 from .capture import (
     CapturingProcessor,
@@ -41,10 +41,14 @@ _ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # denoisers currently traced
 def _warn_user(message: str) -> None:
     """A UserWarning attributed to the caller's line (the pipeline call), not to a torch hook."""
     import sys
+    import types
 
     skip = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(skip) or "/diffusers/" in frame.f_code.co_filename):
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(skip) or "/diffusers/" in frame.f_code.co_filename
+    ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level + 1)
 
@@ -568,7 +572,9 @@ class Trace:
             prompt = self._stream_prompts.get(st.prompt_arg)
             prompts = gen.image_prompts if prompt is None else self._per_image(prompt, gen.n_images)
             tokens = [
-                tokenize_prompt(tokenizer, p.lower() if st.name == "clip" else p) if p is not None and tokenizer else None
+                tokenize_prompt(tokenizer, p.lower() if st.name == "clip" else p)
+                if p is not None and tokenizer
+                else None
                 for p in prompts
             ]
             known = [len(t) for t in tokens if t is not None]
