@@ -301,8 +301,12 @@ def _image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, i
     the model's default size."""
     if height is None and width is None:
         return {}
-    default = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    return {"height": height or default, "width": width or default}
+    if height is None or width is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        latent = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+        default = int(latent) * int(getattr(pipe, "vae_scale_factor", 8))
+        height, width = height or default, width or default
+    return {"height": height, "width": width}
 
 
 def _check_out_folder(out: Path, overwrite: bool) -> None:
