@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from daami2i import trace
-from daami2i.explore import build_app, expanded, launch, overlay, pixel_of, scale_of
+from daami2i.explore import build_app, expanded, launch, overlay, pixel_of, scale_of, show
 from daami2i.heatmaps import masks as M
 from daami2i.shapes import make_scene
 from daami2i.shapes.train import HELD_OUT
@@ -220,3 +220,253 @@ def test_explore_command_checks_its_experiment_folder(tmp_path):
 
     res = CliRunner().invoke(app, ["explore", str(tmp_path)])
     assert res.exit_code == 3 and "manifest.json is missing" in res.output
+
+
+# -- issue 14: no dead ends. Each test drives a fresh page (1400x1000) on the shared app. -----------
+def _open(p, app_url: str, viewport: tuple[int, int] = (1400, 1000)):
+    """A headless Chromium on the app with the default prompt generated; returns (browser, page)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.goto(app_url)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#info').innerText.includes('generated')", timeout=120_000)
+    page.wait_for_selector("#image img")
+    return browser, page
+
+
+def _info(page) -> str:
+    return page.locator("#info").inner_text()
+
+
+def _wait_info(page, text: str, timeout: float = 15_000) -> None:
+    """Wait until the info line contains ``text`` (then let the other outputs settle)."""
+    page.wait_for_function(f"document.querySelector('#info').innerText.includes({text!r})", timeout=timeout)
+    page.wait_for_timeout(400)
+
+
+def _at(page, fx: float, fy: float) -> tuple[float, float]:
+    """Page coordinates of the point at fractions (fx, fy) of the displayed image."""
+    b = page.locator("#image img").bounding_box()
+    return b["x"] + b["width"] * fx, b["y"] + b["height"] * fy
+
+
+def _click(page, fx: float, fy: float) -> None:
+    b = page.locator("#image img").bounding_box()
+    page.locator("#image img").click(position={"x": b["width"] * fx, "y": b["height"] * fy}, timeout=5_000)
+
+
+def _drag(page, a: tuple[float, float], b: tuple[float, float]) -> None:
+    page.mouse.move(*_at(page, *a))
+    page.mouse.down()
+    page.mouse.move(*_at(page, *b), steps=8)
+    page.mouse.up()
+
+
+def _on_top(page, selector: str, fx: float = 0.5, fy: float = 0.5) -> bool:
+    """Whether the element a user would hit at (fx, fy) of ``selector``'s box is ``selector`` itself
+    (no "Error" badge, overlay or corner button over it)."""
+    return page.evaluate(
+        """([sel, fx, fy]) => {
+          const el = document.querySelector(sel), r = el.getBoundingClientRect();
+          const hit = document.elementFromPoint(r.left + r.width * fx, r.top + r.height * fy);
+          return hit === el;
+        }""",
+        [selector, fx, fy],
+    )
+
+
+def _src(page, selector: str) -> str | None:
+    loc = page.locator(selector)
+    return loc.get_attribute("src") if loc.count() else None
+
+
+def _downloads(page) -> list[str]:
+    return sorted(a.get_attribute("download") for a in page.locator("#downloads a[download]").all())
+
+
+def _plain(page, image: Image.Image) -> bool:
+    """Whether the image panel shows the generated picture with nothing drawn on it."""
+    return same(fetch(page, "#image img"), show(image))
+
+
+def test_explorer_errors_leave_the_panels_and_say_what_to_do(app_url, reference, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image = reference[0]
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            _click(page, 0.3, 0.6)
+            _wait_info(page, "pixel")
+            shown, heat = _src(page, "#image img"), _src(page, "#heat img")
+            assert heat is not None
+            # polygon mode, two clicks, "close polygon": too few vertices
+            page.locator("#mode label", has_text="polygon").click()
+            _click(page, 0.1, 0.1)
+            _wait_info(page, "1 click(s) pending")
+            _click(page, 0.6, 0.1)
+            _wait_info(page, "2 click(s) pending")
+            page.click("#close-polygon")
+            _wait_info(page, "at least 3")
+            page.screenshot(path=str(tmp_path / "polygon-error.png"), full_page=True)
+            assert "click 1 more" in _info(page)
+            assert page.locator(".toast-body", has_text="at least 3").count() >= 1
+            assert _src(page, "#heat img") == heat and _on_top(page, "#heat img") and _on_top(page, "#image img")
+            assert not _plain(page, image)  # the two vertices are still drawn, and still pending
+            _click(page, 0.3, 0.6)
+            _wait_info(page, "3 click(s) pending")
+            page.click("#close-polygon")
+            _wait_info(page, "1 polygon(s)")
+            heat = _src(page, "#heat img")
+            shown = _src(page, "#image img")
+            # an empty prompt, then steps = 0: the picture and the map stay, the info line says why
+            page.fill("#prompt textarea", "")
+            page.click("#generate")
+            _wait_info(page, "type a prompt")
+            assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
+            assert _on_top(page, "#image img") and _on_top(page, "#heat img")
+            page.fill("#prompt textarea", PROMPT)
+            steps = page.get_by_label("steps")
+            steps.fill("0")
+            page.click("#generate")
+            _wait_info(page, "steps must be a whole number from 1 to 999")
+            page.screenshot(path=str(tmp_path / "steps-error.png"), full_page=True)
+            assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
+            assert _on_top(page, "#image img") and _on_top(page, "#heat img")
+            # and the image still answers clicks
+            page.locator("#mode label", has_text="point").click()
+            _click(page, 0.8, 0.2)
+            _wait_info(page, "pixel")
+            assert _src(page, "#heat img") != heat
+        finally:
+            browser.close()
+
+
+def test_explorer_mode_change_clears_pending_clicks(app_url, reference):
+    from playwright.sync_api import sync_playwright
+
+    image, _, high = reference
+    gw = high.grid_size[1]
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            page.locator("#mode label", has_text="polygon").click()
+            _click(page, 0.1, 0.1)
+            _wait_info(page, "1 click(s) pending")
+            _click(page, 0.6, 0.1)
+            _wait_info(page, "2 click(s) pending")
+            assert not _plain(page, image)
+            page.locator("#mode label", has_text="box").click()
+            _wait_info(page, "box mode")
+            assert "pending" not in _info(page) and _plain(page, image)  # the magenta line is gone
+            _click(page, 0.1, 0.1)
+            _wait_info(page, "1 click(s) pending")
+            assert not _plain(page, image)  # the pending corner is marked
+            _click(page, 0.45, 0.7)
+            _wait_info(page, "box (")
+            gh = high.grid_size[0]
+            assert _info(page).startswith(f"box ({int(0.1 * gw)}, {int(0.1 * gh)}, {int(0.45 * gw)}, {int(0.7 * gh)})")
+            assert _plain(page, image)
+            # one box corner, point mode, back to box: the next click is a first corner again
+            _click(page, 0.7, 0.7)
+            _wait_info(page, "1 click(s) pending")
+            page.locator("#mode label", has_text="point").click()
+            _wait_info(page, "point mode")
+            assert _plain(page, image)
+            page.locator("#mode label", has_text="box").click()
+            _wait_info(page, "box mode")
+            _click(page, 0.2, 0.2)
+            _wait_info(page, "1 click(s) pending")
+        finally:
+            browser.close()
+
+
+def test_explorer_drag_in_polygon_mode_keeps_the_vertices(app_url, reference):
+    from playwright.sync_api import sync_playwright
+
+    image = reference[0]
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            page.locator("#mode label", has_text="polygon").click()
+            _wait_info(page, "drags are ignored")  # the mode says so up front
+            _click(page, 0.1, 0.1)
+            _wait_info(page, "1 click(s) pending")
+            _click(page, 0.6, 0.1)
+            _wait_info(page, "2 click(s) pending")
+            heat = _src(page, "#heat img")
+            _drag(page, (0.2, 0.3), (0.6, 0.7))
+            _wait_info(page, "ignored")
+            assert "2 click(s) pending" in _info(page) and "box (" not in _info(page)
+            assert _src(page, "#heat img") == heat and not _plain(page, image)
+            _click(page, 0.3, 0.6)
+            _wait_info(page, "3 click(s) pending")
+            page.click("#close-polygon")
+            _wait_info(page, "1 polygon(s)")
+            assert _plain(page, image)
+        finally:
+            browser.close()
+
+
+def test_explorer_sliders_without_a_word_keep_the_map(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            _click(page, 0.3, 0.6)
+            _wait_info(page, "pixel")
+            before = (_src(page, "#heat img"), _info(page), _downloads(page))
+            assert before[0] is not None and "overlay.png" in before[2]
+            number = page.locator("#threshold input[type=number]")
+            number.fill("0.7")
+            number.press("Enter")
+            page.click("#all-res input")
+            page.wait_for_timeout(2_000)
+            assert (_src(page, "#heat img"), _info(page), _downloads(page)) == before
+        finally:
+            browser.close()
+
+
+def test_explorer_corner_pixels_are_clickable(app_url, reference):
+    """No full-screen or download button lies over the image: its top-right pixel is queried."""
+    from playwright.sync_api import sync_playwright
+
+    _, _, high = reference
+    gw = high.grid_size[1]
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            b = page.locator("#image img").bounding_box()
+            assert _on_top(page, "#image img", 1 - 1 / b["width"], 1 / b["height"])
+            page.locator("#image img").click(position={"x": b["width"] - 1, "y": 1}, timeout=5_000)
+            _wait_info(page, "pixel")
+            assert _info(page).startswith(f"pixel {gw - 1} (row 0, column {gw - 1})")
+            assert page.evaluate("document.fullscreenElement") is None
+        finally:
+            browser.close()
+
+
+def test_explorer_keeps_the_experiment_download(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            assert _downloads(page) == ["experiment.zip"]
+            _click(page, 0.3, 0.6)
+            _wait_info(page, "pixel")
+            assert _downloads(page) == ["experiment.zip", "overlay.png"]
+            _drag(page, (0.2, 0.3), (0.6, 0.7))
+            _wait_info(page, "box (")
+            assert _downloads(page) == ["experiment.zip", "overlay.png"]
+            page.locator("#words label", has_text="circle").click()
+            _wait_info(page, "instance(s)")
+            assert _downloads(page) == ["coco.json", "experiment.zip", "mask.png", "overlay.png"]
+            with page.expect_download() as dl:
+                page.locator('#downloads a[download="experiment.zip"]').click()
+            import zipfile
+
+            assert "manifest.json" in zipfile.ZipFile(dl.value.path()).namelist()
+        finally:
+            browser.close()

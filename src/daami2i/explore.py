@@ -4,13 +4,15 @@
     daami2i explore outputs/shapes/experiment -m path/to/pipeline --port 7861
 
 Generate from a prompt (or open a saved experiment), then click the image: in ``point`` mode the
-clicked latent pixel's self-attention map appears; dragging on the image (any mode) makes a box,
-as do two clicks in ``box`` mode; in
-``polygon`` mode clicks add vertices and "close polygon" queries the contour ("new polygon" keeps
-the previous ones for a multi-contour map). The prompt's words are chips: one click shows the word's
-map, raw and refined by self-attention side by side, with the mask and boxes at the chosen
-threshold. Every map comes from the public API on the finished trace (milliseconds; the model is not
-run again). Overlays, the mask and the COCO annotation of the current mask can be downloaded.
+clicked latent pixel's self-attention map appears; dragging on the image (in ``point`` or ``box``
+mode) makes a box, as do two clicks in ``box`` mode; in ``polygon`` mode clicks add vertices (drags
+are ignored there, so that a shaky click keeps them) and "close polygon" queries the contour (the
+previous ones are kept for a multi-contour map until "new polygons"). Changing mode drops what is
+pending. The prompt's words are chips: one click shows the word's map, raw and refined by
+self-attention side by side, with the mask and boxes at the chosen threshold. Every map comes from
+the public API on the finished trace (milliseconds; the model is not run again). Overlays, the mask,
+the COCO annotation of the current mask and the experiment (a zip) can be downloaded. An error
+leaves the panels as they were and says on the info line (and in a toast) what to do.
 
 Each browser session has its own state; generation requests are queued one at a time.
 """
@@ -47,6 +49,7 @@ class Session:
     polygons: list[list[list[float]]] = field(default_factory=list)
     last_map: np.ndarray | None = None  # (H, W) in [0, 1], the map shown last
     last_title: str = ""
+    zip_path: str | None = None  # the experiment folder zipped for download, made once
 
 
 # -- rendering (pure functions, used by the app and its tests) -------------------------------------
@@ -169,12 +172,13 @@ def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Ses
         raise QueryError("upload an image first")
     if not caption or not caption.strip():
         raise QueryError("type a caption of the image first")
+    n_seed = _whole(seed, "seed", 0, 2**63 - 1)
     h, w = image.height - image.height % 8, image.width - image.width % 8
     image = image.convert("RGB").crop((0, 0, w, h))  # the VAE needs multiples of 8
-    trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(int(seed)), self_factors="all")
+    trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(n_seed), self_factors="all")
     state = _session(image, trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
-    trc.to_experiment(state.experiment_dir, seed=int(seed))
+    trc.to_experiment(state.experiment_dir, seed=n_seed)
     return state
 
 
@@ -209,7 +213,6 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
             state.last_title = f"box {box} (latent columns {x1}-{x2}, rows {y1}-{y2}, corners included)"
     elif mode == "polygon":
         state.clicks.append((x, y))
-        state.last_title = "polygon: click more vertices, then 'close polygon'"
     else:
         raise QueryError(f"mode must be point, box or polygon, got {mode!r}")
     return state
@@ -237,7 +240,9 @@ def close_polygon(state: Session) -> Session:
     if state.ghm is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
     if len(state.clicks) < 3:
-        raise QueryError(f"a polygon needs at least 3 clicks, got {len(state.clicks)}")
+        n = len(state.clicks)
+        todo = "switch to polygon mode and click" if n == 0 else "click"
+        raise QueryError(f"a polygon needs at least 3 vertices, got {n}: {todo} {3 - n} more, then 'close polygon'")
     state.polygons.append([[x + 0.5, y + 0.5] for x, y in state.clicks])
     state.clicks = []
     h, w = state.image.height, state.image.width
@@ -311,6 +316,11 @@ DRAG_JS = """
 }
 """
 HIDDEN_CSS = ".daami2i-hidden {display: none !important;}"
+MODE_HINTS = {
+    "point": "point mode: click a pixel to see its map, or drag a box",
+    "box": "box mode: click two opposite corners, or drag a box",
+    "polygon": "polygon mode: click the vertices, then 'close polygon' (drags are ignored here, the vertices stay)",
+}
 
 
 def launch(app: Any, **kwargs: Any) -> Any:
@@ -329,18 +339,36 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
     initial = open_experiment(experiment) if experiment is not None else Session()
     out_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-files-"))
 
-    def guard(fn: Any) -> Any:
-        """Show QueryErrors as Gradio messages; keep ``fn``'s signature (Gradio reads it for SelectData)."""
+    def guard(fn: Any, outputs: list[Any]) -> Any:
+        """``fn`` for an event that updates ``outputs``. On an error every output stays as it was (a
+        raised ``gr.Error`` would blank them all behind "Error" badges) except the info line, which
+        says what went wrong and what to do, as does a toast. Keeps ``fn``'s signature (Gradio reads
+        it for SelectData)."""
         import functools
+        import logging
 
         @functools.wraps(fn)
         def wrapped(*args: Any) -> Any:
             try:
                 return fn(*args)
             except QueryError as exc:
-                raise gr.Error(str(exc)) from exc
+                msg = str(exc)
+            except Exception as exc:  # an unexpected failure must not blank the panels either
+                logging.getLogger(__name__).exception("explorer event failed")
+                msg = f"something went wrong ({type(exc).__name__}: {exc}); the panels are unchanged, try again"
+            gr.Warning(msg)
+            return tuple(f"⚠ {msg}" if o is info else gr.skip() for o in outputs)
 
         return wrapped
+
+    def zip_of(s: Session) -> str | None:
+        """The session's experiment folder as one zip file for download, made once per experiment."""
+        import shutil
+
+        if s.zip_path is None and s.experiment_dir is not None:
+            base = Path(tempfile.mkdtemp(dir=out_dir)) / "experiment"
+            s.zip_path = shutil.make_archive(str(base), "zip", root_dir=s.experiment_dir)
+        return s.zip_path
 
     def chips(state: Session) -> Any:
         words = state.ghm.words if state.ghm is not None and state.ghm.prompt_tokens is not None else []
@@ -367,6 +395,9 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             p = where / "coco.json"
             p.write_text(json.dumps(coco_of(state, inst, category)))
             paths.append(str(p))
+        experiment_zip = zip_of(state)  # stays among the downloads whatever is shown
+        if experiment_zip is not None:
+            paths.append(experiment_zip)
         return paths
 
     with gr.Blocks(title="daami2i explorer") as app:
@@ -385,11 +416,22 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                 attribute_btn = gr.Button("Attribute this image", elem_id="attribute")
         with gr.Row():
             image = gr.Image(
-                value=image_view(initial), label="image (click it)", interactive=False, format="png", elem_id="image"
+                value=image_view(initial),
+                label="image (click it)",
+                interactive=False,
+                format="png",
+                elem_id="image",
+                buttons=[],  # corner buttons would lie over the image's corner pixels
             )
             heat = gr.Image(label="map", interactive=False, format="png", elem_id="heat")
         with gr.Row():
-            mode = gr.Radio(["point", "box", "polygon"], value="point", label="click mode", elem_id="mode")
+            mode = gr.Radio(
+                ["point", "box", "polygon"],
+                value="point",
+                label="click mode",
+                info="drag a box in point or box mode; polygon mode ignores drags; changing mode drops pending clicks",
+                elem_id="mode",
+            )
             close = gr.Button("close polygon", elem_id="close-polygon")
             clear = gr.Button("new polygons", elem_id="clear-polygons")
         info = gr.Markdown("", elem_id="info")
@@ -405,25 +447,15 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             mask_view = gr.Image(label="mask and boxes", interactive=False, format="png", elem_id="mask")
         downloads = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
 
-        def experiment_zip(s: Session) -> list[str]:
-            """The session's experiment folder as one zip file for download."""
-            import shutil
+        word_views = [raw_view, refined_view, mask_view]
 
-            if s.experiment_dir is None:
-                return []
-            base = Path(tempfile.mkdtemp(dir=out_dir)) / "experiment"
-            return [shutil.make_archive(str(base), "zip", root_dir=s.experiment_dir)]
+        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any) -> Any:
+            s = generate(pipe, s, p, sd, st, g)  # checks the numbers as typed (an empty field is None)
+            msg = "generated; click the image or a word"
+            return s, image_view(s), None, chips(s), msg, files(s), None, None, None
 
-        def on_generate(s: Session, p: str, sd: float, st: float, g: float) -> Any:
-            s = generate(pipe, s, p, int(sd), int(st), float(g))
-            return s, image_view(s), None, chips(s), "generated; click the image or a word", experiment_zip(s)
-
-        go.click(
-            guard(on_generate),
-            [state, prompt, seed, steps, guidance],
-            [state, image, heat, words, info, downloads],
-            concurrency_limit=1,
-        )
+        gen_outs = [state, image, heat, words, info, downloads, *word_views]
+        go.click(guard(on_generate, gen_outs), [state, prompt, seed, steps, guidance], gen_outs, concurrency_limit=1)
 
         def on_click(s: Session, m: str, evt: gr.SelectData) -> Any:
             if s.image is None:
@@ -431,52 +463,82 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             k = scale_of(s.image)
             x, y = float(evt.index[0]) / k, float(evt.index[1]) / k
             s = click(s, m, x, y)
-            view = overlay(s.image, s.last_map) if s.image is not None and s.last_map is not None else None
-            pending = f" ({len(s.clicks)} click(s) pending)" if s.clicks else ""
-            shown = with_points(s.image, s.clicks) if s.image is not None and m == "polygon" and s.clicks else gr.skip()
-            return s, view, f"{s.last_title}{pending}", files(s), shown
+            assert s.image is not None
+            if s.clicks:  # a vertex or a first corner: marked on the image, the map stays
+                todo = (
+                    "polygon: click more vertices, then 'close polygon'"
+                    if m == "polygon"
+                    else "box: click the opposite corner"
+                )
+                return (
+                    s,
+                    gr.skip(),
+                    f"{todo} ({len(s.clicks)} click(s) pending)",
+                    gr.skip(),
+                    with_points(s.image, s.clicks),
+                )
+            assert s.last_map is not None
+            unmark = image_view(s) if m == "box" else gr.skip()  # a finished box: the corner mark goes
+            return s, overlay(s.image, s.last_map), s.last_title, files(s), unmark
 
         on_click.__annotations__["evt"] = gr.SelectData  # a real class, not the postponed string
-        image.select(guard(on_click), [state, mode], [state, heat, info, downloads, image])
+        click_outs = [state, heat, info, downloads, image]
+        image.select(guard(on_click, click_outs), [state, mode], click_outs)
 
-        def on_attribute(s: Session, im: Image.Image, cap: str, sd: float) -> Any:
-            s = attribute(pipe, im, cap, int(sd))
-            return s, image_view(s), None, chips(s), "attributed; click the image or a word", experiment_zip(s)
+        def on_mode(s: Session, m: str) -> Any:
+            """A new mode starts afresh: pending vertices or corner are dropped and undrawn."""
+            dropped = len(s.clicks)
+            s.clicks = []
+            note = f" (dropped {dropped} unfinished click(s))" if dropped else ""
+            return s, MODE_HINTS.get(m, "") + note, image_view(s) if dropped else gr.skip()
+
+        mode_outs = [state, info, image]
+        mode.change(guard(on_mode, mode_outs), [state, mode], mode_outs)
+
+        def on_attribute(s: Session, im: Image.Image, cap: str, sd: Any) -> Any:
+            s = attribute(pipe, im, cap, sd)
+            msg = "attributed; click the image or a word"
+            return s, image_view(s), None, chips(s), msg, files(s), None, None, None
 
         attribute_btn.click(
-            guard(on_attribute),
-            [state, upload, caption, seed],
-            [state, image, heat, words, info, downloads],
-            concurrency_limit=1,
+            guard(on_attribute, gen_outs), [state, upload, caption, seed], gen_outs, concurrency_limit=1
         )
 
-        def on_drag(s: Session, value: str) -> Any:
+        def on_drag(s: Session, value: str, m: str) -> Any:
             if s.image is None or not value:
-                return s, None, "", []
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            if m == "polygon":  # ignored, so that a shaky click does not lose the vertices
+                msg = "drags are ignored in polygon mode (drag a box in point or box mode)"
+                msg += f"; {len(s.clicks)} click(s) pending"
+                return s, gr.skip(), msg, gr.skip(), gr.skip()
             k = scale_of(s.image)
             x0, y0, x1, y1 = (float(v) / k for v in value.split(",")[:4])
+            marked = bool(s.clicks)
             s = drag_box(s, x0, y0, x1, y1)
             assert s.image is not None and s.last_map is not None
-            return s, overlay(s.image, s.last_map), s.last_title, files(s)
+            return s, overlay(s.image, s.last_map), s.last_title, files(s), image_view(s) if marked else gr.skip()
 
-        drag.change(guard(on_drag), [state, drag], [state, heat, info, downloads])
+        drag.change(guard(on_drag, click_outs), [state, drag, mode], click_outs)
 
         def on_close(s: Session) -> Any:
             s = close_polygon(s)
             assert s.image is not None and s.last_map is not None
             return s, overlay(s.image, s.last_map), s.last_title, files(s), image_view(s)
 
-        close.click(guard(on_close), [state], [state, heat, info, downloads, image])
+        close.click(guard(on_close, click_outs), [state], click_outs)
 
         def on_clear(s: Session) -> Any:
+            marked = bool(s.clicks)
             s.polygons, s.clicks = [], []
-            return s, "polygons cleared"
+            return s, "polygons cleared", image_view(s) if marked else gr.skip()
 
-        clear.click(on_clear, [state], [state, info])
+        clear.click(guard(on_clear, mode_outs), [state], mode_outs)
+
+        outs = [state, heat, *word_views, info, downloads]
 
         def on_word(s: Session, w: str | None, it: float, th: float, every: bool) -> Any:
-            if not w:
-                return s, None, None, None, None, "", []
+            if not w:  # a slider moved with no word chosen: what is shown stays
+                return tuple(gr.skip() for _ in outs)
             raw_x, ref_x, inst = word(s, w, int(it), float(th), bool(every))
             assert s.image is not None
             m = np.zeros((s.image.height, s.image.width), bool)
@@ -487,8 +549,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             msg = f"{s.last_title}: {len(inst)} instance(s), boxes {boxes}"
             return (s, overlay(s.image, ref_x), *views, msg, files(s, inst, w))
 
-        outs = [state, heat, raw_view, refined_view, mask_view, info, downloads]
         for trigger in (words.change, iterations.change, threshold.change, all_res.change):
-            trigger(guard(on_word), [state, words, iterations, threshold, all_res], outs)
+            trigger(guard(on_word, outs), [state, words, iterations, threshold, all_res], outs)
     app.queue(default_concurrency_limit=4)
     return app
