@@ -470,3 +470,29 @@ def test_explorer_keeps_the_experiment_download(app_url):
             assert "manifest.json" in zipfile.ZipFile(dl.value.path()).namelist()
         finally:
             browser.close()
+
+
+def test_explorer_number_checks_show_on_the_page(app_url):
+    """Steps 2.5 / -3 / 99999999999 and seed -1 never reach the pipeline: the info line says what is
+    allowed, and the picture stays."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        try:
+            shown = _src(page, "#image img")
+            for field, value, expected in (
+                ("steps", "2.5", "steps must be a whole number from 1 to 999, got 2.5"),
+                ("steps", "-3", "steps must be a whole number from 1 to 999, got -3"),
+                ("steps", "99999999999", "steps must be a whole number from 1 to 999, got 99999999999"),
+                ("steps", "25", None),
+                ("seed", "-1", "seed must be a whole number from 0 to"),
+            ):
+                page.get_by_label(field, exact=True).fill(value)
+                if expected is None:
+                    continue
+                page.click("#generate")
+                _wait_info(page, expected)
+                assert _src(page, "#image img") == shown and _on_top(page, "#image img")
+        finally:
+            browser.close()

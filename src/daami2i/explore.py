@@ -405,8 +405,9 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         gr.Markdown("# daami2i explorer\nClick the image to see what a pixel, box or polygon is tied to.")
         with gr.Row():
             prompt = gr.Textbox(value=d["prompt"], label="prompt", scale=4, elem_id="prompt")
-            seed = gr.Number(value=0, precision=0, label="seed", scale=1)
-            steps = gr.Number(value=d["steps"], precision=0, label="steps", scale=1)
+            # no precision: 2.5 reaches generate's checks as typed, rather than rounded to 2 unseen
+            seed = gr.Number(value=0, label="seed", scale=1)
+            steps = gr.Number(value=d["steps"], label="steps", scale=1)
             guidance = gr.Number(value=d["guidance"], label="guidance", scale=1)
             go = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Accordion("or attribute your own image", open=False):
