@@ -428,21 +428,31 @@ def test_explorer_sliders_without_a_word_keep_the_map(app_url):
             browser.close()
 
 
-def test_explorer_corner_pixels_are_clickable(app_url, reference):
-    """No full-screen or download button lies over the image: its top-right pixel is queried."""
+@pytest.mark.parametrize("viewport", [(1400, 1000), (800, 900), (400, 800)])
+def test_explorer_corner_pixels_are_clickable(app_url, reference, viewport):
+    """No full-screen or download button (nor their empty bar, nor a rounded corner) lies over the
+    image at any page width: its corner pixels are queried."""
     from playwright.sync_api import sync_playwright
 
     _, _, high = reference
     gw = high.grid_size[1]
     with sync_playwright() as p:
-        browser, page = _open(p, app_url)
+        browser, page = _open(p, app_url, viewport)
         try:
+            page.locator("#image img").scroll_into_view_if_needed()
             b = page.locator("#image img").bounding_box()
-            assert _on_top(page, "#image img", 1 - 1 / b["width"], 1 / b["height"])
+            # the centres of the displayed corner pixels, and of the top edge
+            lo, hx, hy = 0.5 / b["width"], 1 - 0.5 / b["width"], 1 - 0.5 / b["height"]
+            for fx, fy in ((lo, lo), (hx, lo), (lo, hy), (hx, hy), (0.5, lo)):
+                assert _on_top(page, "#image img", fx, fy), (fx, fy)
             page.locator("#image img").click(position={"x": b["width"] - 1, "y": 1}, timeout=5_000)
             _wait_info(page, "pixel")
             assert _info(page).startswith(f"pixel {gw - 1} (row 0, column {gw - 1})")
             assert page.evaluate("document.fullscreenElement") is None
+            gh = high.grid_size[0]
+            page.locator("#image img").click(position={"x": 1, "y": b["height"] - 1}, timeout=5_000)
+            _wait_info(page, f"pixel {(gh - 1) * gw} ")
+            assert _info(page).startswith(f"pixel {(gh - 1) * gw} (row {gh - 1}, column 0)")
         finally:
             browser.close()
 

@@ -315,7 +315,14 @@ DRAG_JS = """
   }, true);
 }
 """
-HIDDEN_CSS = ".daami2i-hidden {display: none !important;}"
+# The image has no corner buttons, but Gradio still lays their (empty) bar over its top edge, and its
+# panel's rounded corners clip it: where the picture fills the panel (narrow pages) clicks on corner
+# pixels would never reach it.
+HIDDEN_CSS = """
+.daami2i-hidden {display: none !important;}
+#image .icon-button-wrapper {display: none !important;}
+#image {border-radius: 0 !important;}
+"""
 MODE_HINTS = {
     "point": "point mode: click a pixel to see its map, or drag a box",
     "box": "box mode: click two opposite corners, or drag a box",
