@@ -241,8 +241,8 @@ def close_polygon(state: Session) -> Session:
         raise QueryError("generate an image (or open an experiment) first")
     if len(state.clicks) < 3:
         n = len(state.clicks)
-        todo = "switch to polygon mode and click" if n == 0 else "click"
-        raise QueryError(f"a polygon needs at least 3 vertices, got {n}: {todo} {3 - n} more, then 'close polygon'")
+        todo = "click 3 in polygon mode" if n == 0 else f"click {3 - n} more"
+        raise QueryError(f"a polygon needs at least 3 vertices, got {n}: {todo}, then 'close polygon'")
     state.polygons.append([[x + 0.5, y + 0.5] for x, y in state.clicks])
     state.clicks = []
     h, w = state.image.height, state.image.width
