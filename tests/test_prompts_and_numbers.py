@@ -259,3 +259,19 @@ def test_zero_dim_integer_tensors_are_integers(ghm):
     assert torch.equal(box.weights, ghm.compute_bbox_heat_map(0, 1, 2, 3).weights)
     with pytest.raises(QueryError, match="integer"):
         ghm.compute_bbox_heat_map(*torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
+def test_explorer_chips_for_long_and_non_ascii_prompts(sd1):
+    """Chips are the words the encoder saw, as typed; a note says where a long prompt was cut."""
+    from daami2i.explore import Session, generate, generated_note, word_chips
+
+    with pytest.warns(UserWarning, match="longer than"):
+        state = generate(sd1, Session(), "a café " * 40 + "and a zebra", 0, 1, 4.0)
+    chips = word_chips(state)
+    assert chips == ["a", "café"]
+    for w in chips:  # every chip can be queried
+        state.ghm.compute_word_heat_map(w)
+    assert "Note: the prompt is longer than the clip text encoder's window" in generated_note(state)
+    short = generate(sd1, Session(), "a café with a \U0001f642", 0, 1, 4.0)
+    assert word_chips(short) == ["a", "café", "with", "\U0001f642"]
+    assert generated_note(short) == "generated; click the image or a word"

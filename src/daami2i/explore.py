@@ -153,6 +153,20 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
     return state
 
 
+def word_chips(state: Session) -> list[str]:
+    """The words to offer as chips: those the text encoder saw, as typed (``café``, emoji)."""
+    if state.ghm is None or state.ghm.prompt_tokens is None:
+        return []
+    return state.ghm.words
+
+
+def generated_note(state: Session) -> str:
+    """The info line after a generation; it says where a prompt too long for the encoder was cut."""
+    note = "generated; click the image or a word"
+    cut = state.ghm.truncation if state.ghm is not None and state.ghm.prompt_tokens is not None else None
+    return f"{note}. Note: {cut}" if cut else note
+
+
 def _whole(value: Any, name: str, low: int, high: int) -> int:
     """A whole number from a form field (``3`` or ``3.0``, not ``2.5``) in [low, high], or a QueryError."""
     try:
@@ -378,8 +392,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         return s.zip_path
 
     def chips(state: Session) -> Any:
-        words = state.ghm.words if state.ghm is not None and state.ghm.prompt_tokens is not None else []
-        return gr.Radio(choices=words, value=None, label="words (click one)", elem_id="words")
+        return gr.Radio(choices=word_chips(state), value=None, label="words (click one)", elem_id="words")
 
     def image_view(state: Session) -> Any:
         return show(state.image) if state.image is not None else None
@@ -459,7 +472,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any) -> Any:
             s = generate(pipe, s, p, sd, st, g)  # checks the numbers as typed (an empty field is None)
-            msg = "generated; click the image or a word"
+            msg = generated_note(s)
             return s, image_view(s), None, chips(s), msg, files(s), None, None, None
 
         gen_outs = [state, image, heat, words, info, downloads, *word_views]
