@@ -75,12 +75,19 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, cmap: str 
 
 
 def mask_image(image: Image.Image, mask: np.ndarray, boxes: list[list[float]]) -> Image.Image:
-    """The mask in red over the image, with the instances' boxes outlined, enlarged."""
+    """The mask over the image, readable on any colour: the image as it is inside the mask, dimmed
+    outside it, the mask's edge in cyan; the instances' boxes outlined in yellow; enlarged."""
     from PIL import ImageDraw
 
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    red = np.array([230, 30, 30], dtype=np.float32)
-    rgb[mask] = 0.45 * rgb[mask] + 0.55 * red
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    mask = np.asarray(mask, dtype=bool)
+    rgb[~mask] *= 0.3
+    inner = mask.copy()  # the pixels whose four neighbours are in the mask too
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    rgb[mask & ~inner] = (0, 255, 255)
     out = show(Image.fromarray(rgb.astype(np.uint8)))
     k = scale_of(image)
     draw = ImageDraw.Draw(out)
