@@ -4,10 +4,13 @@ state go to the test's temp folder."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import socket
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,15 +226,22 @@ def test_explore_command_checks_its_experiment_folder(tmp_path):
 
 
 # -- issue 14: no dead ends. Each test drives a fresh page (1400x1000) on the shared app. -----------
-def _open(p, app_url: str, viewport: tuple[int, int] = (1400, 1000)):
-    """A headless Chromium on the app with the default prompt generated; returns (browser, page)."""
-    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-    page.goto(app_url)
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#info').innerText.includes('generated')", timeout=120_000)
-    page.wait_for_selector("#image img")
-    return browser, page
+@contextlib.contextmanager
+def _page(app_url: str, viewport: tuple[int, int] = (1400, 1000)) -> Iterator[Any]:
+    """A page of a headless Chromium on the app, with the default prompt generated; closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            page.goto(app_url)
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('generated')", timeout=120_000)
+            page.wait_for_selector("#image img")
+            yield page
+        finally:
+            browser.close()
 
 
 def _info(page) -> str:
@@ -290,219 +300,177 @@ def _plain(page, image: Image.Image) -> bool:
 
 
 def test_explorer_errors_leave_the_panels_and_say_what_to_do(app_url, reference, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     image = reference[0]
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            _click(page, 0.3, 0.6)
-            _wait_info(page, "pixel")
-            shown, heat = _src(page, "#image img"), _src(page, "#heat img")
-            assert heat is not None
-            # polygon mode, two clicks, "close polygon": too few vertices
-            page.locator("#mode label", has_text="polygon").click()
-            _click(page, 0.1, 0.1)
-            _wait_info(page, "1 click(s) pending")
-            _click(page, 0.6, 0.1)
-            _wait_info(page, "2 click(s) pending")
-            page.click("#close-polygon")
-            _wait_info(page, "at least 3")
-            page.screenshot(path=str(tmp_path / "polygon-error.png"), full_page=True)
-            assert "click 1 more" in _info(page)
-            assert page.locator(".toast-body", has_text="at least 3").count() >= 1
-            assert _src(page, "#heat img") == heat and _on_top(page, "#heat img") and _on_top(page, "#image img")
-            assert not _plain(page, image)  # the two vertices are still drawn, and still pending
-            _click(page, 0.3, 0.6)
-            _wait_info(page, "3 click(s) pending")
-            page.click("#close-polygon")
-            _wait_info(page, "1 polygon(s)")
-            heat = _src(page, "#heat img")
-            shown = _src(page, "#image img")
-            # an empty prompt, then steps = 0: the picture and the map stay, the info line says why
-            page.fill("#prompt textarea", "")
-            page.click("#generate")
-            _wait_info(page, "type a prompt")
-            assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
-            assert _on_top(page, "#image img") and _on_top(page, "#heat img")
-            page.fill("#prompt textarea", PROMPT)
-            steps = page.get_by_label("steps")
-            steps.fill("0")
-            page.click("#generate")
-            _wait_info(page, "steps must be a whole number from 1 to 999")
-            page.screenshot(path=str(tmp_path / "steps-error.png"), full_page=True)
-            assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
-            assert _on_top(page, "#image img") and _on_top(page, "#heat img")
-            # and the image still answers clicks
-            page.locator("#mode label", has_text="point").click()
-            _click(page, 0.8, 0.2)
-            _wait_info(page, "pixel")
-            assert _src(page, "#heat img") != heat
-        finally:
-            browser.close()
+    with _page(app_url) as page:
+        _click(page, 0.3, 0.6)
+        _wait_info(page, "pixel")
+        shown, heat = _src(page, "#image img"), _src(page, "#heat img")
+        assert heat is not None
+        # polygon mode, two clicks, "close polygon": too few vertices
+        page.locator("#mode label", has_text="polygon").click()
+        _click(page, 0.1, 0.1)
+        _wait_info(page, "1 click(s) pending")
+        _click(page, 0.6, 0.1)
+        _wait_info(page, "2 click(s) pending")
+        page.click("#close-polygon")
+        _wait_info(page, "at least 3")
+        page.screenshot(path=str(tmp_path / "polygon-error.png"), full_page=True)
+        assert "click 1 more" in _info(page)
+        assert page.locator(".toast-body", has_text="at least 3").count() >= 1
+        assert _src(page, "#heat img") == heat and _on_top(page, "#heat img") and _on_top(page, "#image img")
+        assert not _plain(page, image)  # the two vertices are still drawn, and still pending
+        _click(page, 0.3, 0.6)
+        _wait_info(page, "3 click(s) pending")
+        page.click("#close-polygon")
+        _wait_info(page, "1 polygon(s)")
+        heat = _src(page, "#heat img")
+        shown = _src(page, "#image img")
+        # an empty prompt, then steps = 0: the picture and the map stay, the info line says why
+        page.fill("#prompt textarea", "")
+        page.click("#generate")
+        _wait_info(page, "type a prompt")
+        assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
+        assert _on_top(page, "#image img") and _on_top(page, "#heat img")
+        page.fill("#prompt textarea", PROMPT)
+        steps = page.get_by_label("steps")
+        steps.fill("0")
+        page.click("#generate")
+        _wait_info(page, "steps must be a whole number from 1 to 999")
+        page.screenshot(path=str(tmp_path / "steps-error.png"), full_page=True)
+        assert _src(page, "#image img") == shown and _src(page, "#heat img") == heat
+        assert _on_top(page, "#image img") and _on_top(page, "#heat img")
+        # and the image still answers clicks
+        page.locator("#mode label", has_text="point").click()
+        _click(page, 0.8, 0.2)
+        _wait_info(page, "pixel")
+        assert _src(page, "#heat img") != heat
 
 
 def test_explorer_mode_change_clears_pending_clicks(app_url, reference):
-    from playwright.sync_api import sync_playwright
-
     image, _, high = reference
     gw = high.grid_size[1]
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            page.locator("#mode label", has_text="polygon").click()
-            _click(page, 0.1, 0.1)
-            _wait_info(page, "1 click(s) pending")
-            _click(page, 0.6, 0.1)
-            _wait_info(page, "2 click(s) pending")
-            assert not _plain(page, image)
-            page.locator("#mode label", has_text="box").click()
-            _wait_info(page, "box mode")
-            assert "pending" not in _info(page) and _plain(page, image)  # the magenta line is gone
-            _click(page, 0.1, 0.1)
-            _wait_info(page, "1 click(s) pending")
-            assert not _plain(page, image)  # the pending corner is marked
-            _click(page, 0.45, 0.7)
-            _wait_info(page, "box (")
-            gh = high.grid_size[0]
-            assert _info(page).startswith(f"box ({int(0.1 * gw)}, {int(0.1 * gh)}, {int(0.45 * gw)}, {int(0.7 * gh)})")
-            assert _plain(page, image)
-            # one box corner, point mode, back to box: the next click is a first corner again
-            _click(page, 0.7, 0.7)
-            _wait_info(page, "1 click(s) pending")
-            page.locator("#mode label", has_text="point").click()
-            _wait_info(page, "point mode")
-            assert _plain(page, image)
-            page.locator("#mode label", has_text="box").click()
-            _wait_info(page, "box mode")
-            _click(page, 0.2, 0.2)
-            _wait_info(page, "1 click(s) pending")
-        finally:
-            browser.close()
+    with _page(app_url) as page:
+        page.locator("#mode label", has_text="polygon").click()
+        _click(page, 0.1, 0.1)
+        _wait_info(page, "1 click(s) pending")
+        _click(page, 0.6, 0.1)
+        _wait_info(page, "2 click(s) pending")
+        assert not _plain(page, image)
+        page.locator("#mode label", has_text="box").click()
+        _wait_info(page, "box mode")
+        assert "pending" not in _info(page) and _plain(page, image)  # the magenta line is gone
+        _click(page, 0.1, 0.1)
+        _wait_info(page, "1 click(s) pending")
+        assert not _plain(page, image)  # the pending corner is marked
+        _click(page, 0.45, 0.7)
+        _wait_info(page, "box (")
+        gh = high.grid_size[0]
+        assert _info(page).startswith(f"box ({int(0.1 * gw)}, {int(0.1 * gh)}, {int(0.45 * gw)}, {int(0.7 * gh)})")
+        assert _plain(page, image)
+        # one box corner, point mode, back to box: the next click is a first corner again
+        _click(page, 0.7, 0.7)
+        _wait_info(page, "1 click(s) pending")
+        page.locator("#mode label", has_text="point").click()
+        _wait_info(page, "point mode")
+        assert _plain(page, image)
+        page.locator("#mode label", has_text="box").click()
+        _wait_info(page, "box mode")
+        _click(page, 0.2, 0.2)
+        _wait_info(page, "1 click(s) pending")
 
 
 def test_explorer_drag_in_polygon_mode_keeps_the_vertices(app_url, reference):
-    from playwright.sync_api import sync_playwright
-
     image = reference[0]
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            page.locator("#mode label", has_text="polygon").click()
-            _wait_info(page, "drags are ignored")  # the mode says so up front
-            _click(page, 0.1, 0.1)
-            _wait_info(page, "1 click(s) pending")
-            _click(page, 0.6, 0.1)
-            _wait_info(page, "2 click(s) pending")
-            heat = _src(page, "#heat img")
-            _drag(page, (0.2, 0.3), (0.6, 0.7))
-            _wait_info(page, "ignored")
-            assert "2 click(s) pending" in _info(page) and "box (" not in _info(page)
-            assert _src(page, "#heat img") == heat and not _plain(page, image)
-            _click(page, 0.3, 0.6)
-            _wait_info(page, "3 click(s) pending")
-            page.click("#close-polygon")
-            _wait_info(page, "1 polygon(s)")
-            assert _plain(page, image)
-        finally:
-            browser.close()
+    with _page(app_url) as page:
+        page.locator("#mode label", has_text="polygon").click()
+        _wait_info(page, "drags are ignored")  # the mode says so up front
+        _click(page, 0.1, 0.1)
+        _wait_info(page, "1 click(s) pending")
+        _click(page, 0.6, 0.1)
+        _wait_info(page, "2 click(s) pending")
+        heat = _src(page, "#heat img")
+        _drag(page, (0.2, 0.3), (0.6, 0.7))
+        _wait_info(page, "ignored")
+        assert "2 click(s) pending" in _info(page) and "box (" not in _info(page)
+        assert _src(page, "#heat img") == heat and not _plain(page, image)
+        _click(page, 0.3, 0.6)
+        _wait_info(page, "3 click(s) pending")
+        page.click("#close-polygon")
+        _wait_info(page, "1 polygon(s)")
+        assert _plain(page, image)
 
 
 def test_explorer_sliders_without_a_word_keep_the_map(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            _click(page, 0.3, 0.6)
-            _wait_info(page, "pixel")
-            before = (_src(page, "#heat img"), _info(page), _downloads(page))
-            assert before[0] is not None and "overlay.png" in before[2]
-            number = page.locator("#threshold input[type=number]")
-            number.fill("0.7")
-            number.press("Enter")
-            page.click("#all-res input")
-            page.wait_for_timeout(2_000)
-            assert (_src(page, "#heat img"), _info(page), _downloads(page)) == before
-        finally:
-            browser.close()
+    with _page(app_url) as page:
+        _click(page, 0.3, 0.6)
+        _wait_info(page, "pixel")
+        before = (_src(page, "#heat img"), _info(page), _downloads(page))
+        assert before[0] is not None and "overlay.png" in before[2]
+        number = page.locator("#threshold input[type=number]")
+        number.fill("0.7")
+        number.press("Enter")
+        page.click("#all-res input")
+        page.wait_for_timeout(2_000)
+        assert (_src(page, "#heat img"), _info(page), _downloads(page)) == before
 
 
 @pytest.mark.parametrize("viewport", [(1400, 1000), (800, 900), (400, 800)])
 def test_explorer_corner_pixels_are_clickable(app_url, reference, viewport):
     """No full-screen or download button (nor their empty bar, nor a rounded corner) lies over the
     image at any page width: its corner pixels are queried."""
-    from playwright.sync_api import sync_playwright
-
     _, _, high = reference
     gw = high.grid_size[1]
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url, viewport)
-        try:
-            page.locator("#image img").scroll_into_view_if_needed()
-            b = page.locator("#image img").bounding_box()
-            # the centres of the displayed corner pixels, and of the top edge
-            lo, hx, hy = 0.5 / b["width"], 1 - 0.5 / b["width"], 1 - 0.5 / b["height"]
-            for fx, fy in ((lo, lo), (hx, lo), (lo, hy), (hx, hy), (0.5, lo)):
-                assert _on_top(page, "#image img", fx, fy), (fx, fy)
-            page.locator("#image img").click(position={"x": b["width"] - 1, "y": 1}, timeout=5_000)
-            _wait_info(page, "pixel")
-            assert _info(page).startswith(f"pixel {gw - 1} (row 0, column {gw - 1})")
-            assert page.evaluate("document.fullscreenElement") is None
-            gh = high.grid_size[0]
-            page.locator("#image img").click(position={"x": 1, "y": b["height"] - 1}, timeout=5_000)
-            _wait_info(page, f"pixel {(gh - 1) * gw} ")
-            assert _info(page).startswith(f"pixel {(gh - 1) * gw} (row {gh - 1}, column 0)")
-        finally:
-            browser.close()
+    with _page(app_url, viewport) as page:
+        page.locator("#image img").scroll_into_view_if_needed()
+        b = page.locator("#image img").bounding_box()
+        # the centres of the displayed corner pixels, and of the top edge
+        lo, hx, hy = 0.5 / b["width"], 1 - 0.5 / b["width"], 1 - 0.5 / b["height"]
+        for fx, fy in ((lo, lo), (hx, lo), (lo, hy), (hx, hy), (0.5, lo)):
+            assert _on_top(page, "#image img", fx, fy), (fx, fy)
+        page.locator("#image img").click(position={"x": b["width"] - 1, "y": 1}, timeout=5_000)
+        _wait_info(page, "pixel")
+        assert _info(page).startswith(f"pixel {gw - 1} (row 0, column {gw - 1})")
+        assert page.evaluate("document.fullscreenElement") is None
+        gh = high.grid_size[0]
+        page.locator("#image img").click(position={"x": 1, "y": b["height"] - 1}, timeout=5_000)
+        _wait_info(page, f"pixel {(gh - 1) * gw} ")
+        assert _info(page).startswith(f"pixel {(gh - 1) * gw} (row {gh - 1}, column 0)")
 
 
 def test_explorer_keeps_the_experiment_download(app_url):
-    from playwright.sync_api import sync_playwright
+    with _page(app_url) as page:
+        assert _downloads(page) == ["experiment.zip"]
+        _click(page, 0.3, 0.6)
+        _wait_info(page, "pixel")
+        assert _downloads(page) == ["experiment.zip", "overlay.png"]
+        _drag(page, (0.2, 0.3), (0.6, 0.7))
+        _wait_info(page, "box (")
+        assert _downloads(page) == ["experiment.zip", "overlay.png"]
+        page.locator("#words label", has_text="circle").click()
+        _wait_info(page, "instance(s)")
+        assert _downloads(page) == ["coco.json", "experiment.zip", "mask.png", "overlay.png"]
+        with page.expect_download() as dl:
+            page.locator('#downloads a[download="experiment.zip"]').click()
+        import zipfile
 
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            assert _downloads(page) == ["experiment.zip"]
-            _click(page, 0.3, 0.6)
-            _wait_info(page, "pixel")
-            assert _downloads(page) == ["experiment.zip", "overlay.png"]
-            _drag(page, (0.2, 0.3), (0.6, 0.7))
-            _wait_info(page, "box (")
-            assert _downloads(page) == ["experiment.zip", "overlay.png"]
-            page.locator("#words label", has_text="circle").click()
-            _wait_info(page, "instance(s)")
-            assert _downloads(page) == ["coco.json", "experiment.zip", "mask.png", "overlay.png"]
-            with page.expect_download() as dl:
-                page.locator('#downloads a[download="experiment.zip"]').click()
-            import zipfile
-
-            assert "manifest.json" in zipfile.ZipFile(dl.value.path()).namelist()
-        finally:
-            browser.close()
+        assert "manifest.json" in zipfile.ZipFile(dl.value.path()).namelist()
 
 
 def test_explorer_number_checks_show_on_the_page(app_url):
     """Steps 2.5 / -3 / 99999999999 and seed -1 never reach the pipeline: the info line says what is
     allowed, and the picture stays."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        try:
-            shown = _src(page, "#image img")
-            for field, value, expected in (
-                ("steps", "2.5", "steps must be a whole number from 1 to 999, got 2.5"),
-                ("steps", "-3", "steps must be a whole number from 1 to 999, got -3"),
-                ("steps", "99999999999", "steps must be a whole number from 1 to 999, got 99999999999"),
-                ("steps", "25", None),
-                ("seed", "-1", "seed must be a whole number from 0 to"),
-            ):
-                page.get_by_label(field, exact=True).fill(value)
-                if expected is None:
-                    continue
-                page.click("#generate")
-                _wait_info(page, expected)
-                assert _src(page, "#image img") == shown and _on_top(page, "#image img")
-        finally:
-            browser.close()
+    with _page(app_url) as page:
+        shown = _src(page, "#image img")
+        for field, value, expected in (
+            ("steps", "2.5", "steps must be a whole number from 1 to 999, got 2.5"),
+            ("steps", "-3", "steps must be a whole number from 1 to 999, got -3"),
+            ("steps", "99999999999", "steps must be a whole number from 1 to 999, got 99999999999"),
+            ("steps", "25", None),
+            ("seed", "-1", "seed must be a whole number from 0 to"),
+        ):
+            page.get_by_label(field, exact=True).fill(value)
+            if expected is None:
+                continue
+            page.click("#generate")
+            _wait_info(page, expected)
+            assert _src(page, "#image img") == shown and _on_top(page, "#image img")

@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise SystemExit("the daami2i command line needs its extra: pip install 'daami2i[cli]'") from exc
 
 from .errors import ConfigError, Daami2iError, QueryError, UnsupportedPipelineError
+from .sampling import GUIDANCE_MAX, SEED_LIMIT, STEPS_MAX
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_EXPERIMENT = 1, 2, 3
 DEFAULT_MODEL = "shapes"
@@ -261,11 +262,6 @@ def _load_pipeline(model: str, device: str | None) -> Any:
     return pipe
 
 
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
-GUIDANCE_MAX = 100.0  # far above any useful scale; 1e308 overflows the pipeline into NaN images
-STEPS_MAX = 999  # SD schedulers: 1000 training timesteps, and steps_offset=1 makes 1000 steps overrun them
-
-
 def _check_generate_options(
     prompt: str, seed: int, height: int | None, width: int | None, guidance: float | None, steps: int | None = None
 ) -> None:
@@ -302,8 +298,9 @@ def _image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, i
     if height is None and width is None:
         return {}
     if height is None or width is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        latent = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+        from .tracing.trace import denoiser_of
+
+        latent = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe)[0].config.sample_size
         default = int(latent) * int(getattr(pipe, "vae_scale_factor", 8))
         height, width = height or default, width or default
     return {"height": height, "width": width}

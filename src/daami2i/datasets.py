@@ -41,13 +41,13 @@ from .errors import ConfigError, QueryError
 from .heatmaps import masks as M
 from .heatmaps.maps import HeatMap
 from .heatmaps.schemes import SCHEMES, word_map
+from .sampling import GUIDANCE_MAX, STEPS_MAX
+from .sampling import SEED_LIMIT as TORCH_SEED_LIMIT
 
 FORMAT = "daami2i-dataset"
 VERSION = 2
-SEED_LIMIT = 2**63  # sample seeds (seed + image id) stay below torch's 2**64 limit
+SEED_LIMIT = TORCH_SEED_LIMIT // 2  # sample seeds (seed + image id) stay below torch's limit
 MAX_PER_PROMPT = 100_000  # samples per prompt (-k); a dataset of more is many runs
-MAX_STEPS = 999  # SD schedulers have 1000 training timesteps; 1000 steps with steps_offset=1 overrun them
-MAX_GUIDANCE = 100.0  # far above any useful scale; 1e308 overflows the pipeline into NaN images
 # the names users know the settings by (the CLI's options)
 SETTING_NAMES = {
     "model": "model (-m)",
@@ -123,8 +123,8 @@ class DatasetConfig:
                 f"segmentation (--segmentation) must be 'auto', 'polygon' or 'rle', got {self.segmentation!r}"
             )
         _integer(self.seed, "seed", 0, SEED_LIMIT)
-        _integer(self.steps, "steps", 1, MAX_STEPS + 1)
-        _number(self.guidance, "guidance", 0.0, MAX_GUIDANCE, fix=" (the classifier-free guidance scale, e.g. 7.5)")
+        _integer(self.steps, "steps", 1, STEPS_MAX + 1)
+        _number(self.guidance, "guidance", 0.0, GUIDANCE_MAX, fix=" (the classifier-free guidance scale, e.g. 7.5)")
         if not isinstance(self.save_experiments, bool):
             raise ConfigError(f"save_experiments must be True or False, got {self.save_experiments!r}")
         for name in ("spacy_model", "model"):

@@ -33,6 +33,7 @@ from PIL import Image
 from .errors import QueryError
 from .heatmaps import masks as M
 from .heatmaps.maps import GlobalHeatMap, HeatMap
+from .sampling import GUIDANCE_MAX, SEED_LIMIT, STEPS_MAX
 
 DISPLAY = 512  # the image is shown at least this large (nearest-neighbour), clicks are mapped back
 
@@ -139,14 +140,16 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
-    n_steps = _whole(steps, "steps", 1, 999)  # SD schedulers: 1000 training timesteps, steps_offset 1
-    n_seed = _whole(seed, "seed", 0, 2**63 - 1)
+    n_steps = _whole(steps, "steps", 1, STEPS_MAX)
+    n_seed = _whole(seed, "seed", 0, SEED_LIMIT - 1)
     try:
         scale = float(guidance)
     except (TypeError, ValueError):
         scale = math.nan
-    if not math.isfinite(scale) or not 0 <= scale <= 100:
-        raise QueryError(f"guidance must be a number from 0 to 100 (1 or less turns guidance off), got {guidance!r}")
+    if not math.isfinite(scale) or not 0 <= scale <= GUIDANCE_MAX:
+        raise QueryError(
+            f"guidance must be a number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off), got {guidance!r}"
+        )
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt,
@@ -193,7 +196,7 @@ def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Ses
         raise QueryError("upload an image first")
     if not caption or not caption.strip():
         raise QueryError("type a caption of the image first")
-    n_seed = _whole(seed, "seed", 0, 2**63 - 1)
+    n_seed = _whole(seed, "seed", 0, SEED_LIMIT - 1)
     h, w = image.height - image.height % 8, image.width - image.width % 8
     image = image.convert("RGB").crop((0, 0, w, h))  # the VAE needs multiples of 8
     trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(n_seed), self_factors="all")

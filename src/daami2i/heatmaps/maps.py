@@ -215,10 +215,10 @@ class GlobalHeatMap:
         """Mean self-attention map of the latent box columns x1..x2, rows y1..y2 (both included, as in
         daam-i2i; a corner one past the last column / row is clipped). ``half_open=True``: columns
         [x1, x2), rows [y1, y2), like Python slices."""
-        w = regions.box_weights(x1, y1, x2, y2, self.grid_size, half_open=half_open)
-        stop_x, stop_y = (x2, y2) if half_open else (min(x2 + 1, self.grid_size[1]), min(y2 + 1, self.grid_size[0]))
         # "box": the covered cells' edges, half-open (what a plot draws); "corners": as the caller gave them
-        region = {"kind": "box", "box": (x1, y1, stop_x, stop_y), "corners": (x1, y1, x2, y2), "half_open": half_open}
+        cells = regions.box_cells(x1, y1, x2, y2, self.grid_size, half_open)
+        w = regions.box_weights(*cells, self.grid_size, half_open=True)
+        region = {"kind": "box", "box": cells, "corners": (x1, y1, x2, y2), "half_open": half_open}
         return self._region(w, direction, region)
 
     def compute_contour_heat_map(

@@ -100,18 +100,13 @@ def pixel_weights(pix_ids: Iterable[int] | int, grid: Size) -> torch.Tensor:
     return counts.view(grid)
 
 
-def box_weights(x1: int, y1: int, x2: int, y2: int, grid: Size, half_open: bool = False) -> torch.Tensor:
-    """Weights of the latent box columns ``x1..x2``, rows ``y1..y2``, both corners included (daam-i2i's
-    meaning). A corner one past the last column or row (``x2 == width``, ``y2 == height``) is clipped
-    to it, so daam-i2i's ``(0, 10, 25, 64)`` on a 64x64 grid is columns 0-25, rows 10-63. With
-    ``half_open=True`` the box is Python-slice style: columns ``x1 <= x < x2``, rows ``y1 <= y < y2``.
+def box_cells(x1: int, y1: int, x2: int, y2: int, grid: Size, half_open: bool = False) -> tuple[int, int, int, int]:
+    """The cells a latent box covers, as half-open edges ``(x1, y1, x_stop, y_stop)``: corners included
+    (daam-i2i's meaning; a corner one past the last column or row is clipped to it), or with
+    ``half_open=True`` Python-slice style (``x1 <= x < x2``). A QueryError says the convention.
 
-    >>> box_weights(1, 0, 2, 0, (2, 3))
-    tensor([[0., 1., 1.],
-            [0., 0., 0.]])
-    >>> box_weights(1, 0, 3, 1, (2, 3), half_open=True)
-    tensor([[0., 1., 1.],
-            [0., 0., 0.]])
+    >>> box_cells(0, 10, 25, 64, (64, 64)), box_cells(0, 10, 25, 64, (64, 64), half_open=True)
+    ((0, 10, 26, 64), (0, 10, 25, 64))
     """
     h, w = grid
     for name, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)):
@@ -126,18 +121,31 @@ def box_weights(x1: int, y1: int, x2: int, y2: int, grid: Size, half_open: bool 
                 f"0 <= y1 < y2 <= {h} (half_open=True: x2 and y2 are exclusive, like Python slices; "
                 "x is the column, y the row)"
             )
-        x_stop, y_stop = x2, y2
-    else:
-        if not (0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and x1 < w and y1 < h):
-            raise QueryError(
-                f"{box} is empty or outside the {_grid_text(grid)}: expected 0 <= x1 <= x2 <= {w - 1} and "
-                f"0 <= y1 <= y2 <= {h - 1} (x is the column, y the row; both corners are inclusive, as in "
-                f"daam-i2i; x2 = {w} or y2 = {h} is clipped to the last column or row; pass half_open=True "
-                "for Python-slice boxes)"
-            )
-        x_stop, y_stop = min(x2 + 1, w), min(y2 + 1, h)
+        return x1, y1, x2, y2
+    if not (0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and x1 < w and y1 < h):
+        raise QueryError(
+            f"{box} is empty or outside the {_grid_text(grid)}: expected 0 <= x1 <= x2 <= {w - 1} and "
+            f"0 <= y1 <= y2 <= {h - 1} (x is the column, y the row; both corners are inclusive, as in "
+            f"daam-i2i; x2 = {w} or y2 = {h} is clipped to the last column or row; pass half_open=True "
+            "for Python-slice boxes)"
+        )
+    return x1, y1, min(x2 + 1, w), min(y2 + 1, h)
+
+
+def box_weights(x1: int, y1: int, x2: int, y2: int, grid: Size, half_open: bool = False) -> torch.Tensor:
+    """Weights of the latent box columns ``x1..x2``, rows ``y1..y2``, both corners included (daam-i2i's
+    meaning; see :func:`box_cells`). With ``half_open=True``: columns ``x1 <= x < x2``, rows ``y1 <= y < y2``.
+
+    >>> box_weights(1, 0, 2, 0, (2, 3))
+    tensor([[0., 1., 1.],
+            [0., 0., 0.]])
+    >>> box_weights(1, 0, 3, 1, (2, 3), half_open=True)
+    tensor([[0., 1., 1.],
+            [0., 0., 0.]])
+    """
+    a, b, x_stop, y_stop = box_cells(x1, y1, x2, y2, grid, half_open)
     g = torch.zeros(grid)
-    g[y1:y_stop, x1:x_stop] = 1.0
+    g[b:y_stop, a:x_stop] = 1.0
     return g
 
 
