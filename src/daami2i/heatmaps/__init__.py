@@ -2,14 +2,17 @@
 
 from .maps import GlobalHeatMap, HeatMap, PixelHeatMap, WordHeatMap, image_size_of
 from .selfattn import SelfAttentionLevel
+from .syntax import ParsedHeatMap, SyntacticHeatMapPair
 from .words import CrossAttentionLayer
 
 __all__ = [
     "CrossAttentionLayer",
     "GlobalHeatMap",
     "HeatMap",
+    "ParsedHeatMap",
     "PixelHeatMap",
     "SelfAttentionLevel",
+    "SyntacticHeatMapPair",
     "WordHeatMap",
     "image_size_of",
 ]
