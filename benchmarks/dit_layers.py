@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     pipe = load_pipeline(args.model)
-    layers = [n for n, (kind, _) in daami2i.trace(pipe).layer_names.items() if kind == "joint"]
+    layers = [n for n, (kind, _) in daami2i.trace(pipe).attention_layers.items() if kind == "joint"]
     steps = [int(t) for t in args.timesteps.split(",")]
     t0 = time.time()
     rows: dict[str, list] = defaultdict(list)

@@ -75,12 +75,12 @@ def main() -> None:
             [contour, [[10, 10], [100, 10], [100, 90]]], 512, 512
         ),
         "guided (word map)": lambda: ghm.compute_guided_heat_map(word),
-        "diffused (20 iterations)": lambda: ghm.compute_diffused_heat_map(word, iterations=20),
+        "diffused (20 iterations)": lambda: ghm.compute_grown_heat_map(word, iterations=20),
         "word map (cached)": lambda: ghm.compute_word_heat_map("chairs"),
         "word map (first, new global map)": lambda: trc.compute_global_heat_map().compute_word_heat_map("chairs"),
     }
     out = {name: median_ms(fn, args.repeats) for name, fn in queries.items()}
-    out["diffused, every pixel (random tiny)"] = median_ms(ghm.compute_all_diffused_heat_maps, 2, warmup=False)
+    out["diffused, every pixel (random tiny)"] = median_ms(ghm.compute_all_grown_heat_maps, 2, warmup=False)
     local = local_attention_levels(ghm.grid_size)
     out["diffused, every pixel (local stand-in)"] = median_ms(
         lambda: diffuse_all(local, ghm.grid_size, iterations=20, threshold=0.4), 2, warmup=False

@@ -117,9 +117,9 @@ def test_bad_word_idx_and_direction(ghm):
 
 def test_bad_diffusion_parameters(ghm):
     with pytest.raises(QueryError, match="iterations"):
-        ghm.compute_pixel_diffused_heat_map([0], iterations=0)
+        ghm.compute_pixel_grown_heat_map([0], iterations=0)
     with pytest.raises(QueryError, match="threshold"):
-        ghm.compute_pixel_diffused_heat_map([0], threshold=1.5)
+        ghm.compute_pixel_grown_heat_map([0], threshold=1.5)
 
 
 def test_query_before_generation(sd2):

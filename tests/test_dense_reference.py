@@ -136,8 +136,8 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
 
     near = cut = 0
     singles = [
-        (w.view(grid), lambda k: ghm.compute_pixel_diffused_heat_map(ids, iterations=k, threshold=0.4).value),
-        (word_ref, lambda k: ghm.compute_diffused_heat_map(wm, iterations=k, threshold=0.4).value),
+        (w.view(grid), lambda k: ghm.compute_pixel_grown_heat_map(ids, iterations=k, threshold=0.4).value),
+        (word_ref, lambda k: ghm.compute_grown_heat_map(wm, iterations=k, threshold=0.4).value),
     ]
     for g0, ours_at in singles:
         ref, n_near, n_cut = diffused(g0, ours_at)
@@ -146,14 +146,14 @@ def check_all_queries(pipe, trc, book, image_idx, halves="cond", steps=None):
 
     # every pixel's diffused map at once (tiles of 8 x 8 seeds; these grids have partial tiles), and
     # each against the single-pixel query
-    every = [ghm.compute_all_diffused_heat_maps(iterations=k, threshold=0.4) for k in range(1, 5)]
+    every = [ghm.compute_all_grown_heat_maps(iterations=k, threshold=0.4) for k in range(1, 5)]
     assert every[-1].shape == (n, *grid)
     seeds = torch.eye(n).view(n, *grid)
     ref, n_near, n_cut = diffused(seeds, lambda k: every[k - 1])
     assert_close(every[-1], ref)  # map by map
     near, cut = near + n_near, cut + n_cut
     for p in range(n):
-        one = lambda k, p=p: ghm.compute_pixel_diffused_heat_map([p], iterations=k, threshold=0.4).value  # noqa: E731
+        one = lambda k, p=p: ghm.compute_pixel_grown_heat_map([p], iterations=k, threshold=0.4).value  # noqa: E731
         if max_error(one(4), ref[p]) is not None:  # it cut a value near the threshold otherwise: follow its own cuts
             assert_close(one(4), diffused(seeds[p], one)[0])
     # the band is narrow: the reference itself decides (almost) every cut

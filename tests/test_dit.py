@@ -155,7 +155,7 @@ def check_queries(pipe, trc, self_ref, maps_ref, image_idx, prompt, word):
     assert_close(wm.value, word_ref)
     assert_close(ghm.compute_guided_heat_map(wm).value, column_query(self_ref, word_ref, grid))
     # a value within our measured rounding of the threshold follows our own cut (reference.diffused_reference)
-    ours_at = lambda k: ghm.compute_diffused_heat_map(wm, iterations=k, threshold=0.4).value  # noqa: E731
+    ours_at = lambda k: ghm.compute_grown_heat_map(wm, iterations=k, threshold=0.4).value  # noqa: E731
     query = lambda g: column_query(self_ref, g, grid)  # noqa: E731
     m, near, cut = diffused_reference(query, word_ref, 3, 0.4, assert_close, ours_at)
     assert_close(ours_at(3), m)
@@ -247,7 +247,7 @@ def test_flux_true_cfg_passes(flux, halves):
 @pytest.mark.parametrize("model", ["sd3", "flux"])
 def test_layer_and_step_selection(model, request):
     pipe = request.getfixturevalue(model)
-    names = list(daami2i.trace(pipe).layer_names)
+    names = list(daami2i.trace(pipe).attention_layers)
     pick = [names[-1]]
     opts = dict(steps=[1, 2], self_layers=[names[0]], cross_layers=pick)
     trc, book, _, _ = run(pipe, "a red cat", opts, num_inference_steps=3)
@@ -407,7 +407,7 @@ def test_cli_generate_and_show_on_a_saved_pipeline(maker, tmp_path):
 
 def test_word_maps_of_chosen_layers_after_the_run(flux):
     """compute_global_heat_map(layers=...) equals tracing only those layers."""
-    names = [n for n, (kind, _) in daami2i.trace(flux).layer_names.items() if kind == "joint"]
+    names = [n for n, (kind, _) in daami2i.trace(flux).attention_layers.items() if kind == "joint"]
     with daami2i.trace(flux) as trc:
         call(flux, "a red cat")
     with daami2i.trace(flux, cross_layers=names[1:]) as only:

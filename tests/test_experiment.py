@@ -26,8 +26,8 @@ def all_queries(ghm):
         "contour": ghm.compute_contour_heat_map(tri, h, w).value,
         "segmentation": ghm.compute_segmentation_heat_map([tri, [[1, 1], [20, 1], [20, 20]]], h, w, wm).value,
         "guided": ghm.compute_guided_heat_map(wm).value,
-        "diffused": ghm.compute_diffused_heat_map(wm, iterations=3).value,
-        "pixel-diffused": ghm.compute_pixel_diffused_heat_map([3], iterations=3).value,
+        "diffused": ghm.compute_grown_heat_map(wm, iterations=3).value,
+        "pixel-diffused": ghm.compute_pixel_grown_heat_map([3], iterations=3).value,
         "word": wm.value,
         "tokens": ghm.token_maps,
     }

@@ -96,7 +96,7 @@ def test_uncaptured_layers_keep_their_processor(sd2):
                 assert proc is before[name]
     # default: self-attention at the highest resolution only, cross-attention in down/up blocks
     assert {s.name for s in trc.selected if s.kind == "self"} == {
-        n for n, (kind, f) in trc.layer_names.items() if kind == "self" and f == 1
+        n for n, (kind, f) in trc.attention_layers.items() if kind == "self" and f == 1
     }
     assert not any(s.block == "mid" for s in trc.selected)
 

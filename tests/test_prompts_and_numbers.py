@@ -125,13 +125,13 @@ def test_thresholds_outside_the_unit_interval(ghm, threshold):
     with pytest.raises(QueryError, match=r"threshold must be a number in \[0, 1\)"):
         hm.expand_as((64, 64), threshold=threshold)
     with pytest.raises(QueryError, match=r"threshold must be a number in \[0, 1\)"):
-        ghm.compute_diffused_heat_map(hm, iterations=2, threshold=threshold)
+        ghm.compute_grown_heat_map(hm, iterations=2, threshold=threshold)
 
 
 @pytest.mark.parametrize("iterations", [0, -2, 2.5, True, "3"])
 def test_iterations_must_be_positive_integers(ghm, iterations):
     with pytest.raises(QueryError, match="iterations must be a positive integer"):
-        ghm.compute_pixel_diffused_heat_map([0], iterations=iterations)
+        ghm.compute_pixel_grown_heat_map([0], iterations=iterations)
 
 
 @pytest.mark.parametrize("steps", [range(-3, 2), [1.5], "abc", [True], [], 3, [None]])

@@ -37,8 +37,8 @@ def test_seed_readme_runs_as_written():
             512,
         ),
         "guided": global_heat_map.compute_guided_heat_map(global_heat_map.compute_word_heat_map("table")),
-        "diffused": global_heat_map.compute_diffused_heat_map(global_heat_map.compute_word_heat_map("chairs")),
-        "pixel-diffused": global_heat_map.compute_pixel_diffused_heat_map(list(range(64, 128))),
+        "grown": global_heat_map.compute_grown_heat_map(global_heat_map.compute_word_heat_map("chairs")),
+        "pixel-grown": global_heat_map.compute_pixel_grown_heat_map(list(range(64, 128))),
         "word": global_heat_map.compute_word_heat_map("flower pot"),
     }
     fig, axes = plt.subplots(1, len(maps))

@@ -10,28 +10,37 @@ Stable Diffusion (1.x, 2.x, XL, 3) and Flux pipelines on current diffusers::
     ghm.compute_word_heat_map("cat").expand_as(image)
 """
 
+from .compat import auto_autocast, auto_device, cache_dir, plot_mask_heat_map, set_seed
 from .errors import ConfigError, Daami2iError, QueryError, TraceError, UnsupportedPipelineError
-from .heatmaps import GlobalHeatMap, HeatMap, PixelHeatMap, WordHeatMap
+from .heatmaps import GlobalHeatMap, HeatMap, ParsedHeatMap, PixelHeatMap, SyntacticHeatMapPair, WordHeatMap
 from .storage.experiment import Experiment, ExperimentError, load_experiment
-from .tracing import Trace, trace, trace_image
+from .tracing import DiffusionHeatMapHooker, Trace, trace, trace_image
 
 __version__ = "0.3.0.dev0"
 
 __all__ = [
     "ConfigError",
     "Daami2iError",
+    "DiffusionHeatMapHooker",
     "Experiment",
     "ExperimentError",
     "GlobalHeatMap",
     "HeatMap",
+    "ParsedHeatMap",
     "PixelHeatMap",
     "QueryError",
+    "SyntacticHeatMapPair",
     "Trace",
     "TraceError",
     "UnsupportedPipelineError",
     "WordHeatMap",
     "__version__",
+    "auto_autocast",
+    "auto_device",
+    "cache_dir",
     "load_experiment",
+    "plot_mask_heat_map",
+    "set_seed",
     "trace",
     "trace_image",
 ]

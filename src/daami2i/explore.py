@@ -3,16 +3,21 @@
     daami2i explore                       # the embedded shapes model, http://127.0.0.1:7860
     daami2i explore outputs/shapes/experiment -m path/to/pipeline --port 7861
 
-Generate from a prompt (or open a saved experiment), then click the image: in ``point`` mode the
-clicked latent pixel's self-attention map appears; dragging on the image (in ``point`` or ``box``
-mode) makes a box, as do two clicks in ``box`` mode; in ``polygon`` mode clicks add vertices (drags
-are ignored there, so that a shaky click keeps them) and "close polygon" queries the contour (the
-previous ones are kept for a multi-contour map until "new polygons"). Changing mode drops what is
-pending. The prompt's words are chips: one click shows the word's map, raw and refined by
-self-attention side by side, with the mask and boxes at the chosen threshold. Every map comes from
-the public API on the finished trace (milliseconds; the model is not run again). Overlays, the mask,
-the COCO annotation of the current mask and the experiment (a zip) can be downloaded. An error
-leaves the panels as they were and says on the info line (and in a toast) what to do.
+Generate from a prompt (Enter or "Generate"), open a saved experiment (the zip this page downloads,
+or a folder on the command line: the prompt and settings fields then show the experiment's), or
+attribute an uploaded image, then click the image: in ``point`` mode the clicked latent pixel's
+self-attention map appears; dragging on the image (in ``point`` or ``box`` mode) makes a box, as do
+two clicks in ``box`` mode; in ``polygon`` mode clicks add vertices (drags are ignored there, so that
+a shaky click keeps them) and "close polygon" (enabled from 3 vertices) queries the contour (the
+closed ones stay drawn and count for a multi-contour map until "clear polygons"). The selection is
+drawn over the image and the map (a layer in the page, the pictures stay the API's). Changing mode
+drops what is pending. The prompt's words are chips: one click shows the word's map, raw and refined
+by self-attention, and the mask and boxes at the chosen threshold, in tabs beside the image. A colour
+bar says what the colours mean: each map stretched to its own range, or a fixed scale that compares
+maps. Every map comes from the public API on the finished trace (milliseconds; the model is not run
+again). Overlays, the mask, the COCO annotation of the current mask and the experiment (a zip) can be
+downloaded. An error leaves the panels as they were and says on the info line (and in a toast) what
+to do.
 
 Each browser session has its own state; generation requests are queued one at a time.
 """
@@ -21,21 +26,31 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import stat
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import QueryError
+from .errors import Daami2iError, QueryError
 from .heatmaps import masks as M
 from .heatmaps.maps import GlobalHeatMap, HeatMap
 from .sampling import GUIDANCE_MAX, SEED_LIMIT, STEPS_MAX
 
 DISPLAY = 512  # the image is shown at least this large (nearest-neighbour), clicks are mapped back
+# The default prompt at this seed is drawn as asked by the embedded shapes model (a red circle and a
+# blue square, nothing else; daami2i.shapes.checker): it is for 6 of the seeds 0-39 at 25 steps,
+# guidance 4.
+DEFAULT_SEED = 27
+DEFAULT_PROMPT = "a red circle and a blue square"
+ZIP_MAX_BYTES = 8 * 2**30  # an uploaded experiment.zip may unpack to at most this much
+ZIP_MAX_FILES = 10_000
 
 
 @dataclass
@@ -48,9 +63,15 @@ class Session:
     experiment_dir: Path | None = None
     clicks: list[tuple[float, float]] = field(default_factory=list)  # image pixel coords of pending clicks
     polygons: list[list[list[float]]] = field(default_factory=list)
-    last_map: np.ndarray | None = None  # (H, W) in [0, 1], the map shown last
+    last_map: np.ndarray | None = None  # (H, W) in [0, 1], the map shown last (as coloured)
     last_title: str = ""
     zip_path: str | None = None  # the experiment folder zipped for download, made once
+    last_heat: HeatMap | None = None  # the map shown last, as the API gave it
+    last_kind: str = "self-high"  # its scale under "fixed scale": "self-high", "self-all" or "word"
+    selection: dict[str, Any] | None = None  # what the current map is of, drawn over the panels
+    word_heats: tuple[HeatMap, HeatMap, str] | None = None  # raw, refined and the refined map's kind
+    tops: dict[str, float] = field(default_factory=dict)  # the fixed scale's 1 per kind, made once
+    settings: dict[str, Any] = field(default_factory=dict)  # prompt, seed, steps, guidance it was made with
 
 
 # -- rendering (pure functions, used by the app and its tests) -------------------------------------
@@ -97,21 +118,6 @@ def mask_image(image: Image.Image, mask: np.ndarray, boxes: list[list[float]]) -
     return out
 
 
-def with_points(image: Image.Image, points: list[tuple[float, float]]) -> Image.Image:
-    """The enlarged image with the pending polygon's vertices (image pixel coordinates) marked."""
-    from PIL import ImageDraw
-
-    out = show(image)
-    k = scale_of(image)
-    draw = ImageDraw.Draw(out)
-    xy = [(x * k, y * k) for x, y in points]
-    if len(xy) > 1:
-        draw.line(xy, fill=(255, 0, 255), width=2)
-    for x, y in xy:
-        draw.ellipse((x - 4, y - 4, x + 4, y + 4), outline=(255, 0, 255), width=2)
-    return out
-
-
 def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
     """The row-major latent pixel id under image pixel (x, y)."""
     gh, gw = ghm.grid_size
@@ -121,7 +127,106 @@ def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
 
 
 def expanded(heat: HeatMap, image: Image.Image) -> np.ndarray:
+    """``heat`` at the image's size, stretched to [0, 1] (its minimum 0, its maximum 1)."""
     return heat.expand_as(image).numpy()
+
+
+def pixel_top(ghm: GlobalHeatMap) -> float:
+    """The largest value any single latent pixel's self-attention map takes. Box, polygon and
+    word-guided maps are weighted means of those maps, so none exceeds it: the 1 of the fixed scale."""
+    from .heatmaps import selfattn
+
+    gh, gw = ghm.grid_size
+    n = gh * gw
+    device = ghm.self_levels[0].sums.device if ghm.self_levels else torch.device("cpu")
+    top = 0.0
+    for start in range(0, n, 256):  # every pixel's map, a batch at a time
+        ids = torch.arange(start, min(n, start + 256), device=device)
+        w = torch.zeros(len(ids), n, device=device)
+        w[torch.arange(len(ids), device=device), ids] = 1
+        maps = selfattn.query(ghm.self_levels, w.view(-1, gh, gw), ghm.grid_size, ghm.direction)
+        top = max(top, float(maps.max()))
+    return top
+
+
+def word_top(ghm: GlobalHeatMap) -> float:
+    """The largest value of the prompt's raw word maps: the 1 of the fixed scale for word maps."""
+    return max((float(ghm.compute_word_heat_map(w).value.max()) for w in ghm.words), default=0.0)
+
+
+def fixed_top(state: Session, kind: str) -> float:
+    """The fixed scale's 1 for maps of ``kind`` (``self-high``, ``self-all``, ``word``), made once."""
+    if kind not in state.tops:
+        assert state.ghm is not None and state.ghm_high is not None
+        if kind == "word":
+            top = word_top(state.ghm)
+        else:
+            top = pixel_top(state.ghm if kind == "self-all" else state.ghm_high)
+        state.tops[kind] = top if math.isfinite(top) and top > 0 else 1.0
+    return state.tops[kind]
+
+
+def coloured(state: Session, heat: HeatMap, kind: str, fixed: bool) -> np.ndarray:
+    """What colours ``heat`` at the image's size: stretched min-max, or on the fixed scale
+    (0 = no attention, 1 = :func:`fixed_top` of its kind; values above are clipped)."""
+    assert state.image is not None
+    if not fixed:
+        return expanded(heat, state.image)
+    raw = heat.expand_as(state.image, absolute=True).numpy()
+    return np.clip(raw / fixed_top(state, kind), 0, 1)
+
+
+JET_STOPS = "#000080, #0000ff, #0080ff, #16ffe1, #7dff7a, #e4ff13, #ff9400, #ff1e00, #800000"
+
+
+def legend_html(state: Session, fixed: bool) -> str:
+    """The colour bar under the maps, and what its 0 and 1 mean."""
+    if fixed and state.ghm is not None:
+        ones = [
+            f"{fixed_top(state, 'self-high'):.3g} for self-attention maps (the most any one latent pixel's map reaches)"
+        ]
+        if "self-all" in state.tops:
+            ones.append(f"{state.tops['self-all']:.3g} for maps refined with every resolution")
+        ones.append(f"{fixed_top(state, 'word'):.3g} for raw word maps (the most of this prompt's words)")
+        text = (
+            "<b>fixed scale</b>: 0 = no attention, 1 = " + "; ".join(ones) + ". The same colour is the same "
+            "value in every map of this image; higher values are clipped. The mask threshold stays on the "
+            "stretched map."
+        )
+    else:
+        text = (
+            "<b>stretched</b>: 0 = the lowest value of the map shown, 1 = its highest; every map is stretched "
+            "to its own range, so colours do not compare across maps (tick 'fixed scale' for that)."
+        )
+    return (
+        '<div class="daami2i-legend">'
+        f'<div style="height:14px;border-radius:3px;background:linear-gradient(to right, {JET_STOPS})"></div>'
+        '<div style="display:flex;justify-content:space-between;font-size:0.85em">'
+        "<span>0</span><span>0.5</span><span>1</span></div>"
+        f'<div style="font-size:0.85em">{text} Colours lie over the image at 50 %.</div></div>'
+    )
+
+
+def marks_of(state: Session) -> str:
+    """The selection as JSON for the page's drawing layer (image pixel coordinates): the current
+    map's point, box or polygons, the closed polygons, the pending clicks, and whether the map panel
+    shows the selection's map (then it is drawn there too)."""
+    if state.image is None:
+        return "null"
+    pending = [[x + 0.5, y + 0.5] for x, y in state.clicks]  # where the vertices will be once closed
+    marks = {
+        "size": [state.image.width, state.image.height],
+        "selection": state.selection,
+        "polygons": state.polygons,
+        "pending": pending,
+    }
+    return json.dumps(marks)
+
+
+def close_label(state: Session) -> str:
+    """The "close polygon" button's text: the pending vertices, out of the 3 needed."""
+    n = len(state.clicks)
+    return f"close polygon ({n}/3 points)" if n < 3 else f"close polygon ({n} points)"
 
 
 # -- actions (each returns what the UI shows) -----------------------------------------------------
@@ -134,6 +239,18 @@ def _session(image: Image.Image, source: Any) -> Session:
     return Session(image=image, ghm=ghm, ghm_high=high)
 
 
+def _guidance(value: Any) -> float:
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale) or not 0 <= scale <= GUIDANCE_MAX:
+        raise QueryError(
+            f"guidance must be a number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off), got {value!r}"
+        )
+    return scale
+
+
 def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guidance: float) -> Session:
     """Run the pipeline under the trace; the session then holds the image and its heat maps."""
     from . import trace
@@ -142,14 +259,7 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
         raise QueryError("type a prompt first")
     n_steps = _whole(steps, "steps", 1, STEPS_MAX)
     n_seed = _whole(seed, "seed", 0, SEED_LIMIT - 1)
-    try:
-        scale = float(guidance)
-    except (TypeError, ValueError):
-        scale = math.nan
-    if not math.isfinite(scale) or not 0 <= scale <= GUIDANCE_MAX:
-        raise QueryError(
-            f"guidance must be a number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off), got {guidance!r}"
-        )
+    scale = _guidance(guidance)
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt,
@@ -159,7 +269,8 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
         )
     state = _session(out.images[0], trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
-    trc.to_experiment(state.experiment_dir, seed=n_seed)
+    trc.to_experiment(state.experiment_dir, seed=n_seed, steps=n_steps, guidance=scale)
+    state.settings = {"prompt": prompt, "seed": n_seed, "steps": n_steps, "guidance": scale}
     return state
 
 
@@ -202,17 +313,102 @@ def attribute(pipe: Any, image: Image.Image, caption: str, seed: int = 0) -> Ses
     trc = trace_image(pipe, image, caption, generator=torch.Generator().manual_seed(n_seed), self_factors="all")
     state = _session(image, trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
-    trc.to_experiment(state.experiment_dir, seed=n_seed)
+    trc.to_experiment(state.experiment_dir, seed=n_seed, kind="real image")
+    state.settings = {"prompt": caption, "seed": n_seed}
     return state
+
+
+def experiment_settings(exp: Any) -> dict[str, Any]:
+    """What an experiment was made with, as far as its manifest says: prompt, seed, steps, guidance
+    and image size (a key is missing where the manifest does not say)."""
+    info = exp.manifest.get("info") or {}
+    gen = exp.generation
+    out: dict[str, Any] = {"prompt": exp.prompts[0] or ""}
+    if isinstance(info.get("seed"), int):
+        out["seed"] = info["seed"]
+    steps = info.get("steps") if isinstance(info.get("steps"), int) else gen.steps_run
+    if isinstance(steps, int) and steps > 0:
+        out["steps"] = steps
+    if isinstance(info.get("guidance"), (int, float)) and not isinstance(info.get("guidance"), bool):
+        out["guidance"] = float(info["guidance"])
+    if gen.image_size:
+        out["size"] = tuple(int(v) for v in gen.image_size)  # (height, width)
+    return out
 
 
 def open_experiment(path: Path) -> Session:
+    """A saved experiment folder (checked by :func:`daami2i.load_experiment`) as a session."""
     from . import load_experiment
 
     exp = load_experiment(path)
-    state = _session(exp.images[0], exp)
-    state.experiment_dir = Path(path)
+    images = exp.images
+    if not images:
+        raise QueryError(f"{path} holds no image: the explorer needs the experiment's image")
+    state = _session(images[0], exp)
+    state.experiment_dir = Path(exp.path)
+    state.settings = experiment_settings(exp)
     return state
+
+
+def unzip_experiment(zip_path: Path, into: Path) -> Path:
+    """Unpack an uploaded experiment zip into the empty folder ``into``; returns the experiment folder.
+
+    Every entry is checked before anything is written: no absolute path, no ``..``, no link, nothing
+    that would land outside ``into``, at most :data:`ZIP_MAX_FILES` files and :data:`ZIP_MAX_BYTES`
+    unpacked. A QueryError says what is wrong."""
+    name = Path(zip_path).name
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise QueryError(f"{name} is not a zip file ({exc}): open the experiment.zip this page downloads") from exc
+    root = into.resolve()
+    with zf:
+        members = zf.infolist()
+        if len(members) > ZIP_MAX_FILES or sum(m.file_size for m in members) > ZIP_MAX_BYTES:
+            raise QueryError(
+                f"{name} unpacks to more than {ZIP_MAX_FILES} files or {ZIP_MAX_BYTES // 2**30} GiB: not an experiment"
+            )
+        for m in members:
+            parts = PurePosixPath(m.filename).parts
+            target = (root / m.filename).resolve()
+            if (
+                PurePosixPath(m.filename).is_absolute()
+                or "\\" in m.filename
+                or ".." in parts
+                or (parts and ":" in parts[0])
+                or stat.S_ISLNK(m.external_attr >> 16)
+                or not target.is_relative_to(root)
+            ):
+                raise QueryError(
+                    f"{name} holds {m.filename!r}, a link or a path outside the zip's folder: refused, "
+                    "nothing was opened"
+                )
+        try:
+            for m in members:
+                target = root / m.filename
+                if m.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise QueryError(f"{name} is damaged ({exc}): download the experiment again") from exc
+    if not (root / "manifest.json").exists():
+        tops = [p for p in root.iterdir()]
+        if len(tops) == 1 and tops[0].is_dir():  # a zip of the folder itself rather than of its contents
+            return tops[0]
+    return root
+
+
+def open_zip(zip_path: Path, into: Path) -> Session:
+    """An uploaded experiment zip, unpacked into ``into`` and loaded; errors name the zip, not the folder."""
+    folder = unzip_experiment(zip_path, into)
+    try:
+        return open_experiment(folder)
+    except Daami2iError as exc:
+        msg = str(exc).replace(str(folder), Path(zip_path).name).replace(str(into), Path(zip_path).name)
+        raise QueryError(f"{msg} (open the experiment.zip this page downloads)") from exc
 
 
 def click(state: Session, mode: str, x: float, y: float) -> Session:
@@ -222,19 +418,23 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
     ghm, image = state.ghm_high, state.image
     if mode == "point":
         p = pixel_of(ghm, image, x, y)
-        state.last_map = expanded(ghm.compute_pixel_heat_map([p]), image)
-        state.last_title = f"pixel {p} (row {p // ghm.grid_size[1]}, column {p % ghm.grid_size[1]})"
+        state.last_heat, state.last_kind = ghm.compute_pixel_heat_map([p]), "self-high"
+        state.last_map = expanded(state.last_heat, image)
+        gh, gw = ghm.grid_size
+        row, col = p // gw, p % gw
+        cell = [
+            col * image.width / gw,
+            row * image.height / gh,
+            (col + 1) * image.width / gw,
+            (row + 1) * image.height / gh,
+        ]
+        state.selection = {"kind": "point", "at": [x + 0.5, y + 0.5], "cell": cell}
+        state.last_title = f"pixel {p} (row {row}, column {col})"
     elif mode == "box":
         state.clicks.append((x, y))
         if len(state.clicks) == 2:
             (xa, ya), (xb, yb) = state.clicks
-            state.clicks = []
-            gh, gw = ghm.grid_size
-            x1, x2 = sorted((min(gw - 1, int(xa * gw / image.width)), min(gw - 1, int(xb * gw / image.width))))
-            y1, y2 = sorted((min(gh - 1, int(ya * gh / image.height)), min(gh - 1, int(yb * gh / image.height))))
-            box = (x1, y1, x2, y2)
-            state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
-            state.last_title = f"box {box} (latent columns {x1}-{x2}, rows {y1}-{y2}, corners included)"
+            return drag_box(state, xa, ya, xb, yb)
     elif mode == "polygon":
         state.clicks.append((x, y))
     else:
@@ -243,7 +443,10 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
 
 
 def drag_box(state: Session, x0: float, y0: float, x1: float, y1: float) -> Session:
-    """A box dragged on the image from image pixel (x0, y0) to (x1, y1): its self-attention map."""
+    """A box from image pixel (x0, y0) to (x1, y1), dragged or two corners clicked: the
+    self-attention map of every latent cell it touches."""
+    from .heatmaps import regions
+
     if state.ghm_high is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
     ghm, image = state.ghm_high, state.image
@@ -254,8 +457,14 @@ def drag_box(state: Session, x0: float, y0: float, x1: float, y1: float) -> Sess
     )
     box = (xa, ya, xb, yb)
     state.clicks = []
-    state.last_map = expanded(ghm.compute_bbox_heat_map(*box), image)
-    state.last_title = f"box {box} (latent columns {xa}-{xb}, rows {ya}-{yb}, corners included)"
+    state.last_heat, state.last_kind = ghm.compute_bbox_heat_map(*box), "self-high"
+    state.last_map = expanded(state.last_heat, image)
+    cx0, cy0, cx1, cy1 = regions.box_cells(*box, ghm.grid_size)
+    sx, sy = image.width / gw, image.height / gh
+    rect = [cx0 * sx, cy0 * sy, cx1 * sx, cy1 * sy]
+    state.selection = {"kind": "box", "rect": rect}
+    px = f"{rect[0]:g}-{rect[2]:g} across, {rect[1]:g}-{rect[3]:g} down"
+    state.last_title = f"box {box}: the {cx1 - cx0} x {cy1 - cy0} latent cells under image pixels {px}"
     return state
 
 
@@ -271,18 +480,20 @@ def close_polygon(state: Session) -> Session:
     state.clicks = []
     h, w = state.image.height, state.image.width
     assert state.ghm_high is not None
-    heat = state.ghm_high.compute_segmentation_heat_map(state.polygons, h, w)
-    state.last_map = expanded(heat, state.image)
+    state.last_heat = state.ghm_high.compute_segmentation_heat_map(state.polygons, h, w)
+    state.last_kind = "self-high"
+    state.last_map = expanded(state.last_heat, state.image)
+    state.selection = {"kind": "polygons"}
     state.last_title = f"{len(state.polygons)} polygon(s)"
     return state
 
 
 def word(
-    state: Session, w: str, iterations: int, threshold: float, all_resolutions: bool = False
+    state: Session, w: str, iterations: int, threshold: float, all_resolutions: bool = False, fixed: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[M.Instance]]:
     """Raw and refined (self-attention guided ``iterations`` times, at the highest resolution or at
-    every captured one) maps of a word, and the refined map's instances at ``threshold``; the
-    refined map becomes the current map."""
+    every captured one) maps of a word as coloured (stretched, or on the fixed scale), and the
+    stretched refined map's instances at ``threshold``; the refined map becomes the current map."""
     if state.ghm is None or state.ghm_high is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
     raw = state.ghm.compute_word_heat_map(w)
@@ -290,10 +501,13 @@ def word(
     refined: HeatMap = raw
     for _ in range(int(iterations)):
         refined = refiner.compute_guided_heat_map(refined)
-    raw_x, ref_x = expanded(raw, state.image), expanded(refined, state.image)
+    kind = "word" if int(iterations) == 0 else ("self-all" if all_resolutions else "self-high")
+    state.word_heats = (raw, refined, kind)
+    state.last_heat, state.last_kind, state.selection = refined, kind, None
+    raw_x, ref_x = coloured(state, raw, "word", fixed), coloured(state, refined, kind, fixed)
     state.last_map = ref_x
     state.last_title = f"{w!r} refined x{int(iterations)} ({'all resolutions' if all_resolutions else 'highest'})"
-    return raw_x, ref_x, M.instances(M.binarize(ref_x, "tau", float(threshold)))
+    return raw_x, ref_x, M.instances(M.binarize(expanded(refined, state.image), "tau", float(threshold)))
 
 
 def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[str, Any]:
@@ -307,25 +521,38 @@ def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[
 # -- the app -----------------------------------------------------------------------------------------
 # Gradio's image gives click events only: this script turns a drag on the image into a box, written
 # to a hidden text box (image-pixel coordinates of the displayed picture) that the app listens to,
-# and swallows the click that ends a drag.
+# and swallows the click that ends a drag. It also draws the selection (the hidden #marks box, JSON
+# from marks_of) on a layer over the image and the map, and the box being dragged: the pictures
+# themselves stay the API's, and a click re-sends no image.
 DRAG_JS = """
 () => {
-  let start = null, dragged = false;
+  let start = null, dragged = false, live = null;
   const at = (e, img) => {
     const r = img.getBoundingClientRect();
     return [(e.clientX - r.left) * img.naturalWidth / r.width, (e.clientY - r.top) * img.naturalHeight / r.height];
+  };
+  const frac = (e, img) => {
+    const r = img.getBoundingClientRect();
+    return [(e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height];
   };
   document.addEventListener('dragstart', e => {
     if (e.target.closest && e.target.closest('#image')) e.preventDefault();
   }, true);
   document.addEventListener('mousedown', e => {
     const img = e.target.closest && e.target.closest('#image img');
-    start = img ? [img, ...at(e, img)] : null;
+    start = img ? [img, ...at(e, img), ...frac(e, img)] : null;
+  }, true);
+  document.addEventListener('mousemove', e => {
+    if (!start) return;
+    const [img, x0, y0, f0, g0] = start;
+    const [x1, y1] = at(e, img);
+    live = Math.hypot(x1 - x0, y1 - y0) < 6 ? null : [f0, g0, ...frac(e, img)];
   }, true);
   document.addEventListener('mouseup', e => {
     if (!start) return;
     const [img, x0, y0] = start;
     start = null;
+    live = null;
     const [x1, y1] = at(e, img);
     if (Math.hypot(x1 - x0, y1 - y0) < 6) return;  // a click, not a drag
     dragged = true;
@@ -337,6 +564,72 @@ DRAG_JS = """
     if (dragged && e.target.closest && e.target.closest('#image')) { e.stopPropagation(); e.preventDefault(); }
     dragged = false;
   }, true);
+
+  const NS = 'http://www.w3.org/2000/svg';
+  const layer = id => {
+    let svg = document.getElementById(id);
+    if (!svg) {
+      svg = document.createElementNS(NS, 'svg');
+      svg.id = id;
+      svg.setAttribute('class', 'daami2i-marks');
+      svg.style.cssText = 'position:absolute;pointer-events:none;z-index:20;overflow:visible;display:none';
+      document.body.appendChild(svg);
+    }
+    return svg;
+  };
+  const add = (svg, tag, attrs, cls) => {
+    for (const [stroke, width] of [['black', 3.5], [attrs.stroke || 'white', 1.75]]) {  // legible on any colour
+      const el = document.createElementNS(NS, tag);
+      const all = {...attrs, stroke, 'stroke-width': width, fill: 'none'};
+      for (const [k, v] of Object.entries(all)) el.setAttribute(k, v);
+      if (stroke !== 'black') el.setAttribute('class', cls);
+      svg.appendChild(el);
+    }
+  };
+  const draw = (svg, img, m, onMap, drag) => {
+    const r = img && img.getBoundingClientRect();
+    if (!r || !r.width || !r.height || !m) { svg.style.display = 'none'; return; }
+    Object.assign(svg.style, {display: '', left: (r.left + scrollX) + 'px', top: (r.top + scrollY) + 'px',
+                              width: r.width + 'px', height: r.height + 'px'});
+    svg.setAttribute('viewBox', `0 0 ${r.width} ${r.height}`);
+    svg.replaceChildren();
+    const kx = r.width / m.size[0], ky = r.height / m.size[1];
+    const pts = ps => ps.map(([x, y]) => `${x * kx},${y * ky}`).join(' ');
+    const rect = ([x0, y0, x1, y1], cls, extra = {}) => add(svg, 'rect',
+      {x: x0 * kx, y: y0 * ky, width: (x1 - x0) * kx, height: (y1 - y0) * ky, ...extra}, cls);
+    const s = m.selection;
+    if (s && s.kind === 'point') {
+      rect(s.cell, 'mark-cell');
+      add(svg, 'circle', {cx: s.at[0] * kx, cy: s.at[1] * ky, r: 5}, 'mark-point');
+    }
+    if (s && s.kind === 'box') rect(s.box || s.rect, 'mark-box');
+    if (!onMap || (s && s.kind === 'polygons'))
+      for (const p of m.polygons) add(svg, 'polygon', {points: pts(p)}, 'mark-polygon');
+    if (!onMap) {
+      const pink = '#ff00ff';
+      if (m.pending.length > 1) add(svg, 'polyline', {points: pts(m.pending), stroke: pink}, 'mark-pending-line');
+      for (const [x, y] of m.pending) add(svg, 'circle', {cx: x * kx, cy: y * ky, r: 5, stroke: pink}, 'mark-pending');
+    }
+    if (drag) rect(drag.map((v, i) => v * m.size[i % 2]), 'mark-drag', {'stroke-dasharray': '6 4'});
+  };
+  let last = '';
+  setInterval(() => {
+    const box = document.querySelector('#marks textarea, #marks input');
+    const text = box ? box.value : '';
+    let m = null;
+    try { m = text ? JSON.parse(text) : null; } catch (err) { m = null; }
+    const img = document.querySelector('#image img'), heat = document.querySelector('#heat img');
+    const rects = [img, heat].map(el => el ? JSON.stringify(el.getBoundingClientRect()) + el.src.length : '');
+    const key = text + rects.join() + JSON.stringify(live) + scrollX + ',' + scrollY;
+    if (key === last) return;
+    last = key;
+    if (m && live) {  // the box being dragged, as fractions of the image
+      const [a, b, c, d] = live;
+      live.box = [Math.min(a, c), Math.min(b, d), Math.max(a, c), Math.max(b, d)];
+    }
+    draw(layer('marks-image'), img, m, false, live && live.box);
+    draw(layer('marks-heat'), heat, m && m.selection ? m : null, true, null);
+  }, 50);
 }
 """
 # The image has no corner buttons, but Gradio still lays their (empty) bar over its top edge, and its
@@ -349,7 +642,7 @@ HIDDEN_CSS = """
 """
 MODE_HINTS = {
     "point": "point mode: click a pixel to see its map, or drag a box",
-    "box": "box mode: click two opposite corners, or drag a box",
+    "box": "box mode: click two opposite corners of the box, or drag it; the box covers every latent cell it touches",
     "polygon": "polygon mode: click the vertices, then 'close polygon' (drags are ignored here, the vertices stay)",
 }
 
@@ -359,22 +652,36 @@ def launch(app: Any, **kwargs: Any) -> Any:
     return app.launch(js=DRAG_JS, css=HIDDEN_CSS, **kwargs)
 
 
+def opened_note(state: Session, name: str) -> str:
+    """The info line after opening an experiment: what it was made with, and what it does not say."""
+    st = state.settings
+    said = [f"{st['prompt']!r}"]
+    said += [f"{k} {st[k]:g}" for k in ("seed", "steps", "guidance") if k in st]
+    if "size" in st:
+        said.append(f"{st['size'][1]}x{st['size'][0]} px")
+    missing = [k for k in ("seed", "steps", "guidance") if k not in st]
+    note = f"opened {name}: {', '.join(said)}; click the image or a word"
+    return note + (f" (it does not record its {' or '.join(missing)}: those fields are unchanged)" if missing else "")
+
+
 def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any] | None = None) -> Any:
-    """The Gradio Blocks app (not launched)."""
+    """The Gradio Blocks app (not launched). ``defaults`` may set ``prompt``, ``seed``, ``steps`` and
+    ``guidance``; an ``experiment`` folder opens at the start, its settings in the fields."""
     try:
         import gradio as gr
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise QueryError("the explorer needs Gradio: pip install 'daami2i[ui]'") from exc
 
-    d = {"steps": 25, "guidance": 4.0, "prompt": "a red circle and a blue square", **(defaults or {})}
+    d = {"steps": 25, "guidance": 4.0, "prompt": DEFAULT_PROMPT, "seed": DEFAULT_SEED, **(defaults or {})}
     initial = open_experiment(experiment) if experiment is not None else Session()
+    d.update({k: v for k, v in initial.settings.items() if k in d})
     out_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-files-"))
 
-    def guard(fn: Any, outputs: list[Any]) -> Any:
-        """``fn`` for an event that updates ``outputs``. On an error every output stays as it was (a
-        raised ``gr.Error`` would blank them all behind "Error" badges) except the info line, which
-        says what went wrong and what to do, as does a toast. Keeps ``fn``'s signature (Gradio reads
-        it for SelectData)."""
+    def guard(fn: Any) -> Any:
+        """``fn`` (returning a dict of the outputs to update) for an event. On an error every output
+        stays as it was (a raised ``gr.Error`` would blank them all behind "Error" badges) except the
+        info line, which says what went wrong and what to do, as does a toast. Keeps ``fn``'s
+        signature (Gradio reads it for SelectData)."""
         import functools
         import logging
 
@@ -388,14 +695,12 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                 logging.getLogger(__name__).exception("explorer event failed")
                 msg = f"something went wrong ({type(exc).__name__}: {exc}); the panels are unchanged, try again"
             gr.Warning(msg)
-            return tuple(f"⚠ {msg}" if o is info else gr.skip() for o in outputs)
+            return {info: f"⚠ {msg}"}
 
         return wrapped
 
     def zip_of(s: Session) -> str | None:
         """The session's experiment folder as one zip file for download, made once per experiment."""
-        import shutil
-
         if s.zip_path is None and s.experiment_dir is not None:
             base = Path(tempfile.mkdtemp(dir=out_dir)) / "experiment"
             s.zip_path = shutil.make_archive(str(base), "zip", root_dir=s.experiment_dir)
@@ -430,157 +735,258 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             paths.append(experiment_zip)
         return paths
 
+    word_inst: dict[int, tuple[list[M.Instance], str]] = {}  # id(session) -> the shown word's instances
+
     with gr.Blocks(title="daami2i explorer") as app:
         state = gr.State(initial)
-        gr.Markdown("# daami2i explorer\nClick the image to see what a pixel, box or polygon is tied to.")
+        gr.Markdown("## daami2i explorer · click the image to see what a pixel, box or polygon is tied to")
         with gr.Row():
-            prompt = gr.Textbox(value=d["prompt"], label="prompt", scale=4, elem_id="prompt")
+            prompt = gr.Textbox(
+                value=d["prompt"], label="prompt (Enter generates)", scale=4, elem_id="prompt", lines=1, max_lines=1
+            )
             # no precision: 2.5 reaches generate's checks as typed, rather than rounded to 2 unseen
-            seed = gr.Number(value=0, label="seed", scale=1)
-            steps = gr.Number(value=d["steps"], label="steps", scale=1)
-            guidance = gr.Number(value=d["guidance"], label="guidance", scale=1)
-            go = gr.Button("Generate", variant="primary", elem_id="generate")
-        with gr.Accordion("or attribute your own image", open=False):
-            with gr.Row():
-                upload = gr.Image(type="pil", sources=["upload"], label="image", elem_id="upload")
-                caption = gr.Textbox(label="its caption", elem_id="caption")
-                attribute_btn = gr.Button("Attribute this image", elem_id="attribute")
-        with gr.Row():
-            image = gr.Image(
-                value=image_view(initial),
-                label="image (click it)",
-                interactive=False,
-                format="png",
-                elem_id="image",
-                buttons=[],  # corner buttons would lie over the image's corner pixels
+            seed = gr.Number(value=d["seed"], label="seed", scale=1, elem_id="seed")
+            steps = gr.Number(value=d["steps"], label="steps", scale=1, elem_id="steps")
+            guidance = gr.Number(value=d["guidance"], label="guidance", scale=1, elem_id="guidance")
+            go = gr.Button(
+                "Generate", variant="primary", elem_id="generate", interactive=bool(str(d["prompt"]).strip())
             )
-            heat = gr.Image(label="map", interactive=False, format="png", elem_id="heat")
         with gr.Row():
-            mode = gr.Radio(
-                ["point", "box", "polygon"],
-                value="point",
-                label="click mode",
-                info="drag a box in point or box mode; polygon mode ignores drags; changing mode drops pending clicks",
-                elem_id="mode",
-            )
-            close = gr.Button("close polygon", elem_id="close-polygon")
-            clear = gr.Button("new polygons", elem_id="clear-polygons")
-        info = gr.Markdown("", elem_id="info")
-        drag = gr.Textbox(elem_id="drag", elem_classes=["daami2i-hidden"], show_label=False, container=False)
+            with gr.Accordion("or attribute your own image", open=False):
+                with gr.Row():
+                    upload = gr.Image(type="pil", sources=["upload"], label="image", elem_id="upload")
+                    caption = gr.Textbox(label="its caption", elem_id="caption")
+                    attribute_btn = gr.Button("Attribute this image", elem_id="attribute")
+            with gr.Accordion("or open an experiment", open=False):
+                open_file = gr.File(
+                    label="experiment.zip (as this page downloads it)",
+                    file_types=[".zip"],
+                    file_count="single",
+                    elem_id="open-experiment",
+                )
+        info = gr.Markdown(opened_note(initial, str(experiment)) if experiment is not None else "", elem_id="info")
         words = chips(initial)
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                image = gr.Image(
+                    value=image_view(initial),
+                    label="image (click it)",
+                    interactive=False,
+                    format="png",
+                    elem_id="image",
+                    buttons=[],  # corner buttons would lie over the image's corner pixels
+                )
+                with gr.Row():
+                    mode = gr.Radio(
+                        ["point", "box", "polygon"],
+                        value="point",
+                        label="click mode",
+                        info="drag a box in point or box mode; polygon mode ignores drags; "
+                        "changing mode drops pending clicks",
+                        elem_id="mode",
+                        scale=2,
+                    )
+                    close = gr.Button(close_label(initial), elem_id="close-polygon", interactive=False, scale=1)
+                    clear = gr.Button("clear polygons", elem_id="clear-polygons", scale=1)
+            with gr.Column():
+                with gr.Tabs(selected="map", elem_id="views") as tabs:
+                    with gr.Tab("map", id="map", render_children=True):
+                        heat = gr.Image(label="map", interactive=False, format="png", elem_id="heat")
+                    with gr.Tab("raw word map", id="raw", render_children=True):
+                        raw_view = gr.Image(label="raw word map", interactive=False, format="png", elem_id="raw")
+                    with gr.Tab("refined word map", id="refined", render_children=True):
+                        refined_view = gr.Image(
+                            label="refined word map", interactive=False, format="png", elem_id="refined"
+                        )
+                    with gr.Tab("mask and boxes", id="mask", render_children=True):
+                        mask_view = gr.Image(label="mask and boxes", interactive=False, format="png", elem_id="mask")
+                legend = gr.HTML(legend_html(initial, False), elem_id="legend", js_on_load=None)
+                fixed = gr.Checkbox(
+                    value=False,
+                    label="fixed scale (compare maps)",
+                    info="off: each map stretched to its own range",
+                    elem_id="fixed",
+                )
         with gr.Row():
             iterations = gr.Slider(0, 5, value=1, step=1, label="refine with self-attention (iterations)")
             all_res = gr.Checkbox(value=False, label="refine with every resolution", elem_id="all-res")
             threshold = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="mask threshold", elem_id="threshold")
-        with gr.Row():
-            raw_view = gr.Image(label="raw word map", interactive=False, format="png", elem_id="raw")
-            refined_view = gr.Image(label="refined word map", interactive=False, format="png", elem_id="refined")
-            mask_view = gr.Image(label="mask and boxes", interactive=False, format="png", elem_id="mask")
         downloads = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
+        drag = gr.Textbox(elem_id="drag", elem_classes=["daami2i-hidden"], show_label=False, container=False)
+        marks = gr.Textbox(
+            marks_of(initial), elem_id="marks", elem_classes=["daami2i-hidden"], show_label=False, container=False
+        )
 
         word_views = [raw_view, refined_view, mask_view]
+        quick = {"show_progress": "hidden"}  # milliseconds: no loading overlay over the panels
 
-        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any) -> Any:
+        def common(s: Session) -> dict[Any, Any]:
+            """What follows every change of the session: its state, the drawn selection, the close button."""
+            return {
+                state: s,
+                marks: marks_of(s),
+                close: gr.Button(value=close_label(s), interactive=len(s.clicks) >= 3),
+            }
+
+        def fresh(s: Session, msg: str, fx: bool) -> dict[Any, Any]:
+            """A new image (generated, attributed or opened): every panel starts afresh."""
+            blank = dict.fromkeys([heat, *word_views])
+            view = {image: image_view(s), words: chips(s), info: msg, downloads: files(s), legend: legend_html(s, fx)}
+            return {**common(s), **blank, **view, tabs: gr.Tabs(selected="map")}
+
+        def heat_view(s: Session, fx: bool) -> Any:
+            """The current map coloured as the scale says (it becomes the overlay download)."""
+            assert s.image is not None and s.last_heat is not None
+            s.last_map = coloured(s, s.last_heat, s.last_kind, fx)
+            return overlay(s.image, s.last_map)
+
+        def shown(s: Session, fx: bool) -> dict[Any, Any]:
+            """A selection's map on the map tab, with its title."""
+            word_inst.pop(id(s), None)
+            out = {heat: heat_view(s, fx), info: s.last_title, tabs: gr.Tabs(selected="map")}
+            return {**common(s), **out, downloads: files(s)}
+
+        everything = [state, image, heat, *word_views, words, info, downloads, legend, tabs, marks, close]
+        fields = [prompt, seed, steps, guidance]
+
+        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, fx: bool) -> Any:
             s = generate(pipe, s, p, sd, st, g)  # checks the numbers as typed (an empty field is None)
-            msg = generated_note(s)
-            return s, image_view(s), None, chips(s), msg, files(s), None, None, None
+            return fresh(s, generated_note(s), fx)
 
-        gen_outs = [state, image, heat, words, info, downloads, *word_views]
-        go.click(guard(on_generate, gen_outs), [state, prompt, seed, steps, guidance], gen_outs, concurrency_limit=1)
+        gen_in = [state, prompt, seed, steps, guidance, fixed]
+        for trigger in (go.click, prompt.submit):
+            trigger(guard(on_generate), gen_in, everything, concurrency_limit=1, concurrency_id="generate")
+        prompt.change(lambda p: gr.Button(interactive=bool(p and p.strip())), [prompt], [go], queue=False, **quick)
 
-        def on_click(s: Session, m: str, evt: gr.SelectData) -> Any:
+        def on_attribute(s: Session, im: Image.Image, cap: str, sd: Any, fx: bool) -> Any:
+            s = attribute(pipe, im, cap, sd)
+            return fresh(s, "attributed; click the image or a word", fx)
+
+        attribute_btn.click(
+            guard(on_attribute),
+            [state, upload, caption, seed, fixed],
+            everything,
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
+
+        def on_open(s: Session, file: Any, fx: bool) -> Any:
+            if not file:  # the upload was removed: what is open stays
+                return {}
+            path = Path(file if isinstance(file, str) else file.name)
+            s = open_zip(path, Path(tempfile.mkdtemp(dir=out_dir)) / "experiment")
+            st = s.settings
+            filled = {
+                prompt: st["prompt"],
+                **{c: st[k] for c, k in zip(fields[1:], ("seed", "steps", "guidance"), strict=True) if k in st},
+            }
+            return {**fresh(s, opened_note(s, path.name), fx), **filled}
+
+        open_file.upload(guard(on_open), [state, open_file, fixed], [*everything, *fields], concurrency_limit=1)
+
+        def on_click(s: Session, m: str, fx: bool, evt: gr.SelectData) -> Any:
             if s.image is None:
                 raise QueryError("generate an image (or open an experiment) first")
             k = scale_of(s.image)
             x, y = float(evt.index[0]) / k, float(evt.index[1]) / k
             s = click(s, m, x, y)
-            assert s.image is not None
             if s.clicks:  # a vertex or a first corner: marked on the image, the map stays
                 todo = (
                     "polygon: click more vertices, then 'close polygon'"
                     if m == "polygon"
                     else "box: click the opposite corner"
                 )
-                return (
-                    s,
-                    gr.skip(),
-                    f"{todo} ({len(s.clicks)} click(s) pending)",
-                    gr.skip(),
-                    with_points(s.image, s.clicks),
-                )
-            assert s.last_map is not None
-            unmark = image_view(s) if m == "box" else gr.skip()  # a finished box: the corner mark goes
-            return s, overlay(s.image, s.last_map), s.last_title, files(s), unmark
+                return {**common(s), info: f"{todo} ({len(s.clicks)} click(s) pending)"}
+            return shown(s, fx)
 
         on_click.__annotations__["evt"] = gr.SelectData  # a real class, not the postponed string
-        click_outs = [state, heat, info, downloads, image]
-        image.select(guard(on_click, click_outs), [state, mode], click_outs)
+        click_outs = [state, heat, info, downloads, tabs, marks, close]
+        image.select(guard(on_click), [state, mode, fixed], click_outs, **quick)
 
         def on_mode(s: Session, m: str) -> Any:
             """A new mode starts afresh: pending vertices or corner are dropped and undrawn."""
             dropped = len(s.clicks)
             s.clicks = []
             note = f" (dropped {dropped} unfinished click(s))" if dropped else ""
-            return s, MODE_HINTS.get(m, "") + note, image_view(s) if dropped else gr.skip()
+            return {**common(s), info: MODE_HINTS.get(m, "") + note}
 
-        mode_outs = [state, info, image]
-        mode.change(guard(on_mode, mode_outs), [state, mode], mode_outs)
+        mode.change(guard(on_mode), [state, mode], click_outs, **quick)
 
-        def on_attribute(s: Session, im: Image.Image, cap: str, sd: Any) -> Any:
-            s = attribute(pipe, im, cap, sd)
-            msg = "attributed; click the image or a word"
-            return s, image_view(s), None, chips(s), msg, files(s), None, None, None
-
-        attribute_btn.click(
-            guard(on_attribute, gen_outs), [state, upload, caption, seed], gen_outs, concurrency_limit=1
-        )
-
-        def on_drag(s: Session, value: str, m: str) -> Any:
+        def on_drag(s: Session, value: str, m: str, fx: bool) -> Any:
             if s.image is None or not value:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return {}
             if m == "polygon":  # ignored, so that a shaky click does not lose the vertices
                 msg = "drags are ignored in polygon mode (drag a box in point or box mode)"
-                msg += f"; {len(s.clicks)} click(s) pending"
-                return s, gr.skip(), msg, gr.skip(), gr.skip()
+                return {info: msg + f"; {len(s.clicks)} click(s) pending"}
             k = scale_of(s.image)
             x0, y0, x1, y1 = (float(v) / k for v in value.split(",")[:4])
-            marked = bool(s.clicks)
-            s = drag_box(s, x0, y0, x1, y1)
-            assert s.image is not None and s.last_map is not None
-            return s, overlay(s.image, s.last_map), s.last_title, files(s), image_view(s) if marked else gr.skip()
+            return shown(drag_box(s, x0, y0, x1, y1), fx)
 
-        drag.change(guard(on_drag, click_outs), [state, drag, mode], click_outs)
+        drag.change(guard(on_drag), [state, drag, mode, fixed], click_outs, **quick)
 
-        def on_close(s: Session) -> Any:
-            s = close_polygon(s)
-            assert s.image is not None and s.last_map is not None
-            return s, overlay(s.image, s.last_map), s.last_title, files(s), image_view(s)
+        def on_close(s: Session, fx: bool) -> Any:
+            return shown(close_polygon(s), fx)
 
-        close.click(guard(on_close, click_outs), [state], click_outs)
+        close.click(guard(on_close), [state, fixed], click_outs, **quick)
 
         def on_clear(s: Session) -> Any:
-            marked = bool(s.clicks)
+            n = len(s.polygons)
             s.polygons, s.clicks = [], []
-            return s, "polygons cleared", image_view(s) if marked else gr.skip()
+            if s.selection is not None and s.selection["kind"] == "polygons":
+                s.selection = None  # the map stays, but no longer stands for a drawn selection
+            return {**common(s), info: f"polygons cleared ({n} closed)"}
 
-        clear.click(guard(on_clear, mode_outs), [state], mode_outs)
+        clear.click(guard(on_clear), [state], click_outs, **quick)
 
-        outs = [state, heat, *word_views, info, downloads]
+        word_outs = [state, heat, *word_views, info, downloads, tabs, marks, close]
+        word_in = [state, words, iterations, threshold, all_res, fixed]
 
-        def on_word(s: Session, w: str | None, it: float, th: float, every: bool) -> Any:
-            if not w:  # a slider moved with no word chosen: what is shown stays
-                return tuple(gr.skip() for _ in outs)
-            raw_x, ref_x, inst = word(s, w, int(it), float(th), bool(every))
-            assert s.image is not None
-            m = np.zeros((s.image.height, s.image.width), bool)
-            for i in inst:
-                m |= i.mask
-            boxes = [i.bbox for i in inst]
-            views = overlay(s.image, raw_x), overlay(s.image, ref_x), mask_image(s.image, m, boxes)
-            msg = f"{s.last_title}: {len(inst)} instance(s), boxes {boxes}"
-            return (s, overlay(s.image, ref_x), *views, msg, files(s, inst, w))
+        def on_word(tab: str) -> Any:
+            """The handler for a chip or a word setting; it brings the ``tab`` view to the front."""
 
-        for trigger in (words.change, iterations.change, threshold.change, all_res.change):
-            trigger(guard(on_word, outs), [state, words, iterations, threshold, all_res], outs)
+            def handler(s: Session, w: str | None, it: float, th: float, every: bool, fx: bool) -> Any:
+                if not w:  # a slider moved with no word chosen: what is shown stays
+                    return {}
+                raw_x, ref_x, inst = word(s, w, int(it), float(th), bool(every), bool(fx))
+                assert s.image is not None
+                m = np.zeros((s.image.height, s.image.width), bool)
+                for i in inst:
+                    m |= i.mask
+                boxes = [i.bbox for i in inst]
+                views = {
+                    heat: overlay(s.image, ref_x),
+                    raw_view: overlay(s.image, raw_x),
+                    refined_view: overlay(s.image, ref_x),
+                    mask_view: mask_image(s.image, m, boxes),
+                }
+                word_inst[id(s)] = (inst, w)
+                msg = f"{s.last_title}: {len(inst)} instance(s), boxes {boxes}"
+                return {**common(s), **views, info: msg, downloads: files(s, inst, w), tabs: gr.Tabs(selected=tab)}
+
+            return handler
+
+        for trigger, tab in (
+            (words.change, "refined"),
+            (iterations.change, "refined"),
+            (all_res.change, "refined"),
+            (threshold.change, "mask"),
+        ):
+            trigger(guard(on_word(tab)), word_in, word_outs, **quick)
+
+        def on_fixed(s: Session, fx: bool) -> Any:
+            """The scale changed: the legend, and every map shown, recoloured (masks stay)."""
+            out: dict[Any, Any] = {legend: legend_html(s, bool(fx))}
+            if s.word_heats is not None and s.image is not None:
+                raw, refined, kind = s.word_heats
+                out[raw_view] = overlay(s.image, coloured(s, raw, "word", bool(fx)))
+                out[refined_view] = overlay(s.image, coloured(s, refined, kind, bool(fx)))
+            if s.last_heat is not None:
+                out[heat] = heat_view(s, bool(fx))
+                out[downloads] = files(s, *word_inst[id(s)]) if id(s) in word_inst else files(s)
+            return {**out, state: s}
+
+        fixed.change(
+            guard(on_fixed), [state, fixed], [state, legend, heat, raw_view, refined_view, downloads, info], **quick
+        )
     app.queue(default_concurrency_limit=4)
     return app

@@ -62,11 +62,19 @@ def plot_overlay(
     title: str | None = None,
     absolute: bool = False,
     threshold: float | None = None,
+    color_normalize: bool = True,
+    figsize: tuple[float, float] | None = None,
 ) -> tuple[Figure, Axes]:
-    """Draw ``heat_map`` expanded to ``image`` over the image; returns ``(fig, ax)``."""
-    fig, ax = _fig_ax(ax)
+    """Draw ``heat_map`` expanded to ``image`` over the image; returns ``(fig, ax)``.
+
+    ``color_normalize=False`` pins the colour scale to [0, 1] (DAAM's option) instead of stretching
+    it to the values drawn; ``figsize`` sizes a new figure (ignored with ``ax``).
+    """
+    fig, ax = _fig_ax(ax, figsize or (5, 5))
     ax.imshow(_as_array(image))
-    ax.imshow(heat_map.expand_as(image, absolute=absolute, threshold=threshold).numpy(), cmap=cmap, alpha=alpha)
+    limits = {} if color_normalize else {"vmin": 0.0, "vmax": 1.0}
+    values = heat_map.expand_as(image, absolute=absolute, threshold=threshold).numpy()
+    ax.imshow(values, cmap=cmap, alpha=alpha, **limits)
     if title is None:
         title = getattr(heat_map, "word", None)
     if title:
@@ -188,7 +196,7 @@ def draw_region(ax: Axes, heat_map: PixelHeatMap, image_size: tuple[int, int], c
             poly = Polygon(pts, closed=True, fill=False, color=color, lw=2)
             poly.set_path_effects(rim)
             ax.add_patch(poly)
-    else:
+    elif heat_map.weights is not None:
         weights = heat_map.weights.numpy()
         cs = ax.contour(
             np.repeat(np.repeat(weights > 0, math.ceil(sy), 0), math.ceil(sx), 1)[:h, :w],
@@ -228,4 +236,31 @@ def plot_region(
     if threshold is not None:
         plot_mask(image, heat_map, threshold=threshold, ax=axes[2])
         draw_region(axes[2], heat_map, size, color="yellow")
+    return fig, axes
+
+
+def plot_rounds(maps: list[Any], show: bool = False, cmap: str = "jet") -> tuple[Figure, Any]:
+    """One panel per round of a diffused map (daam-i2i's ``plot_intermediate``): round 0 is the cut
+    region map, the last panel the result. ``show=True`` draws it through pyplot (``plt.show()``), as
+    daam-i2i does; otherwise a pyplot-free figure is returned."""
+    n = len(maps)
+    cols = min(n, 6)
+    rows = math.ceil(n / cols)
+    if show:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(2.2 * cols, 2.2 * rows))
+    else:
+        fig = _figure((2.2 * cols, 2.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            m = maps[i]
+            ax.imshow(m.detach().float().cpu().numpy() if hasattr(m, "detach") else np.asarray(m), cmap=cmap)
+            ax.set_title(f"round {i}", fontsize=8)
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
     return fig, axes

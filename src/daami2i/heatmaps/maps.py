@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QueryError
-from . import regions, selfattn
+from . import regions, selfattn, syntax
 from .selfattn import Direction, SelfAttentionLevel
 from .words import (
     CrossAttentionLayer,
@@ -55,6 +57,91 @@ def image_size_of(image: Any) -> Size:
     )
 
 
+class _Default(float):
+    """A default value that can be told apart from the same number passed by the caller."""
+
+
+class _DefaultInt(int):
+    """An int default that can be told apart from the same number passed by the caller."""
+
+
+_N_ITER = _DefaultInt(20)  # daam-i2i's n_iter default
+_THRESH = _Default(0.02)  # daam-i2i's thresh default
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is now {new}(...): the name {old.split('(')[0]} has daam-i2i's meaning (method, n_iter, thresh, "
+        "with an absolute thresh). Rename the call to keep this behaviour.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def _old_spelling(
+    first: Any, second: Any, third: Any, iterations: int | None, threshold: float | None, direction: Any
+) -> tuple[int, float, Any]:
+    """(iterations, threshold, direction) of a call in the earlier daami2i spelling
+    ``(region, iterations=20, threshold=0.4, direction=None)``, from the slots they landed in."""
+    if isinstance(first, str):  # (region, iterations=..., ...) with the method slot left as it is
+        first = _N_ITER
+    it = iterations if iterations is not None else (20 if first is _N_ITER else first)
+    if threshold is None:
+        threshold = 0.4 if isinstance(second, (_Default, _DefaultInt)) else second
+    if isinstance(third, str) and direction is None:
+        direction = third
+    return it, threshold, direction  # type: ignore[return-value]
+
+
+def _check_method(method: str) -> None:
+    if method != "thresholding":
+        raise QueryError(f"method must be 'thresholding' (daam-i2i's only diffusion method), got {method!r}")
+
+
+def _bar(progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    def wrap(it: Any) -> Any:
+        return tqdm(it, desc="diffused maps", unit="group")
+
+    return wrap
+
+
+def _from_pixel_maps(heat_maps: torch.Tensor, latent_hw: Any) -> tuple[Size, list[SelfAttentionLevel], list]:
+    """daam-i2i's GlobalHeatMap(heat_maps, latent_hw): one level whose pixel ``k`` map is ``heat_maps[k]``."""
+    if heat_maps.dim() != 3:
+        raise QueryError(
+            f"heat_maps must be (pixels, h, w), one map per latent pixel; got shape {tuple(heat_maps.shape)}"
+        )
+    k, h, w = heat_maps.shape
+    if not regions._is_integer(latent_hw) or int(latent_hw) != k or h * w != k:
+        raise QueryError(
+            f"heat_maps of shape {tuple(heat_maps.shape)} need latent_hw = {h * w} (one map per pixel of the {h}x{w} "
+            f"grid, as daam-i2i's compute_global_heat_map makes them); got latent_hw={latent_hw!r}"
+        )
+    sums = heat_maps.detach().to("cpu", torch.float32).reshape(k, k).T.contiguous()  # [query, key]
+    return (h, w), [SelfAttentionLevel((h, w), sums, 1)], []
+
+
+def _from_token_maps(heat_maps: torch.Tensor) -> tuple[Size, list[CrossAttentionLayer]]:
+    """DAAM's GlobalHeatMap(tokenizer, prompt, heat_maps): the (tokens, h, w) maps as one layer of one head."""
+    if heat_maps.dim() != 3:
+        raise QueryError(f"heat_maps must be (tokens, h, w); got shape {tuple(heat_maps.shape)}")
+    t, h, w = heat_maps.shape
+    sums = heat_maps.detach().to("cpu", torch.float32).reshape(t, h * w).T[None].contiguous()  # (1, h*w, tokens)
+    return (h, w), [CrossAttentionLayer("maps", (h, w), sums)]
+
+
+def _prompt_tokens(tokenizer: Any, prompt: Any) -> list[str] | None:
+    from .words import tokenize_prompt
+
+    if not isinstance(prompt, str):
+        raise QueryError(f"prompt must be a string, got {type(prompt).__name__}")
+    return tokenize_prompt(tokenizer, prompt.lower()) if tokenizer is not None else None
+
+
 class HeatMap:
     """A heat map on the latent grid.
 
@@ -75,11 +162,14 @@ class HeatMap:
         """(height, width) of the latent grid the map lives on."""
         return int(self.value.shape[0]), int(self.value.shape[1])
 
-    def expand_as(self, image: Any, absolute: bool = False, threshold: float | None = None) -> torch.Tensor:
+    def expand_as(
+        self, image: Any, absolute: bool = False, threshold: float | None = None, plot: bool = False, **plot_kwargs: Any
+    ) -> torch.Tensor:
         """The map resized bicubically to the image's (height, width).
 
         By default it is min-max normalised to [0, 1] (``absolute=True`` keeps raw values); with a
-        ``threshold`` it becomes a binary 0/1 mask of the normalised map above it.
+        ``threshold`` it becomes a binary 0/1 mask of the normalised map above it. ``plot=True`` also
+        draws it over the image (DAAM's keyword; ``plot_kwargs`` go to :meth:`plot_overlay`).
 
         >>> import torch
         >>> HeatMap(torch.tensor([[0.0, 1.0], [2.0, 3.0]])).expand_as((4, 6)).shape
@@ -94,40 +184,46 @@ class HeatMap:
             im = (im - lo) / span if float(span) > 0 else torch.zeros_like(im)  # a flat map has no peak
         if threshold is not None:
             im = (im > regions.check_fraction(threshold)).float()
+        if plot:
+            self.plot_overlay(image, absolute=absolute, threshold=threshold, **plot_kwargs)
         return im
 
-    def plot_overlay(self, image: Any, ax: Axes | None = None, **kwargs: Any) -> tuple[Figure, Axes]:
-        """Draw the map over ``image`` on ``ax`` (a new figure if None); returns ``(fig, ax)``."""
+    def plot_overlay(
+        self,
+        image: Any,
+        out_file: str | Path | None = None,
+        color_normalize: bool = True,
+        ax: Axes | None = None,
+        *,
+        figsize: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Figure, Axes]:
+        """Draw the map over ``image`` on ``ax``; returns ``(fig, ax)``.
+
+        Without ``ax`` it draws on a new pyplot figure of ``figsize``, so it shows in a notebook or
+        window as the predecessors' plots do (:func:`daami2i.viz.plot_overlay` never touches pyplot).
+        DAAM's arguments: ``out_file`` saves the figure there, ``color_normalize=False`` fixes the
+        colour scale to [0, 1] (default: stretched to the map's range). daam-i2i's second positional
+        argument, a ``figsize`` tuple, and matplotlib axes in that place are understood too. Other
+        keywords go to :func:`daami2i.viz.plot_overlay` (``alpha``, ``cmap``, ``title``, ``absolute``, ...).
+        """
         from ..viz import plot_overlay
 
-        return plot_overlay(image, self, ax=ax, **kwargs)
+        if isinstance(out_file, tuple):  # daam-i2i: plot_overlay(image, figsize)
+            out_file, figsize = None, out_file
+        elif out_file is not None and not isinstance(out_file, (str, Path)) and hasattr(out_file, "imshow"):
+            out_file, ax = None, out_file  # daami2i before 0.3: plot_overlay(image, ax)
+        if ax is None:
+            import matplotlib.pyplot as plt
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
-
-
-class PixelHeatMap(HeatMap):
-    """A self-attention map for a region of the latent grid (pixels, box, contour, guide)."""
-
-    def __init__(
-        self, value: torch.Tensor, weights: torch.Tensor, direction: Direction, region: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(value)
-        self.weights = weights  # shape: (h, w), the region weight map that produced this map
-        self.direction = direction
-        self.region = region or {"kind": "weights"}  # what the region was, for plots
-
-
-class WordHeatMap(HeatMap):
-    """A DAAM word map: where one word of the prompt acts in the image."""
-
-    def __init__(self, value: torch.Tensor, word: str | None = None, word_idx: int | None = None) -> None:
-        super().__init__(value)
-        self.word = word
-        self.word_idx = word_idx
+            ax = plt.figure(figsize=figsize or (5, 5)).add_subplot()
+        fig, ax = plot_overlay(image, self, ax=ax, color_normalize=color_normalize, **kwargs)
+        if out_file is not None:
+            fig.savefig(out_file, bbox_inches="tight", pad_inches=0)
+        return fig, ax
 
     def compute_ioa(self, other: HeatMap | torch.Tensor) -> float:
-        """Intersection over this map's area: ``sum(self * other) / sum(self)`` (DAAM's IoA).
+        """Intersection over this map's area: ``sum(self * other) / sum(self)`` (DAAM's and daam-i2i's IoA).
 
         ``other`` may be a heat map on the same grid or a binary mask of any size (this map is then
         resized bicubically to the mask and binarised at 1, as DAAM does).
@@ -140,6 +236,35 @@ class WordHeatMap(HeatMap):
             a = F.interpolate(a[None, None], size=tuple(b.shape), mode="bicubic", align_corners=False)[0, 0]
             a = (a >= 1).float()
         return float((a * b).sum() / (a.sum() + 1e-8))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class PixelHeatMap(HeatMap):
+    """A self-attention map for a region of the latent grid (pixels, box, contour, guide)."""
+
+    def __init__(
+        self,
+        value: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        direction: Direction = "attended_by",
+        region: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(value)
+        self.weights = weights  # shape: (h, w), the region weight map that produced this map (None: unknown)
+        self.direction = direction
+        self.region = region or {"kind": "weights"}  # what the region was, for plots
+        self.intermediates: list[torch.Tensor] = []  # daam-i2i's diffused maps: each round's (h, w) map
+
+
+class WordHeatMap(HeatMap):
+    """A DAAM word map: where one word of the prompt acts in the image."""
+
+    def __init__(self, value: torch.Tensor, word: str | None = None, word_idx: int | None = None) -> None:
+        super().__init__(value)
+        self.word = word
+        self.word_idx = word_idx
 
     def __repr__(self) -> str:
         return f"WordHeatMap(word={self.word!r}, size={self.size})"
@@ -156,17 +281,34 @@ class GlobalHeatMap:
 
     def __init__(
         self,
-        grid_size: Size,
-        self_levels: list[SelfAttentionLevel],
-        cross_layers: list[CrossAttentionLayer],
+        grid_size: Size | Any,
+        self_levels: list[SelfAttentionLevel] | Any = None,
+        cross_layers: list[CrossAttentionLayer] | Any = None,
         prompt: str | None = None,
         prompt_tokens: Sequence[str] | None = None,
         tokenizer: Any = None,
         image_size: Size | None = None,
         direction: Direction = "attended_by",
         streams: Sequence[TokenStream] | None = None,
+        normalize: bool = False,
+        self_note: str | None = None,
     ) -> None:
+        if isinstance(grid_size, torch.Tensor):  # daam-i2i: GlobalHeatMap(heat_maps (K, h, w), latent_hw)
+            grid_size, self_levels, cross_layers = _from_pixel_maps(grid_size, self_levels)
+        elif isinstance(cross_layers, torch.Tensor):  # DAAM: GlobalHeatMap(tokenizer, prompt, heat_maps (T, h, w))
+            tokenizer, prompt = grid_size, self_levels  # type: ignore[assignment]
+            grid_size, cross_layers = _from_token_maps(cross_layers)
+            self_levels = []
+            prompt_tokens = _prompt_tokens(tokenizer, prompt)
+        elif self_levels is None or cross_layers is None:
+            raise QueryError(
+                "GlobalHeatMap takes (grid_size, self_levels, cross_layers, ...), daam-i2i's (heat_maps, latent_hw) "
+                "or DAAM's (tokenizer, prompt, heat_maps); most code gets one from trc.compute_global_heat_map()"
+            )
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.normalize = bool(normalize)  # DAAM: word maps divided by the sum over the prompt's token maps
+        self.self_note = self_note  # why self-attention is missing (a head / layer selection), if it is
+        self._pixel_maps: torch.Tensor | None = None  # daam-i2i's heat_maps, built on first use
         self.self_levels = self_levels
         self.cross_layers = cross_layers
         self._row_cache: dict[int, torch.Tensor] = {}  # token row -> (h, w) aggregated map
@@ -187,11 +329,94 @@ class GlobalHeatMap:
         self.direction = selfattn.check_direction(direction)
 
     # -- self-attention ("image to image") -----------------------------------------------------
+    def _levels(self) -> list[SelfAttentionLevel]:
+        if not self.self_levels and self.self_note:
+            raise QueryError(self.self_note)
+        return self.self_levels
+
     def _region(
         self, weights: torch.Tensor, direction: Direction | None, region: dict[str, Any] | None = None
     ) -> PixelHeatMap:
         d = selfattn.check_direction(direction or self.direction)
-        return PixelHeatMap(selfattn.query(self.self_levels, weights, self.grid_size, d), weights, d, region)
+        return PixelHeatMap(selfattn.query(self._levels(), weights, self.grid_size, d), weights, d, region)
+
+    # -- daam-i2i's view: one map per latent pixel ----------------------------------------------
+    @property
+    def latent_h(self) -> int:
+        """Height of the latent grid pixel ids refer to (daam-i2i's name; ``grid_size[0]``)."""
+        return self.grid_size[0]
+
+    @property
+    def latent_w(self) -> int:
+        """Width of the latent grid pixel ids refer to (daam-i2i's name; ``grid_size[1]``)."""
+        return self.grid_size[1]
+
+    @property
+    def inner_latent_h(self) -> int:
+        """daam-i2i: the height of the grid the maps live on; here always the latent grid."""
+        return self.grid_size[0]
+
+    @property
+    def inner_latent_w(self) -> int:
+        """daam-i2i: the width of the grid the maps live on; here always the latent grid."""
+        return self.grid_size[1]
+
+    @property
+    def scale_factor(self) -> int:
+        """daam-i2i: ``latent_h // inner_latent_h``; 1, since maps always live on the latent grid."""
+        return self.latent_h // self.inner_latent_h
+
+    def scale_correction(self, pixel_ids: Sequence[int]) -> list[int]:
+        """daam-i2i: latent pixel ids mapped to ids of the inner grid (the identity here, scale factor 1)."""
+        f, w, iw = self.scale_factor, self.latent_w, self.inner_latent_w
+        return [(int(p) // w // f) * iw + (int(p) % w) // f for p in pixel_ids]
+
+    @property
+    def heat_maps(self) -> torch.Tensor:
+        """daam-i2i's ``heat_maps``: every latent pixel's map, shape (h*w, h, w); ``heat_maps[p]`` equals
+        ``compute_pixel_heat_map(p).value``. Built on first use (h*w*h*w floats: 64 MiB at 64x64).
+
+        DAAM's ``heat_maps`` (one map per token) is :attr:`token_maps` here.
+        """
+        if self._pixel_maps is None:
+            h, w = self.grid_size
+            n = h * w
+            levels = self._levels()
+            out = torch.empty(n, h, w)
+            for start in range(0, n, 1024):
+                ids = torch.arange(start, min(n, start + 1024))
+                eye = torch.zeros(len(ids), n)
+                eye[torch.arange(len(ids)), ids] = 1.0
+                out[start : start + len(ids)] = selfattn.query(
+                    levels, eye.view(-1, h, w), self.grid_size, self.direction
+                ).cpu()
+            self._pixel_maps = out
+        return self._pixel_maps
+
+    def inner_pixel_ids(self, pts: Sequence[Any], image_h: int, image_w: int) -> list[int]:
+        """daam-i2i's pixels of a contour: the row-major ids of the latent pixels strictly inside it.
+
+        ``pts`` is ``[[x, y], ...]`` or flat ``[x1, y1, x2, y2, ...]`` in image pixels; as in daam-i2i,
+        points are scaled to the latent grid and truncated to integers, and a latent pixel (column i,
+        row j) is inside when OpenCV's ``pointPolygonTest`` puts (i, j) strictly inside. (daam-i2i
+        requires square images; here x and y are scaled by width and height separately.) The contour
+        queries weight cells by the area they share with the polygon instead (see
+        :func:`daami2i.heatmaps.regions.polygon_weights`).
+        """
+        try:
+            import cv2
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise QueryError("inner_pixel_ids uses OpenCV: pip install 'daami2i[datasets]'") from exc
+        image_h, image_w = regions._check_image_size((image_h, image_w))
+        poly = regions._as_polygon(pts, (image_h, image_w), 0)
+        h, w = self.grid_size
+        scaled = np.stack([poly[:, 0] * w / image_w, poly[:, 1] * h / image_h], 1).astype(np.int32).reshape(-1, 1, 2)
+        return [
+            j * w + i
+            for i in range(w)
+            for j in range(h)
+            if cv2.pointPolygonTest(scaled, (float(i), float(j)), False) == 1.0
+        ]
 
     def compute_region_heat_map(self, weights: Any, direction: Direction | None = None) -> PixelHeatMap:
         """The primitive behind every self-attention query: columns weighted by ``weights / sum``."""
@@ -248,7 +473,7 @@ class GlobalHeatMap:
                 raise QueryError("the guide is zero everywhere inside the contour(s): nothing to weight")
         region = {
             "kind": "contours",
-            "contours": [list(map(list, c)) for c in contours],
+            "contours": [np.asarray(c, dtype=np.float64).reshape(-1, 2).tolist() for c in contours],
             "image_size": (image_h, image_w),
         }
         return self._region(w, direction, region)
@@ -257,55 +482,142 @@ class GlobalHeatMap:
         """Self-attention columns weighted by a guide map on the grid (e.g. a word map)."""
         return self._region(regions.guide_weights(guide_heatmap, self.grid_size), direction, {"kind": "guide"})
 
-    def compute_diffused_heat_map(
+    def compute_grown_heat_map(
         self,
         guide_heatmap: Any,
         iterations: int = 20,
         threshold: float = 0.4,
         direction: Direction | None = None,
     ) -> PixelHeatMap:
-        """Iterated guided maps starting from a guide: each round's map, min-max normalised and
-        cut below ``threshold``, guides the next round."""
+        """Iterated guided maps starting from a guide (``iterations`` queries in all): each round's map,
+        min-max normalised and cut below the fraction ``threshold``, guides the next round, so the
+        region grows through self-attention where the map is strong. (daam-i2i's fixed, absolute cut is
+        :meth:`compute_pixel_diffused_heat_map` / :meth:`compute_diffused_heat_map`.)"""
         g = regions.guide_weights(guide_heatmap, self.grid_size)
         d = selfattn.check_direction(direction or self.direction)
-        m = selfattn.diffuse(self.self_levels, g, self.grid_size, iterations, threshold, d)
+        m = selfattn.diffuse(self._levels(), g, self.grid_size, iterations, threshold, d)
         return PixelHeatMap(m, g, d)
 
-    def compute_pixel_diffused_heat_map(
+    def compute_pixel_grown_heat_map(
         self,
         pix_ids: Sequence[int] | int,
         iterations: int = 20,
         threshold: float = 0.4,
         direction: Direction | None = None,
     ) -> PixelHeatMap:
-        """:meth:`compute_diffused_heat_map` starting from a list of latent pixel ids."""
+        """:meth:`compute_grown_heat_map` starting from a list of latent pixel ids."""
         g = regions.pixel_weights(pix_ids, self.grid_size)
         d = selfattn.check_direction(direction or self.direction)
-        m = selfattn.diffuse(self.self_levels, g, self.grid_size, iterations, threshold, d)
+        m = selfattn.diffuse(self._levels(), g, self.grid_size, iterations, threshold, d)
         return PixelHeatMap(m, g, d)
 
-    def compute_all_diffused_heat_maps(
+    def compute_all_grown_heat_maps(
         self,
         iterations: int = 20,
         threshold: float = 0.4,
         direction: Direction | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """The diffused map of every latent pixel at once: shape (h*w, h, w); row ``p`` equals
-        ``compute_pixel_diffused_heat_map(p, iterations, threshold).heatmap`` (to float rounding).
+        """The grown map of every latent pixel at once: shape (h*w, h, w); row ``p`` equals
+        ``compute_pixel_grown_heat_map(p, iterations, threshold).heatmap`` (to float rounding).
 
         Uses the sparsity of the thresholded maps (see :func:`daami2i.heatmaps.selfattn.diffuse_all`);
         ``progress=True`` shows a progress bar over groups of pixels.
         """
         d = selfattn.check_direction(direction or self.direction)
-        wrap = None
-        if progress:
-            from tqdm.auto import tqdm
+        return selfattn.diffuse_all(self._levels(), self.grid_size, iterations, threshold, d, wrap=_bar(progress))
 
-            def wrap(it: Any) -> Any:
-                return tqdm(it, desc="diffused maps", unit="group")
+    def compute_all_diffused_heat_maps(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Deprecated name of :meth:`compute_all_grown_heat_maps` (same arguments)."""
+        _deprecated("compute_all_diffused_heat_maps(iterations, threshold)", "compute_all_grown_heat_maps")
+        return self.compute_all_grown_heat_maps(*args, **kwargs)
 
-        return selfattn.diffuse_all(self.self_levels, self.grid_size, iterations, threshold, d, wrap=wrap)
+    def compute_pixel_diffused_heat_map(
+        self,
+        latent_pixel_id: Sequence[int] | int,
+        method: str = "thresholding",
+        n_iter: int = _N_ITER,
+        thresh: float = _THRESH,
+        plot_intermediate: bool = False,
+        *,
+        direction: Direction | None = None,
+        iterations: int | None = None,
+        threshold: float | None = None,
+    ) -> PixelHeatMap:
+        """daam-i2i's diffused map of latent pixel(s): the pixel map, cut, then ``n_iter`` rounds of
+        guided maps, each cut again (``cut``: values below ``min(map) + thresh`` set to 0; ``thresh``
+        is absolute, in units of attention summed over the captured steps). ``plot_intermediate=True``
+        draws every round; the rounds' maps are kept in the result's ``intermediates``.
+
+        The earlier daami2i meaning (``iterations=``, ``threshold=`` as a fraction of the min-max
+        range) is :meth:`compute_pixel_grown_heat_map`; that spelling still works, with a warning.
+        """
+        if iterations is not None or threshold is not None or not isinstance(method, str):
+            it, th, direction = _old_spelling(method, n_iter, thresh, iterations, threshold, direction)
+            _deprecated(
+                "compute_pixel_diffused_heat_map(pix_ids, iterations, threshold)", "compute_pixel_grown_heat_map"
+            )
+            return self.compute_pixel_grown_heat_map(latent_pixel_id, it, th, direction)
+        _check_method(method)
+        g = regions.pixel_weights(latent_pixel_id, self.grid_size)
+        d = selfattn.check_direction(direction or self.direction)
+        rounds = selfattn.diffuse_absolute(self._levels(), g, self.grid_size, n_iter, thresh, d)
+        out = PixelHeatMap(rounds[-1], g, d, {"kind": "pixels"})
+        out.intermediates = rounds
+        if plot_intermediate:
+            from ..viz import plot_rounds
+
+            plot_rounds(rounds, show=True)
+        return out
+
+    def compute_diffused_heat_map(
+        self,
+        method: str = "thresholding",
+        n_iter: int = _N_ITER,
+        thresh: float = _THRESH,
+        *,
+        direction: Direction | None = None,
+        progress: bool = False,
+        iterations: int | None = None,
+        threshold: float | None = None,
+    ) -> GlobalHeatMap:
+        """daam-i2i's diffused global heat map: :meth:`compute_pixel_diffused_heat_map` of every latent
+        pixel at once, as a new :class:`GlobalHeatMap` whose pixel ``p`` map is pixel ``p``'s diffused
+        map (pixel, box, contour and guided queries then combine diffused maps; word maps are kept).
+
+        Computed on the sparsity of the cut maps (see :func:`daami2i.heatmaps.selfattn.diffuse_all`);
+        ``progress=True`` shows a progress bar. The earlier daami2i meaning,
+        ``compute_diffused_heat_map(guide, iterations, threshold)``, is :meth:`compute_grown_heat_map`;
+        that spelling still works, with a warning.
+        """
+        if iterations is not None or threshold is not None or not isinstance(method, str):
+            it, th, direction = _old_spelling(n_iter, thresh, _N_ITER, iterations, threshold, direction)
+            _deprecated("compute_diffused_heat_map(guide, iterations, threshold)", "compute_grown_heat_map")
+            return self.compute_grown_heat_map(method, it, th, direction)  # type: ignore[return-value]
+        _check_method(method)
+        d = selfattn.check_direction(direction or self.direction)
+        maps = selfattn.diffuse_all(
+            self._levels(), self.grid_size, n_iter, thresh, d, wrap=_bar(progress), absolute=True
+        )
+        n = maps.shape[0]
+        flat = maps.reshape(n, n)  # pixel p's map, flattened
+        # a pixel map is a column of S ("attended_by") or a row ("attends_to"): orient so that stays true
+        sums = flat.T.contiguous() if d == "attended_by" else flat
+        out = GlobalHeatMap(
+            self.grid_size,
+            [SelfAttentionLevel(self.grid_size, sums, 1)],
+            self.cross_layers,
+            prompt=self.prompt,
+            prompt_tokens=self.prompt_tokens,
+            tokenizer=self.tokenizer,
+            image_size=self.image_size,
+            direction=d,
+            streams=self.streams,
+            normalize=self.normalize,
+        )
+        out._row_cache = self._row_cache
+        out._pixel_maps = maps.cpu()
+        return out
 
     # -- cross-attention ("text to image", DAAM) -----------------------------------------------
     @property
@@ -313,7 +625,7 @@ class GlobalHeatMap:
         """Per-token maps, shape (tokens, h, w): DAAM's aggregation of the captured layers."""
         if not self.cross_layers:
             aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
-        return self._token_rows(range(self.cross_layers[0].sums.shape[2]))
+        return self._token_rows(range(self.cross_layers[0].sums.shape[2]))  # (normalised with normalize=True)
 
     def _token_rows(self, rows: Sequence[int]) -> torch.Tensor:
         """Maps of the given token rows, (len(rows), h, w); each row is aggregated once and cached."""
@@ -321,7 +633,23 @@ class GlobalHeatMap:
         if missing:
             for r, m in zip(missing, aggregate_layers(self.cross_layers, self.grid_size, missing).cpu(), strict=True):
                 self._row_cache[r] = m
-        return torch.stack([self._row_cache[r] for r in rows])
+        out = torch.stack([self._row_cache[r] for r in rows])
+        if self.normalize:  # DAAM: divided by the sum over the prompt's token maps (start / end tokens left out)
+            st = self.streams[0]
+            n_rows = int(self.cross_layers[0].sums.shape[2])
+            seen = st.n_seen if st.n_seen is not None else n_rows - st.first_row - 1
+            words = list(range(st.first_row, min(n_rows, st.first_row + seen)))
+            if words:
+                denom = self._token_rows_raw(words).sum(0) + 1e-6
+                out = out / denom
+        return out
+
+    def _token_rows_raw(self, rows: Sequence[int]) -> torch.Tensor:
+        normalize, self.normalize = self.normalize, False
+        try:
+            return self._token_rows(rows)
+        finally:
+            self.normalize = normalize
 
     @property
     def words(self) -> list[str]:
@@ -390,6 +718,16 @@ class GlobalHeatMap:
         if not maps:
             raise QueryError(f"word {word!r} is in none of the text streams. " + " ".join(misses))
         return WordHeatMap(torch.stack(maps).mean(0), word, word_idx)
+
+    def parsed_heat_maps(self, doc: Any = None, nlp: Any = None) -> Iterator[syntax.ParsedHeatMap]:
+        """DAAM's ``parsed_heat_maps``: the word map of each spaCy token of the prompt that is found
+        (see :func:`daami2i.heatmaps.syntax.parsed_heat_maps`; ``doc`` / ``nlp`` give the parse)."""
+        return syntax.parsed_heat_maps(self, doc, nlp)
+
+    def dependency_relations(self, doc: Any = None, nlp: Any = None) -> Iterator[syntax.SyntacticHeatMapPair]:
+        """DAAM's ``dependency_relations``: head and dependent word maps of every non-root token
+        (see :func:`daami2i.heatmaps.syntax.dependency_relations`)."""
+        return syntax.dependency_relations(self, doc, nlp)
 
     def __repr__(self) -> str:
         return (

@@ -154,9 +154,12 @@ def _as_polygon(contour: Any, image_size: Size, index: int) -> np.ndarray:
         pts = np.asarray(contour, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise QueryError(f"contour {index} must be a list of [x, y] points, got {contour!r}") from exc
+    if pts.ndim == 1 and len(pts) % 2 == 0 and len(pts) > 0:  # daam-i2i's flat [x1, y1, x2, y2, ...]
+        pts = pts.reshape(-1, 2)
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise QueryError(
-            f"contour {index} must be a list of [x, y] points (shape (n, 2)), got an array of shape {pts.shape}"
+            f"contour {index} must be a list of [x, y] points (shape (n, 2)) or a flat [x1, y1, x2, y2, ...] list, "
+            f"got an array of shape {pts.shape}"
         )
     if len(np.unique(pts, axis=0)) < 3:
         raise QueryError(

@@ -8,7 +8,8 @@ Each scheme is a function of the captured stores, through a :class:`GlobalHeatMa
 * ``cascade``: coarse to fine, ``S_fine ... S_coarse c``, one level at a time (trace with
   ``self_factors="all"`` to have several levels; with one level it equals ``guided``);
 * ``repeated``: ``S^n c`` (``iterations`` = n, default 3);
-* ``diffused``: the thresholded iteration of :meth:`GlobalHeatMap.compute_diffused_heat_map`.
+* ``diffused``: the thresholded iteration of :meth:`GlobalHeatMap.compute_grown_heat_map` (a cut at a
+  fraction of each round's min-max range).
 
 >>> SCHEMES
 ('raw', 'guided', 'cascade', 'repeated', 'diffused')
@@ -42,7 +43,7 @@ def word_map(
     if scheme == "guided":
         return ghm.compute_guided_heat_map(c).value
     if scheme == "diffused":
-        return ghm.compute_diffused_heat_map(c).value
+        return ghm.compute_grown_heat_map(c).value
     if not isinstance(iterations, int) or iterations < 1:
         raise QueryError(f"iterations must be a positive integer, got {iterations!r}")
     g = regions_guide(c)

@@ -14,10 +14,12 @@ grid is ``S = sum_r U_r A_r U_r^T / L``. A query with weight map ``g`` returns
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..errors import QueryError
@@ -166,6 +168,74 @@ def diffuse(
     return m
 
 
+def check_thresh(value: Any) -> float:
+    """daam-i2i's absolute ``thresh``: a finite number >= 0, or a QueryError."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not math.isfinite(float(value)) or float(value) < 0:
+        raise QueryError(
+            "thresh must be a finite number >= 0 (daam-i2i's absolute cut: values below min(map) + thresh are set "
+            f"to 0, in units of attention summed over the captured steps), got {value!r}"
+        )
+    return float(value)
+
+
+def cut_absolute(
+    m: torch.Tensor, thresh: float, what: str = "the map", iteration: int = 0, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """daam-i2i's cut on (..., h, w) maps: values below ``min(map) + thresh`` become 0, map by map.
+
+    A map the cut empties entirely cannot guide the next round (daam-i2i divides by its zero sum and
+    returns NaN): that is a QueryError naming the map and its spread.
+
+    >>> cut_absolute(torch.tensor([[0.1, 0.2], [0.3, 0.5]]), 0.15)
+    tensor([[0.0000, 0.0000],
+            [0.3000, 0.5000]])
+    """
+    lo = m.amin(dim=(-2, -1), keepdim=True)
+    out = m.masked_fill(m < lo + thresh, 0.0)
+    empty = ~(out != 0).flatten(-2).any(-1)
+    if bool(empty.any()):
+        flat = m.reshape(-1, m.shape[-2] * m.shape[-1])
+        first = int(empty.flatten().nonzero()[0])
+        spread = float(flat[first].max() - flat[first].min())
+        which = f"{what} {int(ids[first]) if ids is not None else first}" if m.dim() > 2 else what
+        raise QueryError(
+            f"thresh={thresh:g} cuts every value of {which} at iteration {iteration} (its values span only "
+            f"{spread:.4g}; {int(empty.sum())} map(s) emptied): nothing is left to diffuse. daam-i2i's thresh is "
+            "absolute, in units of attention summed over the captured steps: pass a smaller thresh"
+        )
+    return out
+
+
+def diffuse_absolute(
+    levels: list[SelfAttentionLevel],
+    weights: torch.Tensor,
+    grid: Size,
+    n_iter: int,
+    thresh: float,
+    direction: Direction = "attended_by",
+) -> list[torch.Tensor]:
+    """daam-i2i's thresholded diffusion from a region: ``m_0 = cut(S g)``, ``m_{t+1} = cut(S m_t / sum(m_t))``.
+
+    ``cut`` zeroes values below ``min + thresh`` (absolute, see :func:`cut_absolute`). Returns the
+    ``n_iter + 1`` maps ``[m_0, ..., m_n]`` (the last is the result; the others are daam-i2i's
+    intermediate plots). ``n_iter=0`` returns the cut region map alone.
+    """
+    if not _is_int(n_iter) or n_iter < 0:
+        raise QueryError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    thresh = check_thresh(thresh)
+    m = cut_absolute(query(levels, weights, grid, direction), thresh)
+    out = [m]
+    for i in range(int(n_iter)):
+        m = cut_absolute(query(levels, m, grid, direction), thresh, iteration=i + 1)
+        out.append(m)
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def diffuse_all(
     levels: list[SelfAttentionLevel],
     grid: Size,
@@ -175,6 +245,7 @@ def diffuse_all(
     tile: int = 8,
     group: int = 256,
     wrap: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    absolute: bool = False,
 ) -> torch.Tensor:
     """:func:`diffuse` started from every grid pixel: shape (h*w, h, w), map ``p`` from pixel ``p``.
 
@@ -195,8 +266,13 @@ def diffuse_all(
     check_direction(direction)
     if not levels:
         raise QueryError("no self-attention was captured: trace with self_attention=True to use self-attention queries")
-    iterations = check_positive_int(iterations, "iterations")
-    threshold = check_fraction(threshold)
+    if absolute:  # daam-i2i: ``iterations`` (n_iter) further rounds after the cut pixel maps; thresh absolute
+        if not _is_int(iterations) or iterations < 0:
+            raise QueryError(f"n_iter must be a non-negative integer, got {iterations!r}")
+        rounds, threshold = int(iterations), check_thresh(threshold)
+    else:
+        rounds = check_positive_int(iterations, "iterations") - 1
+        threshold = check_fraction(threshold)
     if not isinstance(tile, int) or tile < 1:
         raise QueryError(f"tile must be a positive integer, got {tile!r}")
     h, w = grid
@@ -220,8 +296,14 @@ def diffuse_all(
         g = torch.zeros(len(ids), n, device=device)
         g[torch.arange(len(ids), device=device), ids] = 1.0
         m = _query(levels, oriented, g.view(-1, h, w), grid, tile_of)
+        if absolute:
+            m = cut_absolute(m, threshold, "the map of pixel", 0, ids)
+            for i in range(rounds):
+                m = cut_absolute(_query(levels, oriented, m, grid, tile_of), threshold, "the map of pixel", i + 1, ids)
+            out[ids] = m
+            continue
         active: torch.Tensor | None = None  # None: every map of the group is still growing
-        for _ in range(iterations - 1):
+        for _ in range(rounds):
             cur = m if active is None else m[active]
             lo = cur.amin(dim=(-2, -1), keepdim=True)
             hi = cur.amax(dim=(-2, -1), keepdim=True)

@@ -32,6 +32,17 @@ class SelfAttentionStore:
     size: Size  # (h, w)
     sums: torch.Tensor  # shape: (n_images, h*w, h*w) float32, [image, query, key]
     layers: list[str] = field(default_factory=list)
+    # trace(keep_heads=True): per layer, shape (n_images, kept heads, h*w, h*w) float32, heads ordered
+    # half-major over the kept guidance halves (uncond heads first with halves="both", as daam-i2i)
+    per_head: dict[str, torch.Tensor] | None = None
+
+    def add_heads(self, layer: str, start: int, stop: int, probs: torch.Tensor) -> None:
+        """Keep ``probs`` (n_images, kept heads, stop - start, N) of ``layer`` head by head."""
+        assert self.per_head is not None
+        n_img, k, _, n = probs.shape
+        if layer not in self.per_head:
+            self.per_head[layer] = torch.zeros(n_img, k, n, n, device=self.sums.device)
+        self.per_head[layer][:, :, start:stop] += probs.to(self.sums.device)
 
     def add(self, layer: str, start: int, stop: int, probs: torch.Tensor) -> None:
         """Add head-mean probabilities (n_images, stop - start, N) for query rows [start, stop)."""
@@ -106,6 +117,9 @@ class Generation:
         total = 0
         if kind in ("self", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.self_attention.values())
+            total += sum(
+                t.numel() * t.element_size() for s in self.self_attention.values() for t in (s.per_head or {}).values()
+            )
         if kind in ("cross", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.cross_attention.values())
         if kind in ("cross_steps", "all"):
@@ -154,12 +168,37 @@ class Generation:
         steps: Iterable[int] | None = None,
         tokenizers: dict[str, Any] | None = None,
         layers: Iterable[str] | None = None,
+        *,
+        head_idx: int | None = None,
+        self_layers: Iterable[str] | None = None,
+        normalize: bool = False,
     ) -> GlobalHeatMap:
         """The :class:`GlobalHeatMap` of one image; ``steps`` restricts word maps to those steps
         (needs per-step cross-attention, ``trace(..., cross_steps=True)``); ``tokenizers`` maps the
         pipeline attribute names of joint models' streams (``"tokenizer_3"``, ...) to tokenizers;
-        ``layers`` restricts word maps to those captured cross-attention (or joint) layers."""
+        ``layers`` restricts word maps to those captured cross-attention (or joint) layers.
+
+        ``head_idx`` keeps one head (word maps: head ``h`` of each layer; self-attention: the kept head
+        ``h``, see :meth:`self_levels`), ``self_layers`` restricts self-attention to those layers, and
+        ``normalize`` divides as the predecessors do (see :meth:`Trace.compute_global_heat_map`).
+        """
         self.check_image(image_idx)
+        grid = self.grid_size
+        if factors is not None:
+            factors = sorted({int(f) for f in factors})
+            if len(factors) == 1 and factors[0] in self.self_attention:  # daam-i2i: one factor, no interpolation
+                grid = self.self_attention[factors[0]].size
+        note = None
+        try:
+            levels = (
+                self.self_levels(image_idx, factors, head_idx, self_layers, normalize) if self.self_attention else []
+            )
+        except QueryError as err:  # heads / layers chosen but not kept: word maps work, self-attention says why
+            if head_idx is None and self_layers is None:
+                raise
+            levels, note = [], str(err)
+        note = note or self._self_note(levels, head_idx, self_layers)
+        cross = self.cross_layers(image_idx, factors, steps, layers, head_idx) if self.cross_attention else []
         if self.streams:
             streams = []
             for st in self.streams:
@@ -175,15 +214,17 @@ class Generation:
                     )
                 )
             return GlobalHeatMap(
-                grid_size=self.grid_size,
-                self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
-                cross_layers=self.cross_layers(image_idx, factors, steps, layers) if self.cross_attention else [],
+                grid_size=grid,
+                self_levels=levels,
+                cross_layers=cross,
                 prompt=prompt
                 if prompt is not None
                 else (self.image_prompts[image_idx] if self.image_prompts else None),
                 image_size=self.image_size,
                 direction=direction,
                 streams=streams,
+                normalize=normalize,
+                self_note=note,
             )
         tokens = self.image_tokens[image_idx] if self.image_tokens else None
         text = self.image_prompts[image_idx] if self.image_prompts else None
@@ -192,26 +233,100 @@ class Generation:
                 raise QueryError("no tokenizer is available to split the given prompt")
             text, tokens = prompt, tokenize_prompt(tokenizer, prompt.lower())
         return GlobalHeatMap(
-            grid_size=self.grid_size,
-            self_levels=self.self_levels(image_idx, factors) if self.self_attention else [],
-            cross_layers=self.cross_layers(image_idx, factors, steps, layers) if self.cross_attention else [],
+            grid_size=grid,
+            self_levels=levels,
+            cross_layers=cross,
             prompt=text,
             prompt_tokens=tokens,
             tokenizer=tokenizer,
             image_size=self.image_size,
             direction=direction,
+            normalize=normalize,
+            self_note=note,
         )
 
-    def self_levels(self, image_idx: int, factors: Iterable[int] | None = None) -> list[SelfAttentionLevel]:
+    def _self_note(
+        self, levels: list[SelfAttentionLevel], head_idx: int | None, layers: Iterable[str] | None
+    ) -> str | None:
+        """Why a heat map restricted to heads / layers has no self-attention (None when it has some)."""
+        if levels or not self.self_attention:
+            return None
+        captured = sorted({n for s in self.self_attention.values() for n in s.layers})
+        return (
+            f"no self-attention was captured for head_idx={head_idx}, layers={list(layers) if layers else None}: "
+            f"the captured self-attention layers are {captured}"
+        )
+
+    def self_levels(
+        self,
+        image_idx: int,
+        factors: Iterable[int] | None = None,
+        head_idx: int | None = None,
+        layers: Iterable[str] | None = None,
+        normalize: bool = False,
+    ) -> list[SelfAttentionLevel]:
+        """The self-attention of one image, one level per captured resolution.
+
+        ``head_idx`` / ``layers`` select what daam-i2i's ``head_idx`` / ``layer_idx`` select (needs
+        ``trace(keep_heads=True)``): the kept head ``head_idx`` of every layer (with ``halves="both"``,
+        ``head_idx < heads`` is a head of the unconditional half, as daam-i2i orders its batch), and the
+        mean over the layers. ``normalize`` divides each query row by its sum (+ 1e-6), as daam-i2i does.
+        """
         self.check_image(image_idx)
         use = self._check_factors(factors, set(self.self_attention), "self")
-        return [
-            SelfAttentionLevel(s.size, s.sums[image_idx], len(s.layers))
-            for f, s in sorted(self.self_attention.items())
-            if f in use and s.layers
-        ]
+        wanted = None if layers is None else set(layers)
+        out = []
+        for f, s in sorted(self.self_attention.items()):
+            if f not in use or not s.layers:
+                continue
+            if head_idx is None and wanted is None:
+                sums, n = s.sums[image_idx], len(s.layers)
+            else:
+                if s.per_head is None:
+                    n_maps = len(s.layers) * s.sums.shape[1] ** 2
+                    raise QueryError(
+                        "head_idx / layer_idx select self-attention heads and layers, but this trace kept "
+                        "self-attention only as the mean over heads and layers: trace with keep_heads=True "
+                        f"(it keeps one {s.size[0] * s.size[1]}x{s.size[0] * s.size[1]} map per layer and head, "
+                        f"{n_maps * 4 / 2**20:.0f} MiB per head here)"
+                    )
+                parts = []
+                for name in s.layers:
+                    if wanted is not None and name not in wanted:
+                        continue
+                    per = s.per_head[name][image_idx]  # (kept heads, N, N)
+                    if head_idx is None:
+                        parts.append(per.mean(0))
+                    elif 0 <= head_idx < per.shape[0]:
+                        parts.append(per[head_idx])
+                if not parts:
+                    continue
+                sums, n = torch.stack(parts).sum(0), len(parts)
+            if normalize:  # daam-i2i: G / (sum over keys of G + 1e-6), G = sums / n
+                sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
+            out.append(SelfAttentionLevel(s.size, sums, n))
+        return out
 
     def cross_layers(
+        self,
+        image_idx: int,
+        factors: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
+        head_idx: int | None = None,
+    ) -> list[CrossAttentionLayer]:
+        """Cross-attention of one image per captured layer; ``head_idx`` keeps head ``h`` of each layer
+        that has one (DAAM's ``head_idx``: heads of the kept guidance half, 0 to heads - 1)."""
+        out = self._cross_layers(image_idx, factors, steps, layers)
+        if head_idx is None:
+            return out
+        return [
+            CrossAttentionLayer(c.name, c.size, c.sums[head_idx : head_idx + 1])
+            for c in out
+            if 0 <= head_idx < c.sums.shape[0]
+        ]
+
+    def _cross_layers(
         self,
         image_idx: int,
         factors: Iterable[int] | None = None,

@@ -2,7 +2,15 @@
 
 from .capture import CapturingProcessor
 from .real import trace_image
-from .trace import Trace, trace
+from .trace import DiffusionHeatMapHooker, Trace, trace
 from .unet import AttentionSite, find_sites
 
-__all__ = ["AttentionSite", "CapturingProcessor", "Trace", "find_sites", "trace", "trace_image"]
+__all__ = [
+    "AttentionSite",
+    "CapturingProcessor",
+    "DiffusionHeatMapHooker",
+    "Trace",
+    "find_sites",
+    "trace",
+    "trace_image",
+]

@@ -140,7 +140,7 @@ class Trace:
     rows of the joint softmax restricted to the text keys, self-attention maps from the same rows
     restricted to the image keys (see :mod:`daami2i.tracing.dit`). Their layers all work on one grid
     of image tokens, so factors do not apply; pick layers by name (``cross_layers=[...]``, see
-    :attr:`layer_names`).
+    :attr:`attention_layers`).
 
     Args:
         pipe: a diffusers pipeline with a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, img2img, inpaint)
@@ -151,7 +151,7 @@ class Trace:
             ``"all"``, or an iterable such as ``(1, 2)``.
         cross_factors: ``"daam"`` (default: down and up blocks, every factor except 8, like DAAM),
             ``"all"`` (mid block too), or an iterable of factors.
-        self_layers / cross_layers: explicit layer names (see :attr:`layer_names`) to capture
+        self_layers / cross_layers: explicit layer names (see :attr:`attention_layers`) to capture
             instead of the factor rule.
         steps: denoising step indices (0-based) to capture; ``None`` captures all.
         halves: which half of the classifier-free-guidance batch to keep: ``"cond"`` (default),
@@ -174,6 +174,11 @@ class Trace:
     def __init__(
         self,
         pipe: Any,
+        low_memory: bool = False,
+        load_heads: bool = False,
+        save_heads: bool = False,
+        data_dir: str | Path | None = None,
+        track_all: bool = False,
         *,
         self_attention: bool = True,
         cross_attention: bool = True,
@@ -189,8 +194,29 @@ class Trace:
         keep: Literal["last", "all"] = "last",
         cross_steps: bool = False,
         max_store_mb: float | None = None,
+        keep_heads: bool = False,
     ) -> None:
         self.pipe = pipe
+        if load_heads or save_heads:
+            raise ConfigError(
+                "load_heads / save_heads (daam-i2i's pickled attention dumps of every call, ~335 MB each) are not "
+                "supported: save a generation with trc.to_experiment(path) (safetensors + JSON) and reopen it with "
+                "daami2i.load_experiment(path); keep_heads=True keeps self-attention per layer and head"
+            )
+        if data_dir is not None:
+            _warn_user(
+                f"data_dir={str(data_dir)!r} is ignored: daam-i2i kept its load_heads / save_heads dumps there, which "
+                "daami2i replaces by trc.to_experiment(path)"
+            )
+        if track_all:  # daam-i2i: every located self-attention layer, at every resolution
+            if self_factors not in ("highest", "all"):
+                raise ConfigError(
+                    f"track_all=True captures every resolution; it contradicts self_factors={self_factors!r}"
+                )
+            self_factors = "all"
+        self.low_memory = bool(low_memory)
+        self.keep_heads = bool(keep_heads)
+        self.time_idx = 0  # daam-i2i / DAAM: counts time_callback calls
         self.unet, self.family = denoiser_of(pipe)
         if not callable(getattr(pipe, "check_inputs", None)):
             raise ConfigError(f"{type(pipe).__name__} has no check_inputs method: daami2i cannot see its prompts")
@@ -213,6 +239,11 @@ class Trace:
             raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
         self.max_store_mb = max_store_mb
         self.sites = find_dit_sites(self.unet) if self.family is not None else find_sites(self.unet)
+        if self.family is not None and (self.low_memory or self.keep_heads):
+            raise ConfigError(
+                "low_memory and keep_heads are daam-i2i's UNet options; for SD3 / Flux pick layers with "
+                "self_layers=[...] / cross_layers=[...] (see trc.attention_layers)"
+            )
         self_sites = [s for s in self.sites if s.kind in ("self", "joint")]
         if not self_sites:
             raise ConfigError(f"{type(self.unet).__name__} has no attention layers to trace")
@@ -233,6 +264,7 @@ class Trace:
             "direction": direction,
             "steps": None if steps is None or callable(steps) else sorted(int(t) for t in steps),
             "cross_steps": self.cross_steps,
+            "keep_heads": self.keep_heads,
         }
         if callable(steps):
             self._step_ok: Callable[[int], bool] = steps
@@ -263,13 +295,40 @@ class Trace:
 
     # -- configuration --------------------------------------------------------------------------
     @property
-    def layer_names(self) -> dict[str, tuple[str, int]]:
+    def attention_layers(self) -> dict[str, tuple[str, int]]:
         """Every attention layer of the denoiser: name -> (kind, factor); kind is ``"self"``,
         ``"cross"`` or, in SD3 / Flux, ``"joint"`` (image and text keys: serves both)."""
         return {s.name: (s.kind, s.factor) for s in self.sites}
 
+    @property
+    def layer_names(self) -> list[str]:
+        """daam-i2i's ``layer_names``: ``'{up|down}-attn-{i}'`` for each located layer, in the order
+        ``layer_idx`` counts them (up blocks first; ``i`` restarts in each block, so names repeat).
+        SD3 / Flux: the joint layers' module names. Module names and kinds: :attr:`attention_layers`."""
+        return _LayerNames(self, [label for label, _ in self._located("self")])
+
+    def _located(self, kind: str) -> list[tuple[str, AttentionSite]]:
+        """daam-i2i's / DAAM's layer order: the self- (attn1) or cross- (attn2) attention layers of the
+        up blocks, then of the down blocks (the mid block is never located), with ``low_memory`` the
+        first transformer of each block only; SD3 / Flux: the joint layers in module order."""
+        if self.family is not None:
+            return [(s.name, s) for s in self.sites if s.kind == "joint"]
+        out = []
+        for block in ("up", "down"):
+            by_block: dict[int, list[AttentionSite]] = {}
+            for s in self.sites:
+                if s.kind == kind and s.block == block:
+                    by_block.setdefault(int(s.name.split(".")[1]), []).append(s)
+            for idx in sorted(by_block):
+                for i, s in enumerate(by_block[idx][: 1 if self.low_memory else None]):
+                    out.append((f"{block}-attn-{i}", s))
+        return out
+
     def _select(self, kind: str, factors: FactorSpec, layers: Iterable[str] | None) -> list[AttentionSite]:
         pool = [s for s in self.sites if s.kind in (kind, "joint")]
+        if self.low_memory and layers is None:
+            first = {s.name for _, s in self._located(kind)}
+            pool = [s for s in pool if s.name in first]
         if layers is not None:
             names = list(layers)
             known = {s.name for s in pool}
@@ -637,9 +696,15 @@ class Trace:
                 out["cross_steps"] = per * step_tokens * (n_steps if n_steps is not None else 28)
             out["total"] = sum(out.values())
             return out
+        halves = 2 if self.halves == "both" else 1
         for f in self._self_factors:
             h, w = size_at(latent_size, f)
             out["self"] += n_images * (h * w) ** 2 * 4
+        if self.keep_heads:  # one map per layer and kept head
+            for site in self.sites:
+                if site.name in self._self_names:
+                    h, w = size_at(latent_size, site.factor)
+                    out["self"] += n_images * halves * site.module.heads * (h * w) ** 2 * 4
         for site in self._cross_sites:
             h, w = size_at(latent_size, site.factor)
             per = n_images * site.module.heads * h * w * 4
@@ -694,8 +759,12 @@ class Trace:
             if store is None:
                 store = SelfAttentionStore(site.factor, size, torch.zeros(n_img, n_q, n_k, device=dev))
                 gen.self_attention[site.factor] = store
+            if self.keep_heads and store.per_head is None:
+                store.per_head = {}
             for start, stop, p in self._chunks(attn, q, k, rows, mask):
                 p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k)
+                if self.keep_heads:
+                    store.add_heads(site.name, start, stop, p)
                 if p.device == store.sums.device:
                     store.add_mean(site.name, start, stop, p)
                 else:  # reduce on the compute device before moving
@@ -789,9 +858,13 @@ class Trace:
 
     def compute_global_heat_map(
         self,
+        *args: Any,
         prompt: str | None = None,
-        image_idx: int = 0,
         factors: Iterable[int] | None = None,
+        head_idx: int | None = None,
+        layer_idx: int | None = None,
+        normalize: bool = False,
+        image_idx: int = 0,
         direction: Direction | None = None,
         generation: int = -1,
         steps: Iterable[int] | None = None,
@@ -799,13 +872,54 @@ class Trace:
     ) -> GlobalHeatMap:
         """Heat maps of one generated image (``image_idx`` in the batch) of the last generation.
 
-        ``prompt`` overrides the text used to look words up (default: the image's own prompt);
-        ``factors`` restricts the captured resolutions used; ``generation`` picks an earlier call
-        (a position in :attr:`generations`; earlier calls are kept with ``keep="all"``);
-        ``steps`` restricts word maps to those denoising steps (needs ``cross_steps=True``);
-        ``layers`` to those captured cross-attention (or, in SD3 / Flux, joint) layers, e.g. the few
-        "grounding" layers of a transformer, chosen after the run.
+        Positional arguments follow DAAM, ``(prompt, factors, head_idx, layer_idx, normalize)``, or,
+        when the first is not a string, daam-i2i, ``(factors, head_idx, layer_idx, normalize)``:
+
+        * ``prompt`` overrides the text used to look words up (default: the image's own prompt);
+        * ``factors`` restricts the captured resolutions used; one factor whose self-attention was
+          captured puts the maps on that resolution's own grid, without interpolation (daam-i2i);
+        * ``head_idx`` keeps one head: head ``h`` of each cross-attention layer (DAAM), and the kept
+          self-attention head ``h`` of each layer (daam-i2i; with ``halves="both"``, heads of the
+          unconditional half come first; needs ``trace(keep_heads=True)``);
+        * ``layer_idx`` keeps one transformer layer, counted as the predecessors count (see
+          :attr:`layer_names`);
+        * ``normalize``: word maps divided by the sum of the prompt's token maps (DAAM), self-attention
+          rows by their sum (daam-i2i).
+
+        daami2i's own keywords: ``generation`` picks an earlier call (a position in
+        :attr:`generations`; earlier calls are kept with ``keep="all"``); ``steps`` restricts word
+        maps to those denoising steps (needs ``cross_steps=True``); ``layers`` to those captured
+        cross-attention (or, in SD3 / Flux, joint) layers, e.g. the few "grounding" layers of a
+        transformer, chosen after the run.
         """
+        values: dict[str, Any] = {"prompt": prompt, "factors": factors, "head_idx": head_idx, "layer_idx": layer_idx}
+        values["normalize"] = normalize
+        if args:
+            daam_i2i = args[0] is not None and not isinstance(args[0], str)
+            names = ("factors", "head_idx", "layer_idx", "normalize") if daam_i2i else tuple(values)
+            if len(args) > len(names):
+                raise TypeError(
+                    f"compute_global_heat_map takes at most {len(names)} positional arguments "
+                    f"({', '.join(names)}), got {len(args)}"
+                )
+            defaults = {"prompt": None, "factors": None, "head_idx": None, "layer_idx": None, "normalize": False}
+            for name, value in zip(names, args, strict=False):
+                if values[name] is not defaults[name]:
+                    raise TypeError(f"compute_global_heat_map got multiple values for argument {name!r}")
+                values[name] = value
+        prompt, factors = values["prompt"], values["factors"]
+        head_idx, layer_idx, normalize = values["head_idx"], values["layer_idx"], values["normalize"]
+        if prompt is not None and not isinstance(prompt, str):
+            raise QueryError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(factors, (str, bytes)) or (factors is not None and not isinstance(factors, Iterable)):
+            raise QueryError(
+                f"factors must be an iterable of resolution factors such as [1] or (1, 2), got {factors!r}"
+            )
+        for name, value in (("head_idx", head_idx), ("layer_idx", layer_idx)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+                raise QueryError(f"{name} must be None or a non-negative integer, got {value!r}")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise QueryError(f"normalize must be True or False, got {normalize!r}")
         gen = self.last_generation if generation == -1 else self._generation(generation)
         gen.check_finite()
         if gen.steps_run and not gen.steps_captured:
@@ -814,7 +928,19 @@ class Trace:
                 f"selected none of the {gen.steps_run} denoising steps this generation ran (0-{gen.steps_run - 1}); "
                 "trace with steps inside that range (0-based step indices)"
             )
-        return gen.heat_map(
+        self_layers = None
+        if layer_idx is not None:
+            self_layers, cross_layer = self._layer_at(int(layer_idx), gen)
+            if layers is not None:
+                raise QueryError("pass layer_idx (the predecessors' layer index) or layers (names), not both")
+            layers = cross_layer
+        if head_idx is not None and self.family is not None and gen.cross_attention:
+            raise QueryError(
+                "head_idx: SD3 / Flux word maps are kept as the mean over heads, so no head can be chosen; "
+                "choose layers instead (layers=[...] or layer_idx)"
+            )
+        no_words = layers == []  # the chosen block's cross-attention was not captured
+        ghm = gen.heat_map(
             image_idx,
             tokenizer=getattr(self.pipe, "tokenizer", None),
             prompt=prompt,
@@ -822,24 +948,110 @@ class Trace:
             direction=direction or self.direction,
             steps=steps,
             tokenizers={st["tokenizer"]: getattr(self.pipe, st["tokenizer"], None) for st in gen.streams},
-            layers=layers,
+            layers=None if no_words else layers,
+            head_idx=None if head_idx is None else int(head_idx),
+            self_layers=self_layers,
+            normalize=bool(normalize),
         )
+        if no_words:
+            ghm.cross_layers = []
+        if (head_idx is not None or layer_idx is not None) and not ghm.self_levels and not ghm.cross_layers:
+            where = ""
+            if layer_idx is not None:
+                label, site = self._located("self")[int(layer_idx)] if self_layers else ("", None)
+                where = f" (layer_idx={layer_idx} is {label}: {site.name}, factor {site.factor})" if site else ""
+            raise QueryError(
+                f"no heat maps found for head_idx={head_idx}, layer_idx={layer_idx}, factors={factors}{where}: no "
+                f"captured layer matches; captured: {self.config['self_layers'] + self.config['cross_layers']}"
+            )
+        return ghm
+
+    def _layer_at(self, layer_idx: int, gen: Generation) -> tuple[list[str], list[str] | None]:
+        """The self- and cross-attention layer names at the predecessors' ``layer_idx`` (one transformer
+        block: its attn1 and attn2); cross is None when that block's cross-attention was not captured
+        (its word maps then come from no layer, and say so)."""
+        located_self = self._located("self")
+        located_cross = self._located("cross") if self.family is None else located_self
+        n = max(len(located_self), len(located_cross))
+        if layer_idx >= n:
+            raise QueryError(
+                f"layer_idx must be in [0, {n - 1}] (the predecessors' index of {n} located layers: "
+                f"{[label for label, _ in located_self]}), got {layer_idx}"
+            )
+        self_names = [located_self[layer_idx][1].name] if layer_idx < len(located_self) else []
+        cross_name = located_cross[layer_idx][1].name if layer_idx < len(located_cross) else None
+        cross = [cross_name] if cross_name is not None and cross_name in gen.cross_attention else None
+        if cross is None and gen.cross_attention:
+            cross = []  # selects no word layer
+        return self_names, cross
+
+    # -- the predecessors' attributes ----------------------------------------------------------
+    @property
+    def latent_hw(self) -> int:
+        """daam-i2i: pixels of the highest self-attention grid (4096 for a 64x64 grid): the last
+        generation's, or, before any, the one the denoiser's default sample size gives."""
+        if self.generations and self.generations[-1].latent_size is not None:
+            h, w = self.generations[-1].grid_size
+            return h * w
+        side = int(getattr(self.unet.config, "sample_size", 64) or 64)
+        if self.family is not None:
+            side = side // (2 if self.family.packed else int(getattr(self.unet.config, "patch_size", 2) or 2))
+        else:
+            side = size_at((side, side), self.grid_factor)[0]
+        return side * side
+
+    @property
+    def last_prompt(self) -> str:
+        """daam-i2i / DAAM: the prompt of the last generation ('' before any, or when it had none)."""
+        if not self.generations or not self.generations[-1].prompts:
+            return ""
+        first = self.generations[-1].prompts[0]
+        return first if isinstance(first, str) else ""
+
+    @property
+    def last_image(self) -> Any:
+        """daam-i2i / DAAM: the last image the pipeline returned (PIL), or None."""
+        if not self.generations or not self.generations[-1].images:
+            return None
+        return self.generations[-1].images[-1]
+
+    def time_callback(self, *args: Any, **kwargs: Any) -> None:
+        """daam-i2i / DAAM: counts calls in :attr:`time_idx` (denoising steps are tracked without it)."""
+        self.time_idx += 1
+
+    def hook(self) -> Trace:
+        """Start capturing without ``with`` (daam-i2i / DAAM); stop with :meth:`unhook`."""
+        return self.__enter__()
+
+    def unhook(self) -> None:
+        """Stop capturing and restore the pipeline (daam-i2i / DAAM); the captured maps stay."""
+        self._restore()
 
     def to_experiment(
         self,
         path: str | Path,
-        images: list[Any] | None = None,
         seed: int | None = None,
+        id: str = ".",  # DAAM's name
+        subtype: str = ".",
+        *,
+        images: list[Any] | None = None,
         generation: int = -1,
         overwrite: bool = False,
         **info: Any,
     ) -> Path:
-        """Save the last generation (maps, images, prompts, tokens, pipeline identity) to a folder.
+        """Save the last generation (maps, images, prompts, tokens, pipeline identity) to a folder and
+        return it: ``path / id / subtype`` (DAAM's layout; both default to ``"."``).
 
         ``images`` defaults to the images the pipeline returned; ``seed`` and any extra keyword
-        (JSON-serialisable) are recorded in the manifest. Reopen with :func:`daami2i.load_experiment`.
+        (JSON-serialisable; DAAM's compute keywords land here too, since every query stays possible)
+        are recorded in the manifest. Reopen with :func:`daami2i.load_experiment`.
         """
         from ..storage.experiment import save_experiment
+
+        for name, part in (("id", id), ("subtype", subtype)):
+            if not isinstance(part, str) or Path(part).is_absolute() or ".." in Path(part).parts:
+                raise ConfigError(f"{name} must be a relative folder name inside path (DAAM's layout), got {part!r}")
+        path = Path(path) / id / subtype
 
         gen = self.last_generation if generation == -1 else self._generation(generation)
         gen.check_finite()  # (a folder of NaN maps would only be refused when loaded)
@@ -870,3 +1082,36 @@ class Trace:
 
 
 trace = Trace
+DiffusionHeatMapHooker = Trace  # daam-i2i's name of the tracer
+
+
+class _LayerNames(list):  # type: ignore[type-arg]
+    """daam-i2i's list of layer names; the dict interface of daami2i 0.2's ``layer_names`` (name ->
+    (kind, factor)) still answers, with a warning pointing to ``attention_layers``."""
+
+    def __init__(self, trc: Trace, names: list[str]) -> None:
+        super().__init__(names)
+        self._trc = trc
+
+    def _dict(self) -> dict[str, tuple[str, int]]:
+        warnings.warn(
+            "trc.layer_names is daam-i2i's list of names now; the dict of module names -> (kind, factor) is "
+            "trc.attention_layers",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return self._trc.attention_layers
+
+    def items(self) -> Any:
+        return self._dict().items()
+
+    def keys(self) -> Any:
+        return self._dict().keys()
+
+    def values(self) -> Any:
+        return self._dict().values()
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self._dict()[key]
+        return super().__getitem__(key)
