@@ -240,6 +240,12 @@ class HeatMap:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
 
+    def _repr_png_(self) -> bytes | None:
+        """The map as a picture in Jupyter (drawn by :mod:`daami2i.display`)."""
+        from ..display import repr_png
+
+        return repr_png(self)
+
 
 class PixelHeatMap(HeatMap):
     """A self-attention map for a region of the latent grid (pixels, box, contour, guide)."""
@@ -734,3 +740,9 @@ class GlobalHeatMap:
             f"GlobalHeatMap(prompt={self.prompt!r}, grid_size={self.grid_size}, "
             f"self_levels={[lv.size for lv in self.self_levels]}, cross_layers={len(self.cross_layers)})"
         )
+
+    def _repr_png_(self) -> bytes | None:
+        """The prompt's word maps as a picture in Jupyter (drawn by :mod:`daami2i.display`)."""
+        from ..display import repr_png
+
+        return repr_png(self)

@@ -237,6 +237,12 @@ class Experiment:
         g = self.generation
         return f"Experiment({str(self.path)!r}, prompts={g.image_prompts}, image_size={g.image_size})"
 
+    def _repr_png_(self) -> bytes | None:
+        """The first image and its word maps as a picture in Jupyter (drawn by :mod:`daami2i.display`)."""
+        from ..display import repr_png
+
+        return repr_png(self)
+
 
 # -- loading: nothing read from the folder is trusted -------------------------------------------------
 _FIX = "the folder is damaged or was edited: save the experiment again (Trace.to_experiment or daami2i generate)"
