@@ -741,9 +741,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         state = gr.State(initial)
         gr.Markdown("## daami2i explorer · click the image to see what a pixel, box or polygon is tied to")
         with gr.Row():
-            prompt = gr.Textbox(
-                value=d["prompt"], label="prompt (Enter generates)", scale=4, elem_id="prompt", lines=1, max_lines=1
-            )
+            prompt = gr.Textbox(value=d["prompt"], label="prompt (Enter generates)", scale=4, elem_id="prompt", lines=1)
             # no precision: 2.5 reaches generate's checks as typed, rather than rounded to 2 unseen
             seed = gr.Number(value=d["seed"], label="seed", scale=1, elem_id="seed")
             steps = gr.Number(value=d["steps"], label="steps", scale=1, elem_id="steps")
@@ -872,7 +870,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         def on_open(s: Session, file: Any, fx: bool) -> Any:
             if not file:  # the upload was removed: what is open stays
-                return {}
+                return {state: s}
             path = Path(file if isinstance(file, str) else file.name)
             s = open_zip(path, Path(tempfile.mkdtemp(dir=out_dir)) / "experiment")
             st = s.settings
@@ -882,7 +880,10 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             }
             return {**fresh(s, opened_note(s, path.name), fx), **filled}
 
-        open_file.upload(guard(on_open), [state, open_file, fixed], [*everything, *fields], concurrency_limit=1)
+        opening = open_file.upload(
+            guard(on_open), [state, open_file, fixed], [*everything, *fields], concurrency_limit=1
+        )
+        opening.then(lambda: None, None, [open_file], **quick)  # the upload box is ready for the next zip
 
         def on_click(s: Session, m: str, fx: bool, evt: gr.SelectData) -> Any:
             if s.image is None:
@@ -914,7 +915,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         def on_drag(s: Session, value: str, m: str, fx: bool) -> Any:
             if s.image is None or not value:
-                return {}
+                return {state: s}
             if m == "polygon":  # ignored, so that a shaky click does not lose the vertices
                 msg = "drags are ignored in polygon mode (drag a box in point or box mode)"
                 return {info: msg + f"; {len(s.clicks)} click(s) pending"}
@@ -946,7 +947,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
             def handler(s: Session, w: str | None, it: float, th: float, every: bool, fx: bool) -> Any:
                 if not w:  # a slider moved with no word chosen: what is shown stays
-                    return {}
+                    return {state: s}
                 raw_x, ref_x, inst = word(s, w, int(it), float(th), bool(every), bool(fx))
                 assert s.image is not None
                 m = np.zeros((s.image.height, s.image.width), bool)
