@@ -73,7 +73,7 @@ def _title(hm: HeatMap) -> str:
     region = getattr(hm, "region", None)
     if region is not None:
         kind = region.get("kind", "weights")
-        return f"self-attention ({'region' if kind == 'weights' else kind})"
+        return "self-attention" if kind == "weights" else f"self-attention ({'guided' if kind == 'guide' else kind})"
     return type(hm).__name__
 
 
