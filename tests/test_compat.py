@@ -106,7 +106,13 @@ def test_signatures_take_the_predecessors_parameters():
             "plot_intermediate",
         ],
         GlobalHeatMap.compute_diffused_heat_map: ["method", "n_iter", "thresh"],
-        GlobalHeatMap.compute_contour_heat_map: ["contour", "image_h", "image_w", "guide_heatmap"],
+        GlobalHeatMap.compute_contour_heat_map: ["pts", "image_h", "image_w", "guide_heatmap"],
+        GlobalHeatMap.compute_segmentation_heat_map: ["segments", "image_h", "image_w", "guide_heatmap"],
+        GlobalHeatMap.compute_pixel_heat_map: ["latent_pixels"],
+        GlobalHeatMap.compute_bbox_heat_map: ["x1", "y1", "x2", "y2"],
+        GlobalHeatMap.compute_guided_heat_map: ["guide_heatmap"],
+        PixelHeatMap.compute_ioa: ["other"],
+        PixelHeatMap.plot_overlay: ["image"],
         GlobalHeatMap.compute_word_heat_map: ["word", "word_idx", "offset_idx"],
         WordHeatMap.expand_as: ["image", "absolute", "threshold", "plot"],
         WordHeatMap.plot_overlay: ["image", "out_file", "color_normalize", "ax"],
@@ -382,6 +388,15 @@ def test_to_experiment_takes_daams_arguments(cond, tmp_path):
     assert exp.manifest["info"]["seed"] == 7
     with pytest.raises(ConfigError, match="relative folder name"):
         trc.to_experiment(tmp_path, 7, "../outside")
+    # the saved experiment answers the predecessors' positional forms as the live trace does
+    live, saved = trc.compute_global_heat_map([1], None, None), exp.compute_global_heat_map([1], None, None)
+    assert torch.equal(live.compute_pixel_heat_map([3]).value, saved.compute_pixel_heat_map([3]).value)
+    live = trc.compute_global_heat_map(PROMPT, None, None, None, True).compute_word_heat_map("cat").value
+    assert torch.equal(
+        live, exp.compute_global_heat_map(PROMPT, None, None, None, True).compute_word_heat_map("cat").value
+    )
+    with pytest.raises(QueryError, match="need the live trace"):
+        exp.compute_global_heat_map(PROMPT, head_idx=0)
 
 
 # -- heat-map objects ------------------------------------------------------------------------------

@@ -428,9 +428,11 @@ class GlobalHeatMap:
         """The primitive behind every self-attention query: columns weighted by ``weights / sum``."""
         return self._region(regions.guide_weights(weights, self.grid_size), direction)
 
-    def compute_pixel_heat_map(self, pix_ids: Sequence[int] | int, direction: Direction | None = None) -> PixelHeatMap:
-        """Mean self-attention map of a list of row-major latent pixel ids."""
-        w = regions.pixel_weights(pix_ids, self.grid_size)
+    def compute_pixel_heat_map(
+        self, latent_pixels: Sequence[int] | int, direction: Direction | None = None
+    ) -> PixelHeatMap:
+        """Mean self-attention map of a list of row-major latent pixel ids (or one id)."""
+        w = regions.pixel_weights(latent_pixels, self.grid_size)
         return self._region(w, direction, {"kind": "pixels"})
 
     def compute_bbox_heat_map(
@@ -454,32 +456,34 @@ class GlobalHeatMap:
 
     def compute_contour_heat_map(
         self,
-        contour: Sequence[Sequence[float]],
+        pts: Sequence[Any],
         image_h: int,
         image_w: int,
         guide_heatmap: Any = None,
         direction: Direction | None = None,
     ) -> PixelHeatMap:
-        """Self-attention map of the area inside a polygon given in image pixels ``[[x, y], ...]``."""
-        return self.compute_segmentation_heat_map([contour], image_h, image_w, guide_heatmap, direction)
+        """Self-attention map of the area inside a polygon given in image pixels, ``[[x, y], ...]`` or
+        daam-i2i's flat ``[x1, y1, x2, y2, ...]``."""
+        return self.compute_segmentation_heat_map([pts], image_h, image_w, guide_heatmap, direction)
 
     def compute_segmentation_heat_map(
         self,
-        contours: Sequence[Sequence[Sequence[float]]],
+        segments: Sequence[Sequence[Any]],
         image_h: int,
         image_w: int,
         guide_heatmap: Any = None,
         direction: Direction | None = None,
     ) -> PixelHeatMap:
-        """Self-attention map of the union of several polygons, optionally weighted by a guide."""
-        w = regions.polygon_weights(contours, (image_h, image_w), self.grid_size)
+        """Self-attention map of the union of several polygons (each ``[[x, y], ...]`` or flat), in image
+        pixels, optionally weighted by a guide."""
+        w = regions.polygon_weights(segments, (image_h, image_w), self.grid_size)
         if guide_heatmap is not None:
             w = w * regions.guide_weights(guide_heatmap, self.grid_size)
             if float(w.sum()) <= 0:
                 raise QueryError("the guide is zero everywhere inside the contour(s): nothing to weight")
         region = {
             "kind": "contours",
-            "contours": [np.asarray(c, dtype=np.float64).reshape(-1, 2).tolist() for c in contours],
+            "contours": [np.asarray(c, dtype=np.float64).reshape(-1, 2).tolist() for c in segments],
             "image_size": (image_h, image_w),
         }
         return self._region(w, direction, region)

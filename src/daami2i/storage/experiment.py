@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 
-from ..errors import ExperimentError
+from ..errors import ExperimentError, QueryError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction
 from ..heatmaps.words import tokenize_prompt
-from .store import CrossAttentionStore, Generation, SelfAttentionStore
+from .store import CrossAttentionStore, Generation, SelfAttentionStore, predecessor_arguments
 
 FORMAT = "daami2i-experiment"
 VERSION = 1
@@ -214,14 +214,29 @@ class Experiment:
 
     def compute_global_heat_map(
         self,
+        *args: Any,
         prompt: str | None = None,
-        image_idx: int = 0,
         factors: Any = None,
+        head_idx: int | None = None,
+        layer_idx: int | None = None,
+        normalize: bool = False,
+        image_idx: int = 0,
         direction: Direction | None = None,
         steps: Any = None,
         layers: Any = None,
     ) -> GlobalHeatMap:
-        """Same as :meth:`daami2i.Trace.compute_global_heat_map`, from the saved stores."""
+        """Same as :meth:`daami2i.Trace.compute_global_heat_map` (the predecessors' positional forms
+        too), from the saved stores. Heads and the predecessors' layer index are not saved: query
+        ``head_idx`` / ``layer_idx`` on the live trace (``layers=[names]`` works here)."""
+        prompt, factors, head_idx, layer_idx, normalize = predecessor_arguments(
+            args, prompt=prompt, factors=factors, head_idx=head_idx, layer_idx=layer_idx, normalize=normalize
+        )
+        if head_idx is not None or layer_idx is not None:
+            raise QueryError(
+                "head_idx / layer_idx need the live trace (experiments keep word maps per layer, not the "
+                "predecessors' layer index or per-head self-attention): query them on trc before saving, or "
+                "pick word layers by name with layers=[...]"
+            )
         return self.generation.heat_map(
             image_idx,
             tokenizer=self.tokenizer,
@@ -231,6 +246,7 @@ class Experiment:
             steps=steps,
             tokenizers=self.tokenizers,
             layers=layers,
+            normalize=normalize,
         )
 
     def __repr__(self) -> str:

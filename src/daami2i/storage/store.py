@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import QueryError, TraceError
@@ -22,6 +23,47 @@ from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
 
 Size = tuple[int, int]
+
+_DEFAULTS: dict[str, Any] = {"prompt": None, "factors": None, "head_idx": None, "layer_idx": None, "normalize": False}
+
+
+def predecessor_arguments(args: tuple[Any, ...], **given: Any) -> tuple[Any, Any, Any, Any, bool]:
+    """``compute_global_heat_map``'s arguments, checked: ``(prompt, factors, head_idx, layer_idx, normalize)``.
+
+    Positional ``args`` follow DAAM, ``(prompt, factors, head_idx, layer_idx, normalize)``, or, when
+    the first is not a string, daam-i2i, ``(factors, head_idx, layer_idx, normalize)``; ``given`` are
+    the keywords.
+
+    >>> predecessor_arguments(([1], None, 0))
+    (None, [1], None, 0, False)
+    """
+    values = {name: given.get(name, default) for name, default in _DEFAULTS.items()}
+    if args:
+        daam_i2i = args[0] is not None and not isinstance(args[0], str)
+        names = ("factors", "head_idx", "layer_idx", "normalize") if daam_i2i else tuple(_DEFAULTS)
+        if len(args) > len(names):
+            raise TypeError(
+                f"compute_global_heat_map takes at most {len(names)} positional arguments "
+                f"({', '.join(names)}), got {len(args)}"
+            )
+        for name, value in zip(names, args, strict=False):
+            if values[name] is not _DEFAULTS[name]:
+                raise TypeError(f"compute_global_heat_map got multiple values for argument {name!r}")
+            values[name] = value
+    prompt, factors = values["prompt"], values["factors"]
+    if prompt is not None and not isinstance(prompt, str):
+        raise QueryError(f"prompt must be a string, got {type(prompt).__name__}")
+    if isinstance(factors, (str, bytes)) or (factors is not None and not isinstance(factors, Iterable)):
+        raise QueryError(f"factors must be an iterable of resolution factors such as [1] or (1, 2), got {factors!r}")
+    for name in ("head_idx", "layer_idx"):
+        v = values[name]
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 0):
+            raise QueryError(f"{name} must be None or a non-negative integer, got {v!r}")
+    if not isinstance(values["normalize"], (bool, np.bool_)):
+        raise QueryError(f"normalize must be True or False, got {values['normalize']!r}")
+    head = None if values["head_idx"] is None else int(values["head_idx"])
+    layer = None if values["layer_idx"] is None else int(values["layer_idx"])
+    return prompt, factors, head, layer, bool(values["normalize"])
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The only code that touches a pipeline: the trace context manager and its capturing processors."""
 
 from .capture import CapturingProcessor
+from .families import AttentionSite
+from .families.unet import find_sites
 from .real import trace_image
 from .trace import DiffusionHeatMapHooker, Trace, trace
-from .unet import AttentionSite, find_sites
 
 __all__ = [
     "AttentionSite",

@@ -27,8 +27,8 @@ import torch
 from ..errors import TraceError
 
 if TYPE_CHECKING:
+    from .families import AttentionSite
     from .trace import Trace
-    from .unet import AttentionSite
 
 
 class CapturingProcessor:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, check_direction
 from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
-from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore
+from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore, predecessor_arguments
 from .capture import (
     CapturingProcessor,
     JointCapturingProcessor,
@@ -29,8 +29,7 @@ from .capture import (
     probs_chunks,
     release_attention_patches,
 )
-from .dit import Family, family_of, find_dit_sites, grid_of, streams_of
-from .unet import AttentionSite, find_sites, size_at, unet_of
+from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, adapter_for, size_at
 
 Halves = Literal["cond", "uncond", "both"]
 FactorSpec = str | Iterable[int] | None
@@ -115,14 +114,9 @@ def _check_steps(steps: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def denoiser_of(pipe: Any) -> tuple[Any, Family | None]:
-    """The pipeline's denoiser and, for SD3 / Flux transformers, their family (None for UNets)."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and getattr(pipe, "unet", None) is None:
-        family = family_of(transformer)
-        if family is not None:
-            return transformer, family
-    return unet_of(pipe), None
+def denoiser_of(pipe: Any) -> tuple[Any, FamilyAdapter]:
+    """The pipeline's denoiser and the adapter of its model family (see :mod:`.families`)."""
+    return adapter_for(pipe)
 
 
 class Trace:
@@ -138,7 +132,7 @@ class Trace:
 
     SD3 and Flux (MMDiT, joint attention) are traced the same way: word maps come from the image-query
     rows of the joint softmax restricted to the text keys, self-attention maps from the same rows
-    restricted to the image keys (see :mod:`daami2i.tracing.dit`). Their layers all work on one grid
+    restricted to the image keys (see :mod:`daami2i.tracing.families.mmdit`). Their layers all work on one grid
     of image tokens, so factors do not apply; pick layers by name (``cross_layers=[...]``, see
     :attr:`attention_layers`).
 
@@ -217,7 +211,7 @@ class Trace:
         self.low_memory = bool(low_memory)
         self.keep_heads = bool(keep_heads)
         self.time_idx = 0  # daam-i2i / DAAM: counts time_callback calls
-        self.unet, self.family = denoiser_of(pipe)
+        self.unet, self.adapter = adapter_for(pipe)
         if not callable(getattr(pipe, "check_inputs", None)):
             raise ConfigError(f"{type(pipe).__name__} has no check_inputs method: daami2i cannot see its prompts")
         if halves not in ("cond", "uncond", "both"):
@@ -238,8 +232,8 @@ class Trace:
         if max_store_mb is not None and not max_store_mb > 0:
             raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
         self.max_store_mb = max_store_mb
-        self.sites = find_dit_sites(self.unet) if self.family is not None else find_sites(self.unet)
-        if self.family is not None and (self.low_memory or self.keep_heads):
+        self.sites = self.adapter.find_sites(self.unet)
+        if not self.adapter.predecessor_layers and (self.low_memory or self.keep_heads):
             raise ConfigError(
                 "low_memory and keep_heads are daam-i2i's UNet options; for SD3 / Flux pick layers with "
                 "self_layers=[...] / cross_layers=[...] (see trc.attention_layers)"
@@ -281,9 +275,8 @@ class Trace:
         self._text_columns: torch.Tensor | None = None  # joint models: text-key columns kept, per generation
         self._n_text = 0
         self._stream_prompts: dict[str, Any] = {}  # joint models: prompt arguments seen by check_inputs
-        self._last_timestep: float | None = None
-        self._last_sample: weakref.ref[torch.Tensor] | None = None
-        self._pass = 0  # joint models: 0 for a step's first transformer call, 1 for a repeat (Flux true CFG)
+        self._passes_seen: PassTracker = self.adapter.new_pass_tracker()
+        self._pass = 0  # 0 for a step's first denoiser call, 1 for a repeat (a second guidance pass)
         self._capturing = False
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
         self._log_filter: logging.Filter | None = None
@@ -308,21 +301,8 @@ class Trace:
         return _LayerNames(self, [label for label, _ in self._located("self")])
 
     def _located(self, kind: str) -> list[tuple[str, AttentionSite]]:
-        """daam-i2i's / DAAM's layer order: the self- (attn1) or cross- (attn2) attention layers of the
-        up blocks, then of the down blocks (the mid block is never located), with ``low_memory`` the
-        first transformer of each block only; SD3 / Flux: the joint layers in module order."""
-        if self.family is not None:
-            return [(s.name, s) for s in self.sites if s.kind == "joint"]
-        out = []
-        for block in ("up", "down"):
-            by_block: dict[int, list[AttentionSite]] = {}
-            for s in self.sites:
-                if s.kind == kind and s.block == block:
-                    by_block.setdefault(int(s.name.split(".")[1]), []).append(s)
-            for idx in sorted(by_block):
-                for i, s in enumerate(by_block[idx][: 1 if self.low_memory else None]):
-                    out.append((f"{block}-attn-{i}", s))
-        return out
+        """(label, site) of the layers of ``kind`` in the predecessors' ``layer_idx`` order."""
+        return self.adapter.predecessor_order(self.sites, kind, self.low_memory)
 
     def _select(self, kind: str, factors: FactorSpec, layers: Iterable[str] | None) -> list[AttentionSite]:
         pool = [s for s in self.sites if s.kind in (kind, "joint")]
@@ -363,20 +343,17 @@ class Trace:
                 "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
                 "before entering another"
             )
-        for s in self.selected:  # (joint layers are read at the attention function: fused projections are fine)
-            if self.family is None and "Fused" in type(s.module.get_processor()).__name__:
-                raise TraceError(
-                    f"layer {s.name} runs {type(s.module.get_processor()).__name__}, whose fused QKV projection "
-                    "hides the query and key: call pipe.unfuse_qkv_projections() before tracing"
-                )
+        for s in self.selected:
+            self.adapter.check_site(s)
         _ACTIVE.add(self.unet)
         try:
-            wrapper = JointCapturingProcessor if self.family is not None else CapturingProcessor
+            reads_fn = self.adapter.reads_attention_function
+            wrapper = JointCapturingProcessor if reads_fn else CapturingProcessor
             for s in self.selected:
                 original = s.module.get_processor()
                 self._originals[s.name] = original
                 s.module.set_processor(wrapper(original, s, self))
-            if self.family is not None:
+            if reads_fn:
                 self._attention_keys = acquire_attention_patches(list(self._originals.values()))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             if self._cross_sites:
@@ -466,38 +443,26 @@ class Trace:
         self._current = Generation(index=index, grid_size=(0, 0), prompts=prompts, halves=self.halves)
         self.generations.append(self._current)
         self._step = -1
-        self._last_timestep = None
-        self._last_sample = None
+        self._passes_seen = self.adapter.new_pass_tracker()
         self._pass = 0
         self._capturing = False
 
     def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
-        joint = self.family is not None
-        sample = args[0] if args else kwargs.get("hidden_states" if joint else "sample")
+        call: DenoiserCall = self.adapter.read_call(args, kwargs)
+        sample = call.sample
         direct = self._current is None and self._cfg_override is None
         if self._current is None:  # the denoiser was called without the pipeline's __call__
             self._begin(None)
         gen = self._current
         assert gen is not None
-        if joint and self._cfg_override is None:
-            # a second call in one step is a second pass: Flux's true CFG (the negative prompt: the very
-            # same latents tensor again; timesteps cannot tell, bf16 rounds neighbouring ones together),
-            # SD3's skip-layer guidance (the same float32 timestep; not captured)
-            assert self.family is not None
-            if self.family.packed:
-                last = self._last_sample() if self._last_sample is not None else None
-                repeat = gen.latent_size is not None and isinstance(sample, torch.Tensor) and last is sample
-                self._last_sample = weakref.ref(sample) if isinstance(sample, torch.Tensor) else None
-            else:
-                t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-                t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
-                repeat = gen.latent_size is not None and t_val is not None and t_val == self._last_timestep
-                self._last_timestep = t_val
+        if self._cfg_override is None:
+            # a second call in one step is a second pass: true CFG's negative prompt (Flux), SD3's
+            # skip-layer guidance (not captured); the adapter knows how to tell
+            repeat = self._passes_seen.is_repeat(call, gen.latent_size is not None)
             if not repeat and self._pass == 0 and self.halves == "uncond" and self._passes() and self._step >= 0:
                 raise TraceError(
-                    "halves='uncond' was asked for, but Flux ran step "
-                    f"{self._step} without a second (negative-prompt) pass: true classifier-free guidance needs "
-                    "negative_prompt=... and true_cfg_scale > 1; otherwise use halves='cond'"
+                    f"halves='uncond' was asked for, but {self.adapter.name} ran step {self._step} without a second "
+                    f"(negative-prompt) pass: {self.adapter.second_pass_hint}; otherwise use halves='cond'"
                 )
             self._pass = 1 if repeat else 0
         else:
@@ -506,10 +471,7 @@ class Trace:
             self._step += 1
             gen.steps_run = self._step + 1
         if gen.latent_size is None:
-            if joint:
-                context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            else:
-                context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            context = call.context
             if not isinstance(sample, torch.Tensor):
                 raise TraceError(
                     f"the {type(self.unet).__name__} was called without a latent sample tensor "
@@ -519,7 +481,7 @@ class Trace:
             if direct:
                 self._cfg_override = False  # a bare denoiser call: its batch rows are kept as they come
                 try:
-                    self._setup_generation(gen, sample, n_tokens, kwargs)
+                    self._setup_generation(gen, call, n_tokens, kwargs)
                 finally:
                     self._cfg_override = None
                 if gen.n_images > 1 and gen.n_images % 2 == 0:
@@ -532,7 +494,7 @@ class Trace:
                         "itself."
                     )
             else:
-                self._setup_generation(gen, sample, n_tokens, kwargs)
+                self._setup_generation(gen, call, n_tokens, kwargs)
         wanted_pass = {"cond": (0,), "uncond": (1,), "both": (0, 1)}[self.halves] if self._passes() else (0,)
         self._capturing = self._step_ok(self._step) and self._pass in wanted_pass
         if self._capturing and gen.steps_captured[-1:] != [self._step]:
@@ -541,19 +503,14 @@ class Trace:
     def _passes(self) -> bool:
         """Whether the guidance halves come as separate transformer calls (Flux true CFG) rather than
         as halves of the batch."""
-        return self.family is not None and self.family.packed and self._cfg_override is None
+        return self.adapter.guidance_as_passes and self._cfg_override is None
 
     def _setup_generation(
-        self, gen: Generation, sample: torch.Tensor, n_tokens: int, kwargs: dict[str, Any] | None = None
+        self, gen: Generation, call: DenoiserCall, n_tokens: int, kwargs: dict[str, Any] | None = None
     ) -> None:
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
-        if self.family is not None:
-            gen.grid_size = grid_of(self.family, self.unet, sample, kwargs or {})
-            pack = 2 if self.family.packed else int(self.unet.config.patch_size)
-            gen.latent_size = (gen.grid_size[0] * pack, gen.grid_size[1] * pack)
-        else:
-            gen.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-            gen.grid_size = size_at(gen.latent_size, self.grid_factor)
+        sample = call.sample
+        gen.grid_size, gen.latent_size = self.adapter.geometry(self.unet, call, kwargs or {}, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
         batch = int(sample.shape[0])
         if self._cfg_override is not None:
@@ -592,7 +549,7 @@ class Trace:
             for p in gen.image_prompts
         ]
         gen.config = dict(self.config)
-        if self.family is None and self._cross_sites:
+        if self.adapter.single_clip_stream and self._cross_sites:
             for p, toks in zip(gen.image_prompts, gen.image_tokens, strict=True):
                 if toks is not None and len(toks) + 2 > n_tokens:
                     note = truncation_note(TokenStream("clip", tokenizer, toks, 1, n_tokens - 1))
@@ -600,12 +557,12 @@ class Trace:
                     break
         known = [len(t) for t in gen.image_tokens if t is not None]
         self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
-        if self.family is not None:
+        if not self.adapter.single_clip_stream:
             self._setup_streams(gen, n_tokens, sample.device)
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
             n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
-            if self.family is not None:
+            if not self.adapter.single_clip_stream:
                 n_tokens = self._step_tokens = int(self._text_columns.numel()) if self._text_columns is not None else 0
             need = self.estimate_nbytes(gen.latent_size, n, n_tokens, n_steps, self._step_tokens)
             if need["total"] > self.max_store_mb * 2**20:
@@ -619,11 +576,10 @@ class Trace:
     def _setup_streams(self, gen: Generation, n_text: int, device: torch.device) -> None:
         """Joint models: which text-key columns to keep (each stream's prompt tokens, its start and end
         tokens; all of the stream when the prompt is unknown) and where each stream's rows start."""
-        assert self.family is not None
         self._n_text = n_text
         columns: list[int] = []
         gen.streams = []
-        for st in streams_of(self.pipe, self.family, n_text):
+        for st in self.adapter.text_streams(self.pipe, n_text):
             stop = n_text if st.width is None else min(n_text, st.offset + st.width)
             if st.offset >= stop:
                 continue
@@ -687,30 +643,22 @@ class Trace:
         True
         """
         out = {"self": 0, "cross": 0, "cross_steps": 0}
-        if self.family is not None:  # one grid of image tokens (latent / 2); one head-mean map per layer
-            n = (latent_size[0] // 2) * (latent_size[1] // 2)
-            out["self"] = n_images * n * n * 4 if self._self_names else 0
-            per = n_images * n * 4 * len(self._cross_sites)
-            out["cross"] = per * n_tokens
-            if self.cross_steps:
-                out["cross_steps"] = per * step_tokens * (n_steps if n_steps is not None else 28)
-            out["total"] = sum(out.values())
-            return out
-        halves = 2 if self.halves == "both" else 1
-        for f in self._self_factors:
-            h, w = size_at(latent_size, f)
+        adapter, halves = self.adapter, 2 if self.halves == "both" else 1
+        steps = n_steps if n_steps is not None else adapter.default_steps
+        for f in self._self_factors:  # one (N x N) head-mean sum per resolution
+            h, w = adapter.layer_grid(self.unet, latent_size, f)
             out["self"] += n_images * (h * w) ** 2 * 4
-        if self.keep_heads:  # one map per layer and kept head
+        if self.keep_heads:  # and one per layer and kept head
             for site in self.sites:
                 if site.name in self._self_names:
-                    h, w = size_at(latent_size, site.factor)
+                    h, w = adapter.layer_grid(self.unet, latent_size, site.factor)
                     out["self"] += n_images * halves * site.module.heads * (h * w) ** 2 * 4
-        for site in self._cross_sites:
-            h, w = size_at(latent_size, site.factor)
-            per = n_images * site.module.heads * h * w * 4
+        for site in self._cross_sites:  # per layer (and head, where kept) the text columns
+            h, w = adapter.layer_grid(self.unet, latent_size, site.factor)
+            per = n_images * (site.module.heads if adapter.word_heads_kept else 1) * h * w * 4
             out["cross"] += per * n_tokens
             if self.cross_steps:
-                out["cross_steps"] += per * step_tokens * (n_steps if n_steps is not None else 50)
+                out["cross_steps"] += per * step_tokens * steps
         out["total"] = sum(out.values())
         return out
 
@@ -791,14 +739,14 @@ class Trace:
         """Joint attention of one layer call: ``q`` (B, heads, S, d), ``k`` (B, heads, S_k, d) exactly as
         the model's attention function received them."""
         gen = self._current
-        assert gen is not None and gen.latent_size is not None and self.family is not None
+        assert gen is not None and gen.latent_size is not None
         rows, dev, text_cols = self._rows, self._store_device, self._text_columns
         assert rows is not None and dev is not None and text_cols is not None
         h, w = gen.grid_size
         n, t, s_q, s_k = h * w, self._n_text, q.shape[2], k.shape[2]
         if s_q == s_k == n + t:  # joint: [image, text] (SD3) or [text, image] (Flux)
-            img = slice(t, t + n) if self.family.text_first else slice(0, n)
-            text_cols = text_cols if self.family.text_first else text_cols + n
+            img = slice(t, t + n) if self.adapter.text_first else slice(0, n)
+            text_cols = text_cols if self.adapter.text_first else text_cols + n
         elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
             img, text_cols = slice(0, n), None
         else:
@@ -892,34 +840,9 @@ class Trace:
         cross-attention (or, in SD3 / Flux, joint) layers, e.g. the few "grounding" layers of a
         transformer, chosen after the run.
         """
-        values: dict[str, Any] = {"prompt": prompt, "factors": factors, "head_idx": head_idx, "layer_idx": layer_idx}
-        values["normalize"] = normalize
-        if args:
-            daam_i2i = args[0] is not None and not isinstance(args[0], str)
-            names = ("factors", "head_idx", "layer_idx", "normalize") if daam_i2i else tuple(values)
-            if len(args) > len(names):
-                raise TypeError(
-                    f"compute_global_heat_map takes at most {len(names)} positional arguments "
-                    f"({', '.join(names)}), got {len(args)}"
-                )
-            defaults = {"prompt": None, "factors": None, "head_idx": None, "layer_idx": None, "normalize": False}
-            for name, value in zip(names, args, strict=False):
-                if values[name] is not defaults[name]:
-                    raise TypeError(f"compute_global_heat_map got multiple values for argument {name!r}")
-                values[name] = value
-        prompt, factors = values["prompt"], values["factors"]
-        head_idx, layer_idx, normalize = values["head_idx"], values["layer_idx"], values["normalize"]
-        if prompt is not None and not isinstance(prompt, str):
-            raise QueryError(f"prompt must be a string, got {type(prompt).__name__}")
-        if isinstance(factors, (str, bytes)) or (factors is not None and not isinstance(factors, Iterable)):
-            raise QueryError(
-                f"factors must be an iterable of resolution factors such as [1] or (1, 2), got {factors!r}"
-            )
-        for name, value in (("head_idx", head_idx), ("layer_idx", layer_idx)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
-                raise QueryError(f"{name} must be None or a non-negative integer, got {value!r}")
-        if not isinstance(normalize, (bool, np.bool_)):
-            raise QueryError(f"normalize must be True or False, got {normalize!r}")
+        prompt, factors, head_idx, layer_idx, normalize = predecessor_arguments(
+            args, prompt=prompt, factors=factors, head_idx=head_idx, layer_idx=layer_idx, normalize=normalize
+        )
         gen = self.last_generation if generation == -1 else self._generation(generation)
         gen.check_finite()
         if gen.steps_run and not gen.steps_captured:
@@ -934,7 +857,7 @@ class Trace:
             if layers is not None:
                 raise QueryError("pass layer_idx (the predecessors' layer index) or layers (names), not both")
             layers = cross_layer
-        if head_idx is not None and self.family is not None and gen.cross_attention:
+        if head_idx is not None and not self.adapter.word_heads_kept and gen.cross_attention:
             raise QueryError(
                 "head_idx: SD3 / Flux word maps are kept as the mean over heads, so no head can be chosen; "
                 "choose layers instead (layers=[...] or layer_idx)"
@@ -971,7 +894,7 @@ class Trace:
         block: its attn1 and attn2); cross is None when that block's cross-attention was not captured
         (its word maps then come from no layer, and say so)."""
         located_self = self._located("self")
-        located_cross = self._located("cross") if self.family is None else located_self
+        located_cross = self._located("cross")
         n = max(len(located_self), len(located_cross))
         if layer_idx >= n:
             raise QueryError(
@@ -993,12 +916,8 @@ class Trace:
         if self.generations and self.generations[-1].latent_size is not None:
             h, w = self.generations[-1].grid_size
             return h * w
-        side = int(getattr(self.unet.config, "sample_size", 64) or 64)
-        if self.family is not None:
-            side = side // (2 if self.family.packed else int(getattr(self.unet.config, "patch_size", 2) or 2))
-        else:
-            side = size_at((side, side), self.grid_factor)[0]
-        return side * side
+        h, w = self.adapter.layer_grid(self.unet, self.adapter.default_latent(self.unet), self.grid_factor)
+        return h * w
 
     @property
     def last_prompt(self) -> str:

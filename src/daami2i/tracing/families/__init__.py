@@ -1,0 +1,51 @@
+"""One adapter per model family, behind a registry: the only code that knows a family.
+
+>>> from daami2i.testing import tiny_sd_pipeline
+>>> adapter_for(tiny_sd_pipeline())[1].name
+'unet'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import UnsupportedPipelineError
+from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRun, Stream, size_at
+from .flux import FluxAdapter
+from .sd3 import SD3Adapter
+from .unet import UNetAdapter
+
+ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter()]
+
+
+def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
+    """The pipeline's denoiser and the adapter of its family, or an error listing what is supported."""
+    for adapter in ADAPTERS:
+        denoiser = adapter.denoiser_of(pipe)
+        if denoiser is not None:
+            return denoiser, adapter
+    unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+    has = f"unet={type(unet).__name__}" if unet is not None else "no UNet2DConditionModel `unet`"
+    has += (
+        f" and its transformer is a {type(transformer).__name__}" if transformer is not None else " and no transformer"
+    )
+    supported = "; ".join(a.pipelines for a in ADAPTERS)
+    raise UnsupportedPipelineError(
+        f"daami2i.trace cannot trace {type(pipe).__name__}: it has {has}. Supported model families: {supported}"
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "AttentionSite",
+    "DenoiserCall",
+    "FamilyAdapter",
+    "FluxAdapter",
+    "PassTracker",
+    "RealRun",
+    "SD3Adapter",
+    "Stream",
+    "UNetAdapter",
+    "adapter_for",
+    "size_at",
+]

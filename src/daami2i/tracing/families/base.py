@@ -1,0 +1,167 @@
+"""What a model family adapter declares: the only place that knows a family.
+
+Every adapter answers the same questions, so :class:`~daami2i.tracing.trace.Trace` and the recorder
+have no family branches: where the attention layers are and how their query and key are read; how
+to read one denoiser call (its latent sample, text states and timestep); the geometry (latent ->
+token grid); the token layout of a joint sequence; the text streams whose tokens are attention keys;
+the guidance convention (batch halves, or separate passes in one step); and how to run the denoiser
+on a real image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+Size = tuple[int, int]  # (height, width)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention layer of a denoiser."""
+
+    name: str  # module path, e.g. "up_blocks.3.attentions.0.transformer_blocks.0.attn1"
+    module: Any  # the diffusers Attention module
+    kind: Literal["self", "cross", "joint"]  # joint: image and text keys in one softmax (SD3, Flux)
+    block: str  # "down" / "mid" / "up" (UNet), "double" / "single" (MMDiT)
+    factor: int  # spatial downsampling factor of its resolution relative to the latent (1, 2, 4, ...)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A text stream whose tokens are keys of joint attention: which tokenizer, which prompt argument,
+    where its keys are."""
+
+    name: str  # "clip" or "t5"
+    tokenizer: str  # pipeline attribute holding the tokenizer
+    prompt_arg: str  # argument of the pipeline's check_inputs holding this stream's prompt
+    offset: int  # first text-key column of the stream in the joint sequence's text part
+    width: int | None  # number of text-key columns (None: to the end)
+    bos: int  # 1 if the tokenizer puts a start token before the prompt, else 0
+
+
+@dataclass(frozen=True)
+class DenoiserCall:
+    """What one denoiser call is made of, as the adapter reads it from its arguments."""
+
+    sample: Any  # the latent sample (UNet, SD3: (B, C, H, W); Flux: packed tokens (B, N, C))
+    context: Any  # the text states (encoder_hidden_states), if any
+    timestep: float | None  # the first timestep value, if given
+
+
+@dataclass
+class RealRun:
+    """A denoiser prepared to run on a real image's latents: ``call(noisy, t)`` runs it at training
+    timestep ``t``, ``noise(latents, noise, t)`` noises the latents as the family's scheduler does."""
+
+    latents: torch.Tensor
+    image_size: Size  # (height, width) of the preprocessed image
+    call: Callable[[torch.Tensor, int], Any]
+    noise: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class PassTracker:
+    """Tells whether a denoiser call repeats the step of the previous call (a second guidance pass).
+    The base never sees repeats: each call is a new step (UNets run both halves in one batch)."""
+
+    def is_repeat(self, call: DenoiserCall, started: bool) -> bool:
+        return False
+
+
+class FamilyAdapter:
+    """Base of the adapters; each subclass describes one model family (see the module docstring)."""
+
+    name: ClassVar[str]
+    pipelines: ClassVar[str]  # what it supports, for the unsupported-pipeline error
+    #: q and k are read where the processor hands them to its attention function (after QK-norm and
+    #: rotary embeddings) rather than from the ``to_q`` / ``to_k`` projections
+    reads_attention_function: ClassVar[bool] = False
+    #: the joint sequence is [text, image] rather than [image, text]
+    text_first: ClassVar[bool] = False
+    #: conditional and unconditional guidance run as separate denoiser calls within one step
+    guidance_as_passes: ClassVar[bool] = False
+    #: word maps keep each head apart (DAAM's aggregation); otherwise the head mean is kept
+    word_heads_kept: ClassVar[bool] = True
+    #: daam-i2i's trace options (low_memory, keep_heads) and layer order apply
+    predecessor_layers: ClassVar[bool] = False
+    #: the prompt's CLIP tokens come from the pipeline's ``tokenizer`` (no joint text streams)
+    single_clip_stream: ClassVar[bool] = False
+    #: denoising steps assumed by :meth:`Trace.estimate_nbytes` when the number is not known
+    default_steps: ClassVar[int] = 50
+    #: what a second pass needs, for the error when ``halves="uncond"`` finds none
+    second_pass_hint: ClassVar[str] = ""
+
+    def denoiser_of(self, pipe: Any) -> Any | None:
+        """The pipeline's denoiser if this family handles it, else None."""
+        raise NotImplementedError
+
+    def find_sites(self, denoiser: Any) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
+        raise NotImplementedError
+
+    def new_pass_tracker(self) -> PassTracker:
+        return PassTracker()
+
+    def geometry(
+        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
+    ) -> tuple[Size, Size]:
+        """(token grid, latent size) of one denoiser call; ``grid_factor`` is the finest self-attention factor."""
+        raise NotImplementedError
+
+    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
+        """(height, width) of the tokens of a layer at ``factor`` for a latent of ``latent_size``."""
+        return size_at(latent_size, factor)
+
+    def default_latent(self, denoiser: Any) -> Size:
+        """The latent size of the denoiser's default sample size."""
+        side = int(getattr(denoiser.config, "sample_size", 64) or 64)
+        return side, side
+
+    def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
+        """Joint models: the text streams whose tokens are keys, for a context of ``n_text`` tokens."""
+        return []
+
+    def check_site(self, site: AttentionSite) -> None:
+        """Raise when a layer's installed processor hides what the capture reads."""
+
+    def predecessor_order(
+        self, sites: list[AttentionSite], kind: str, low_memory: bool
+    ) -> list[tuple[str, AttentionSite]]:
+        """(label, site) in the order the predecessors count ``layer_idx``; by default the layers of
+        ``kind`` in module order, labelled by their names."""
+        return [(s.name, s) for s in sites if s.kind == kind]
+
+    def prepare_real(
+        self,
+        pipe: Any,
+        denoiser: Any,
+        image: Any,
+        prompt: str,
+        height: int | None,
+        width: int | None,
+        max_sequence_length: int | None,
+        guidance_scale: float,
+    ) -> RealRun:
+        """Encode a real image and its caption for :func:`daami2i.trace_image`."""
+        raise NotImplementedError
+
+
+def size_at(latent: Size, factor: int) -> Size:
+    """Spatial size after downsampling ``latent`` by ``factor`` (each stride-2 step rounds up)."""
+    h, w = latent
+    for _ in range(int(math.log2(factor))):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def timestep_value(t: Any) -> float | None:
+    """The first value of a timestep argument (tensor or number), or None."""
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0])
+    return float(t) if t is not None else None

@@ -1,0 +1,64 @@
+"""The family registry: each tiny pipeline is claimed by exactly its adapter, the adapters' geometry
+agrees with what the pipelines actually run, and an unsupported pipeline's error lists them all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import daami2i
+from daami2i.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from daami2i.tracing.families import ADAPTERS, adapter_for
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {
+        "unet": [tiny_sd_pipeline("sd1"), tiny_sd_pipeline("sd2"), tiny_sdxl_pipeline()],
+        "sd3": [tiny_sd3_pipeline()],
+        "flux": [tiny_flux_pipeline()],
+    }
+
+
+def test_each_pipeline_is_claimed_by_its_own_adapter(pipes):
+    for name, group in pipes.items():
+        for pipe in group:
+            claims = [a.name for a in ADAPTERS if a.denoiser_of(pipe) is not None]
+            assert claims == [name], (type(pipe).__name__, claims)
+            denoiser, adapter = adapter_for(pipe)
+            assert adapter.name == name
+            assert denoiser is (pipe.unet if name == "unet" else pipe.transformer)
+
+
+def test_unsupported_pipeline_lists_every_family():
+    class Other:
+        transformer = torch.nn.Linear(1, 1)
+
+    with pytest.raises(daami2i.UnsupportedPipelineError) as err:
+        daami2i.trace(Other())
+    message = str(err.value)
+    assert "its transformer is a Linear" in message
+    for adapter in ADAPTERS:
+        assert adapter.pipelines in message
+
+
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
+def test_geometry_is_what_the_denoiser_ran(pipes, family):
+    """The adapter's token grid times the tokens per layer call equals the query length each
+    captured layer saw, and its latent size is the pipeline's latent."""
+    pipe = pipes[family][0]
+    kw = {"num_inference_steps": 1, "height": 64, "width": 96}
+    with daami2i.trace(pipe) as trc:
+        pipe("a red cat", **kw)
+    gen = trc.last_generation
+    assert gen.image_size == (64, 96)
+    scale = pipe.vae_scale_factor
+    assert gen.latent_size == (64 // scale, 96 // scale)
+    h, w = gen.grid_size
+    assert trc.latent_hw == h * w
+    for store in gen.self_attention.values():  # the stores were sized from the same geometry
+        assert store.sums.shape[1] == store.size[0] * store.size[1]
+    need = trc.estimate_nbytes(
+        gen.latent_size, gen.n_images, n_tokens=next(iter(gen.cross_attention.values())).sums.shape[-1]
+    )
+    assert need["self"] == gen.nbytes("self") and need["cross"] == gen.nbytes("cross")
