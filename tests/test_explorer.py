@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import socket
 import urllib.request
@@ -782,3 +783,21 @@ def test_default_seed_draws_the_default_prompt(reference, app_url):
     assert sorted((d.color, d.shape) for d in find_objects(image)) == [("blue", "square"), ("red", "circle")]
     with _page(app_url) as page:
         assert _settings(page)[:2] == (PROMPT, str(DEFAULT_SEED))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DAAMI2I_README_PICTURES"), reason="writes the README's screenshots: DAAMI2I_README_PICTURES=1"
+)
+def test_readme_screenshots(app_url):
+    """docs/images/explorer.png (a clicked pixel, drawn over the image and its map) and
+    explorer-words.png (a word's refined map and its mask), as a 1400x1000 window shows them."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "images"
+    with _page(app_url, (1400, 1120)) as page:  # the colour bar's text included
+        _click(page, 0.72, 0.42)  # the red circle of the default prompt at the default seed
+        _wait_info(page, "pixel")
+        page.screenshot(path=str(docs / "explorer.png"))
+        page.locator("#words label", has_text="circle").click()
+        _wait_info(page, "instance(s)")
+        page.screenshot(path=str(docs / "explorer-words.png"))

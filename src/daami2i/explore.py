@@ -779,13 +779,14 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                         ["point", "box", "polygon"],
                         value="point",
                         label="click mode",
-                        info="drag a box in point or box mode; polygon mode ignores drags; "
-                        "changing mode drops pending clicks",
+                        info="drag a box in point or box mode (polygon mode ignores drags); a new mode drops "
+                        "pending clicks",
                         elem_id="mode",
-                        scale=2,
+                        scale=3,
                     )
-                    close = gr.Button(close_label(initial), elem_id="close-polygon", interactive=False, scale=1)
-                    clear = gr.Button("clear polygons", elem_id="clear-polygons", scale=1)
+                    with gr.Column(scale=2, min_width=160):
+                        close = gr.Button(close_label(initial), elem_id="close-polygon", interactive=False, size="md")
+                        clear = gr.Button("clear polygons", elem_id="clear-polygons", size="md")
             with gr.Column():
                 with gr.Tabs(selected="map", elem_id="views") as tabs:
                     with gr.Tab("map", id="map", render_children=True):
