@@ -70,9 +70,10 @@ def execute(path: Path, spec_dir: Path) -> tuple[object, float]:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
             cell.metadata.pop("execution", None)
+    km = _kernel_manager(spec_dir)
     client = NotebookClient(
         nb,
-        km=_kernel_manager(spec_dir),
+        km=km,
         timeout=CELL_TIMEOUT,
         kernel_name=KERNEL,
         allow_errors=False,
@@ -80,7 +81,12 @@ def execute(path: Path, spec_dir: Path) -> tuple[object, float]:
         resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()
-    client.execute(env=_kernel_env())
+    try:
+        client.execute(env=_kernel_env())
+    finally:  # the kernel manager is ours: nbclient leaves its kernel running
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+        km.cleanup_resources()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     return nb, time.perf_counter() - start
 
