@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import QueryError
+from .families import RealRequest
 from .trace import Trace
 
 
@@ -62,7 +63,8 @@ def trace_image(
     if trace_options.get("halves", "cond") != "cond":
         raise QueryError("real-image attribution runs only the conditional pass: halves must be 'cond'")
     trc = Trace(pipe, **trace_options)
-    run = trc.adapter.prepare_real(pipe, trc.unet, image, prompt, height, width, max_sequence_length, guidance_scale)
+    request = RealRequest(image, prompt, height, width, max_sequence_length, guidance_scale)
+    run = trc.adapter.prepare_real(pipe, trc.unet, request)
     device, dtype = trc.unet.device, trc.unet.dtype
     with trc:
         trc._begin(prompt)

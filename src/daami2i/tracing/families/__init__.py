@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import UnsupportedPipelineError
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRun, Stream, size_at
+from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -42,6 +42,7 @@ __all__ = [
     "FamilyAdapter",
     "FluxAdapter",
     "PassTracker",
+    "RealRequest",
     "RealRun",
     "SD3Adapter",
     "Stream",

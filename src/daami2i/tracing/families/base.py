@@ -53,6 +53,18 @@ class DenoiserCall:
     timestep: float | None  # the first timestep value, if given
 
 
+@dataclass(frozen=True)
+class RealRequest:
+    """What :func:`daami2i.trace_image` was asked: the image, its caption and the family options."""
+
+    image: Any
+    prompt: str
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None  # SD3 / Flux: the T5 prompt length (None: the pipeline's)
+    guidance_scale: float = 3.5  # Flux-dev's distilled guidance input
+
+
 @dataclass
 class RealRun:
     """A denoiser prepared to run on a real image's latents: ``call(noisy, t)`` runs it at training
@@ -137,17 +149,7 @@ class FamilyAdapter:
         ``kind`` in module order, labelled by their names."""
         return [(s.name, s) for s in sites if s.kind == kind]
 
-    def prepare_real(
-        self,
-        pipe: Any,
-        denoiser: Any,
-        image: Any,
-        prompt: str,
-        height: int | None,
-        width: int | None,
-        max_sequence_length: int | None,
-        guidance_scale: float,
-    ) -> RealRun:
+    def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
         """Encode a real image and its caption for :func:`daami2i.trace_image`."""
         raise NotImplementedError
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...errors import QueryError, TraceError
-from .base import DenoiserCall, PassTracker, RealRun, Size, Stream
+from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream
 from .mmdit import MMDiTAdapter
 from .sd3 import _encode, flow_noise
 
@@ -60,19 +60,10 @@ class FluxAdapter(MMDiTAdapter):
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         return [Stream("t5", "tokenizer_2", "prompt_2", 0, None, 0)]
 
-    def prepare_real(
-        self,
-        pipe: Any,
-        denoiser: Any,
-        image: Any,
-        prompt: str,
-        height: int | None,
-        width: int | None,
-        max_sequence_length: int | None,
-        guidance_scale: float,
-    ) -> RealRun:
+    def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
+        image, prompt, height, width = request.image, request.prompt, request.height, request.width
         latents, (h, w), device, dtype = _encode(pipe, denoiser, image, height, width)
-        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        extra = {} if request.max_sequence_length is None else {"max_sequence_length": request.max_sequence_length}
         embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **extra)
         b, _, lh, lw = latents.shape
         if lh % 2 or lw % 2:
@@ -84,7 +75,7 @@ class FluxAdapter(MMDiTAdapter):
             "img_ids": pipe._prepare_latent_image_ids(b, lh // 2, lw // 2, device, dtype),
         }
         if denoiser.config.guidance_embeds:
-            kwargs["guidance"] = torch.full([b], guidance_scale, device=device, dtype=torch.float32)
+            kwargs["guidance"] = torch.full([b], request.guidance_scale, device=device, dtype=torch.float32)
         n_train = int(pipe.scheduler.config.num_train_timesteps)
 
         def call(noisy: torch.Tensor, t: int) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ...errors import TraceError
-from .base import DenoiserCall, PassTracker, RealRun, Size, Stream
+from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream
 from .mmdit import MMDiTAdapter
 
 
@@ -59,19 +59,10 @@ class SD3Adapter(MMDiTAdapter):
             out.append(Stream("t5", "tokenizer_3", "prompt_3", clip, None, 0))
         return out
 
-    def prepare_real(
-        self,
-        pipe: Any,
-        denoiser: Any,
-        image: Any,
-        prompt: str,
-        height: int | None,
-        width: int | None,
-        max_sequence_length: int | None,
-        guidance_scale: float,
-    ) -> RealRun:
+    def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
+        image, prompt, height, width = request.image, request.prompt, request.height, request.width
         latents, size, device, dtype = _encode(pipe, denoiser, image, height, width)
-        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        extra = {} if request.max_sequence_length is None else {"max_sequence_length": request.max_sequence_length}
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False, **extra
         )

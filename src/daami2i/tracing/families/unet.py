@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ...errors import TraceError, UnsupportedPipelineError
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, RealRun, Size, size_at, timestep_value
+from .base import AttentionSite, DenoiserCall, FamilyAdapter, RealRequest, RealRun, Size, size_at, timestep_value
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
@@ -95,17 +95,8 @@ class UNetAdapter(FamilyAdapter):
                     out.append((f"{block}-attn-{i}", s))
         return out
 
-    def prepare_real(
-        self,
-        pipe: Any,
-        denoiser: Any,
-        image: Any,
-        prompt: str,
-        height: int | None,
-        width: int | None,
-        max_sequence_length: int | None,
-        guidance_scale: float,
-    ) -> RealRun:
+    def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
+        image, prompt, height, width = request.image, request.prompt, request.height, request.width
         if denoiser.config.in_channels != pipe.vae.config.latent_channels:
             raise UnsupportedPipelineError(
                 f"real-image attribution needs a UNet that takes plain latents ({pipe.vae.config.latent_channels} "
