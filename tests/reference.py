@@ -195,7 +195,11 @@ class JointRecorder:
                 cos, sin = (t.double() for t in image_rotary_emb)
                 q, k = rotary(q, cos, sin), rotary(k, cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, D)
-            p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            if attention_mask is not None:  # as SDPA reads a mask: boolean True = attend, a float one is added
+                m = attention_mask.to(scores.device)
+                scores = scores.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else scores + m.double()
+            p = torch.softmax(scores, dim=-1)
             self.book[self.name].append(p)
         if image_rotary_emb is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)

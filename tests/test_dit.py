@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import daami2i
-from daami2i.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from daami2i.testing import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 from reference import (
     batch_rows,
     block_mean,
@@ -43,17 +43,32 @@ def flux():
     return tiny_flux_pipeline()
 
 
+@pytest.fixture(scope="module")
+def chroma():
+    return tiny_chroma_pipeline()
+
+
+MAKERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "chroma": tiny_chroma_pipeline}
+
+
 def call(pipe, prompt, **kw):
     kw.setdefault("height", 64)
     kw.setdefault("width", 96)
     kw.setdefault("num_inference_steps", 2)
-    if "Flux" in type(pipe).__name__:
+    if text_first(pipe):
         kw.setdefault("max_sequence_length", 32)
+    if "Chroma" in type(pipe).__name__:
+        kw.setdefault("guidance_scale", 1.0)  # one pass per step (guidance: test_chroma_guidance_passes)
     return pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
 
 
 def text_first(pipe) -> bool:
-    return "Flux" in type(pipe).__name__
+    return "Flux" in type(pipe).__name__ or "Chroma" in type(pipe).__name__
+
+
+def t5_of(pipe):
+    """The tokenizer of the T5 stream of a text-first model (Flux: tokenizer_2; Chroma: tokenizer)."""
+    return pipe.tokenizer_2 if "Flux" in type(pipe).__name__ else pipe.tokenizer
 
 
 def run(pipe, prompt, trace_kwargs=None, **kw):
@@ -113,9 +128,9 @@ def word_reference(pipe, maps_ref, prompt, word):
     """The word's map: per stream, the mean of its token rows (positions in the full text sequence);
     then the mean over the streams it occurs in."""
     per_stream = []
-    if text_first(pipe):  # Flux: T5 only
-        toks = pipe.tokenizer_2.tokenize(prompt)
-        rows = token_positions(toks, pipe.tokenizer_2.tokenize(word))
+    if text_first(pipe):  # Flux, Chroma: T5 only
+        toks = t5_of(pipe).tokenize(prompt)
+        rows = token_positions(toks, t5_of(pipe).tokenize(word))
         per_stream.append(maps_ref[rows].mean(0))
     else:
         clip = [t.replace("</w>", "") for t in pipe.tokenizer.tokenize(prompt.lower())]
@@ -163,7 +178,7 @@ def check_queries(pipe, trc, self_ref, maps_ref, image_idx, prompt, word):
     return ghm
 
 
-@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "chroma"])
 def test_every_query_matches_the_joint_softmax(model, request):
     pipe = request.getfixturevalue(model)
     prompts = ["a red cat", "a blue dog sitting on a green mat"]
@@ -244,7 +259,7 @@ def test_flux_true_cfg_passes(flux, halves):
         assert_close(ghm.compute_pixel_heat_map([3, 40]).value, column_query(self_ref, wp, (8, 12)))
 
 
-@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "chroma"])
 def test_layer_and_step_selection(model, request):
     pipe = request.getfixturevalue(model)
     names = list(daami2i.trace(pipe).attention_layers)
@@ -258,10 +273,9 @@ def test_layer_and_step_selection(model, request):
     check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
 
 
-@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "chroma"])
 def test_img2img(model):
-    maker = tiny_sd3_pipeline if model == "sd3" else tiny_flux_pipeline
-    pipe = maker(kind="img2img")
+    pipe = MAKERS[model](kind="img2img")
     image = torch.rand(1, 3, 64, 96)
     trc, book, traced, plain = run(pipe, "a red cat", image=image, strength=0.7, num_inference_steps=3)
     assert np.array_equal(traced, plain)
@@ -271,7 +285,7 @@ def test_img2img(model):
     check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
 
 
-@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "chroma"])
 def test_hooks_are_removed(model, request):
     pipe = request.getfixturevalue(model)
     before = dict(pipe.transformer.attn_processors)
@@ -367,6 +381,64 @@ def test_real_image_attribution(model, request):
     check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
 
 
+@pytest.mark.parametrize("halves", ["cond", "uncond"])
+def test_chroma_guidance_passes(chroma, halves):
+    """Chroma runs the negative prompt as a second transformer call per step (guidance_scale > 1): the
+    prompt's pass is captured, or the negative one's, never their mean."""
+    kw = dict(guidance_scale=3.0, negative_prompt="a blurry photo")
+    trc, book, traced, plain = run(chroma, "a red cat", dict(halves=halves), **kw)
+    assert np.array_equal(traced, plain)
+    gen = trc.last_generation
+    assert gen.steps_captured == [0, 1] and gen.steps_run == 2 and not gen.cfg
+    calls = {0, 2} if halves == "cond" else {1, 3}
+    self_ref, maps_ref = dense(chroma, trc, book, [0], calls=calls)
+    if halves == "cond":
+        check_queries(chroma, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+    else:
+        ghm = trc.compute_global_heat_map()
+        wp = torch.zeros(96)
+        wp[[3, 40]] = 1
+        assert_close(ghm.compute_pixel_heat_map([3, 40]).value, column_query(self_ref, wp, (8, 12)))
+    with pytest.raises(daami2i.TraceError, match="chroma ran step 0 without a second"):
+        with daami2i.trace(chroma, halves="uncond"):
+            call(chroma, "a red cat")  # guidance_scale 1: no negative pass
+
+
+def test_chroma_real_image_attribution(chroma):
+    """trace_image on Chroma equals the recorded joint softmax of the same calls, padding mask included."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    trc = daami2i.trace_image(
+        chroma, image, "a red cat", timesteps=(300,), draws=2, generator=torch.Generator().manual_seed(0),
+        max_sequence_length=32,
+    )  # fmt: skip
+    gen = trc.last_generation
+    assert gen.image_size == (64, 96) and gen.grid_size == (8, 12) and gen.steps_captured == [0, 1]
+    vae = chroma.vae
+    with torch.no_grad(), joint_recording(chroma.transformer, True) as book:
+        x = chroma.image_processor.preprocess(image)
+        lat = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        emb, txt_ids, mask, *_ = chroma.encode_prompt(
+            "a red cat", do_classifier_free_guidance=False, max_sequence_length=32
+        )
+        ids = torch.zeros(8, 12, 3)
+        ids[..., 1] += torch.arange(8)[:, None]
+        ids[..., 2] += torch.arange(12)[None, :]
+        joint_mask = torch.cat([mask, torch.ones(1, 96)], dim=1)  # text mask, then every image token
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            noisy = 0.7 * lat + 0.3 * torch.randn(lat.shape, generator=g)
+            noisy = noisy.view(1, 4, 8, 2, 12, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 96, 16)
+            chroma.transformer(
+                hidden_states=noisy, timestep=torch.tensor([0.3]), encoder_hidden_states=emb, txt_ids=txt_ids,
+                img_ids=ids.view(-1, 3), attention_mask=joint_mask,
+            )  # fmt: skip
+    self_ref, maps_ref = dense(chroma, trc, dict(book), [0])
+    check_queries(chroma, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
 def test_masks_from_joint_maps(sd3):
     """The mask pipeline takes a joint model's maps like a UNet's: guided word map -> binary -> instances."""
     from daami2i.heatmaps import masks, schemes
@@ -385,7 +457,7 @@ def test_masks_from_joint_maps(sd3):
     assert labels.shape == (8, 12) and set(np.unique(labels)) <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("maker", [tiny_sd3_pipeline, tiny_flux_pipeline])
+@pytest.mark.parametrize("maker", [tiny_sd3_pipeline, tiny_flux_pipeline, tiny_chroma_pipeline])
 def test_cli_generate_and_show_on_a_saved_pipeline(maker, tmp_path):
     from typer.testing import CliRunner
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import daami2i
-from daami2i.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from daami2i.testing import (
+    tiny_chroma_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 from daami2i.tracing.families import ADAPTERS, adapter_for
 
 
@@ -17,6 +23,7 @@ def pipes():
         "unet": [tiny_sd_pipeline("sd1"), tiny_sd_pipeline("sd2"), tiny_sdxl_pipeline()],
         "sd3": [tiny_sd3_pipeline()],
         "flux": [tiny_flux_pipeline()],
+        "chroma": [tiny_chroma_pipeline()],
     }
 
 
@@ -42,12 +49,14 @@ def test_unsupported_pipeline_lists_every_family():
         assert adapter.pipelines in message
 
 
-@pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux", "chroma"])
 def test_geometry_is_what_the_denoiser_ran(pipes, family):
     """The adapter's token grid times the tokens per layer call equals the query length each
     captured layer saw, and its latent size is the pipeline's latent."""
     pipe = pipes[family][0]
     kw = {"num_inference_steps": 1, "height": 64, "width": 96}
+    if family in ("flux", "chroma"):
+        kw["max_sequence_length"] = 32
     with daami2i.trace(pipe) as trc:
         pipe("a red cat", **kw)
     gen = trc.last_generation

@@ -401,3 +401,56 @@ def tiny_flux_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_chroma_pipeline(
+    kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
+) -> Any:
+    """A random Chroma pipeline (Flux's blocks, T5 alone with its padding masked), offline.
+
+    A small T5 encoder with :func:`t5_tokenizer`; the VAE scales by 4 and latents are packed 2x2,
+    so a 64x64 image has an 8x8 grid of image tokens.
+
+    >>> pipe = tiny_chroma_pipeline()
+    >>> pipe("a cat", num_inference_steps=2, height=64, width=96, max_sequence_length=32).images[0].size
+    (96, 64)
+    """
+    import warnings
+
+    from diffusers import (
+        ChromaImg2ImgPipeline,
+        ChromaPipeline,
+        ChromaTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    classes: dict[str, Any] = {"text2img": ChromaPipeline, "img2img": ChromaImg2ImgPipeline}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    torch.manual_seed(seed + 3)
+    with warnings.catch_warnings():  # diffusers' own Chroma module imports a name it deprecated
+        warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+        transformer: Any = ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 4, 8),
+            approximator_num_channels=8,
+            approximator_hidden_dim=32,
+            approximator_layers=1,
+        )
+    transformer.eval()
+    t5 = t5_tokenizer()
+    pipe = classes[kind](
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_dit_vae(seed + 1, 4, 3),
+        text_encoder=_t5_encoder(t5, 32, seed + 5),
+        tokenizer=t5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -11,11 +11,12 @@ from typing import Any
 
 from ...errors import UnsupportedPipelineError
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
-ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter()]
+ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter(), ChromaAdapter()]
 
 
 def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
@@ -38,6 +39,7 @@ def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
 __all__ = [
     "ADAPTERS",
     "AttentionSite",
+    "ChromaAdapter",
     "DenoiserCall",
     "FamilyAdapter",
     "FluxAdapter",
