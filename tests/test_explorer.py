@@ -479,6 +479,10 @@ def test_explorer_number_checks_show_on_the_page(app_url):
             ("steps", "99999999999", "steps must be a whole number from 1 to 999, got 99999999999"),
             ("steps", "25", None),
             ("seed", "-1", "seed must be a whole number from 0 to"),
+            ("seed", "0", None),
+            ("width", "30", "width must be a multiple of 8 (the VAE's scale) from 8 to 4096, got 30"),
+            ("width", "64", None),
+            ("height", "0", "height must be a whole number from 8 to 4096, got 0"),
         ):
             page.get_by_label(field, exact=True).fill(value)
             if expected is None:
@@ -495,6 +499,11 @@ def _settings(page) -> tuple[str, str, str, str]:
     return (*values, page.locator("#guidance input").first.input_value())  # type: ignore[return-value]
 
 
+def _size(page) -> tuple[str, str]:
+    """The height and width fields."""
+    return page.locator("#height input").input_value(), page.locator("#width input").input_value()
+
+
 def _open(page, path) -> None:
     page.get_by_text("or open an experiment").click()
     page.set_input_files("#open-experiment input[type=file]", str(path))
@@ -508,7 +517,8 @@ def test_explorer_opens_the_experiment_it_downloads(app_url, tmp_path):
     import daami2i
 
     with _page(app_url) as page:
-        for field, value in (("prompt", "a yellow triangle"), ("seed", "5"), ("steps", "12"), ("guidance", "3")):
+        chosen = (("prompt", "a yellow triangle"), ("seed", "5"), ("steps", "12"), ("guidance", "3"))
+        for field, value in (*chosen, ("height", "48"), ("width", "80")):
             page.locator(f"#{field} textarea, #{field} input").first.fill(value)
         page.click("#generate")
         _wait_info(page, "generated", timeout=60_000)
@@ -522,10 +532,12 @@ def test_explorer_opens_the_experiment_it_downloads(app_url, tmp_path):
         page.click("#generate")  # something else on the page, and other values in the fields
         _wait_info(page, "generated", timeout=60_000)
         page.locator("#seed input").fill("8")
+        page.locator("#width input").fill("64")
         _open(page, zipped)
         _wait_info(page, "opened experiment.zip", timeout=60_000)
         page.screenshot(path=str(tmp_path / "opened.png"), full_page=True)
-        assert _settings(page) == ("a yellow triangle", "5", "12", "3")
+        assert _settings(page) == ("a yellow triangle", "5", "12", "3") and _size(page) == ("48", "80")
+        assert exp.images[0].size == (80, 48) and "80x48 px" in _info(page)
         assert same(fetch(page, "#image img"), show(exp.images[0]))
         assert sorted(page.locator("#words label").all_inner_texts()) == ["a", "triangle", "yellow"]
         page.locator("#words label", has_text="triangle").click()
@@ -587,7 +599,7 @@ def test_explore_folder_fills_the_fields(pipe, tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"http://127.0.0.1:{port}/")
                 page.wait_for_selector("#image img")
-                assert _settings(page) == ("a green square", "3", "6", "2.5")
+                assert _settings(page) == ("a green square", "3", "6", "2.5") and _size(page) == ("64", "64")
                 assert "opened" in _info(page)
                 _click(page, 0.5, 0.5)
                 _wait_info(page, "pixel")

@@ -49,6 +49,7 @@ DISPLAY = 512  # the image is shown at least this large (nearest-neighbour), cli
 # guidance 4.
 DEFAULT_SEED = 27
 DEFAULT_PROMPT = "a red circle and a blue square"
+SIDE_MAX = 4096  # image sides the explorer asks for (multiples of 8, the VAE's scale)
 ZIP_MAX_BYTES = 8 * 2**30  # an uploaded experiment.zip may unpack to at most this much
 ZIP_MAX_FILES = 10_000
 
@@ -251,8 +252,40 @@ def _guidance(value: Any) -> float:
     return scale
 
 
-def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guidance: float) -> Session:
-    """Run the pipeline under the trace; the session then holds the image and its heat maps."""
+def default_size(pipe: Any) -> tuple[int, int] | None:
+    """The (height, width) the pipeline draws when none is asked for, or None where it cannot be told."""
+    from .tracing.trace import denoiser_of
+
+    try:
+        latent = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe)[0].config.sample_size
+        side = int(latent) * int(getattr(pipe, "vae_scale_factor", 8))
+    except Exception:  # a pipeline without a readable config: the fields stay empty (the model's default)
+        return None
+    return side, side
+
+
+def _side(value: Any, name: str) -> int | None:
+    """An image side from a form field: empty is None (the model's default), else a multiple of 8."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    side = _whole(value, name, 8, SIDE_MAX)
+    if side % 8:
+        raise QueryError(f"{name} must be a multiple of 8 (the VAE's scale) from 8 to {SIDE_MAX}, got {value!r}")
+    return side
+
+
+def generate(
+    pipe: Any,
+    state: Session,
+    prompt: str,
+    seed: int,
+    steps: int,
+    guidance: float,
+    height: Any = None,
+    width: Any = None,
+) -> Session:
+    """Run the pipeline under the trace; the session then holds the image and its heat maps. An empty
+    ``height`` or ``width`` is the model's default."""
     from . import trace
 
     if not prompt or not prompt.strip():
@@ -260,12 +293,20 @@ def generate(pipe: Any, state: Session, prompt: str, seed: int, steps: int, guid
     n_steps = _whole(steps, "steps", 1, STEPS_MAX)
     n_seed = _whole(seed, "seed", 0, SEED_LIMIT - 1)
     scale = _guidance(guidance)
+    h, w = _side(height, "height"), _side(width, "width")
+    size: dict[str, int] = {}
+    if h is not None or w is not None:  # diffusers ignores a width given without a height
+        default = default_size(pipe)
+        if default is None and (h is None or w is None):
+            raise QueryError("give both the height and the width (this model's default size is not known)")
+        size = {"height": h or default[0], "width": w or default[1]}  # type: ignore[index]
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt,
             num_inference_steps=n_steps,
             guidance_scale=scale,
             generator=torch.Generator(device="cpu").manual_seed(n_seed),
+            **size,
         )
     state = _session(out.images[0], trc)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
@@ -674,7 +715,9 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
     d = {"steps": 25, "guidance": 4.0, "prompt": DEFAULT_PROMPT, "seed": DEFAULT_SEED, **(defaults or {})}
     initial = open_experiment(experiment) if experiment is not None else Session()
+    d.setdefault("size", default_size(pipe))
     d.update({k: v for k, v in initial.settings.items() if k in d})
+    d["height"], d["width"] = d["size"] if d["size"] else (None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-files-"))
 
     def guard(fn: Any) -> Any:
@@ -741,11 +784,13 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         state = gr.State(initial)
         gr.Markdown("## daami2i explorer · click the image to see what a pixel, box or polygon is tied to")
         with gr.Row():
-            prompt = gr.Textbox(value=d["prompt"], label="prompt (Enter generates)", scale=4, elem_id="prompt", lines=1)
+            prompt = gr.Textbox(value=d["prompt"], label="prompt (Enter generates)", scale=6, elem_id="prompt", lines=1)
             # no precision: 2.5 reaches generate's checks as typed, rather than rounded to 2 unseen
-            seed = gr.Number(value=d["seed"], label="seed", scale=1, elem_id="seed")
-            steps = gr.Number(value=d["steps"], label="steps", scale=1, elem_id="steps")
-            guidance = gr.Number(value=d["guidance"], label="guidance", scale=1, elem_id="guidance")
+            seed = gr.Number(value=d["seed"], label="seed", scale=1, min_width=80, elem_id="seed")
+            steps = gr.Number(value=d["steps"], label="steps", scale=1, min_width=80, elem_id="steps")
+            guidance = gr.Number(value=d["guidance"], label="guidance", scale=1, min_width=80, elem_id="guidance")
+            height = gr.Number(value=d["height"], label="height", scale=1, min_width=80, elem_id="height")
+            width = gr.Number(value=d["width"], label="width", scale=1, min_width=80, elem_id="width")
             go = gr.Button(
                 "Generate", variant="primary", elem_id="generate", interactive=bool(str(d["prompt"]).strip())
             )
@@ -846,13 +891,13 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             return {**common(s), **out, downloads: files(s)}
 
         everything = [state, image, heat, *word_views, words, info, downloads, legend, tabs, marks, close]
-        fields = [prompt, seed, steps, guidance]
+        fields = [prompt, seed, steps, guidance, height, width]
 
-        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, fx: bool) -> Any:
-            s = generate(pipe, s, p, sd, st, g)  # checks the numbers as typed (an empty field is None)
+        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, h: Any, w: Any, fx: bool) -> Any:
+            s = generate(pipe, s, p, sd, st, g, h, w)  # checks the numbers as typed (an empty field is None)
             return fresh(s, generated_note(s), fx)
 
-        gen_in = [state, prompt, seed, steps, guidance, fixed]
+        gen_in = [state, prompt, seed, steps, guidance, height, width, fixed]
         for trigger in (go.click, prompt.submit):
             trigger(guard(on_generate), gen_in, everything, concurrency_limit=1, concurrency_id="generate")
         prompt.change(lambda p: gr.Button(interactive=bool(p and p.strip())), [prompt], [go], queue=False, **quick)
@@ -877,8 +922,10 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             st = s.settings
             filled = {
                 prompt: st["prompt"],
-                **{c: st[k] for c, k in zip(fields[1:], ("seed", "steps", "guidance"), strict=True) if k in st},
+                **{c: st[k] for c, k in zip(fields[1:4], ("seed", "steps", "guidance"), strict=True) if k in st},
             }
+            if "size" in st:
+                filled.update({height: st["size"][0], width: st["size"][1]})
             return {**fresh(s, opened_note(s, path.name), fx), **filled}
 
         opening = open_file.upload(
