@@ -19,9 +19,10 @@ import torch.nn.functional as F
 class RecordingProcessor:
     """Explicit attention that records the probabilities of every call, per layer, in call order."""
 
-    def __init__(self, name: str, book: dict):
+    def __init__(self, name: str, book: dict, original=None):
         self.name = name
         self.book = book
+        self.original = original  # when given, it computes the layer's output (bit-identical runs)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         b, n, _ = hidden_states.shape
@@ -29,23 +30,27 @@ class RecordingProcessor:
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         k = attn.head_to_batch_dim(attn.to_k(ctx))
         v = attn.head_to_batch_dim(attn.to_v(ctx))
-        probs = attn.get_attention_scores(q, k, None)  # (b * heads, n, t), batch-major
-        self.book[self.name].append(
-            attn.get_attention_scores(q.float(), k.float(), None).view(b, attn.heads, n, -1).detach().clone()
-        )
+        # a padding mask (PixArt's T5 keys) as diffusers' processors apply it: an additive bias per key
+        mask = None if attention_mask is None else attn.prepare_attention_mask(attention_mask, k.shape[1], b)
+        probs = attn.get_attention_scores(q, k, mask)  # (b * heads, n, t), batch-major
+        full = attn.get_attention_scores(q.float(), k.float(), None if mask is None else mask.float())
+        self.book[self.name].append(full.view(b, attn.heads, n, -1).detach().clone())
+        if self.original is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
 @contextmanager
-def recording(unet, only=None):
+def recording(unet, only=None, passthrough=False):
     """Install recorders on every attention layer (or the names in ``only``); yields
-    {layer name: [probs per call]}."""
+    {layer name: [probs per call]}. ``passthrough``: the original processors still compute the
+    layers' outputs, so the recorded run is bit-identical to a plain one."""
     book: dict = defaultdict(list)
     originals = unet.attn_processors
     unet.set_attn_processor(
         {
-            n: RecordingProcessor(n[: -len(".processor")], book)
+            n: RecordingProcessor(n[: -len(".processor")], book, p if passthrough else None)
             if only is None or n[: -len(".processor")] in only
             else p
             for n, p in originals.items()

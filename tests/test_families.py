@@ -10,6 +10,7 @@ import daami2i
 from daami2i.testing import (
     tiny_chroma_pipeline,
     tiny_flux_pipeline,
+    tiny_pixart_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
@@ -24,6 +25,7 @@ def pipes():
         "sd3": [tiny_sd3_pipeline()],
         "flux": [tiny_flux_pipeline()],
         "chroma": [tiny_chroma_pipeline()],
+        "pixart": [tiny_pixart_pipeline()],
     }
 
 
@@ -35,6 +37,7 @@ def test_each_pipeline_is_claimed_by_its_own_adapter(pipes):
             denoiser, adapter = adapter_for(pipe)
             assert adapter.name == name
             assert denoiser is (pipe.unet if name == "unet" else pipe.transformer)
+    assert sorted(pipes) == sorted(a.name for a in ADAPTERS)  # every registered family is exercised here
 
 
 def test_unsupported_pipeline_lists_every_family():
@@ -49,14 +52,16 @@ def test_unsupported_pipeline_lists_every_family():
         assert adapter.pipelines in message
 
 
-@pytest.mark.parametrize("family", ["unet", "sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux", "chroma", "pixart"])
 def test_geometry_is_what_the_denoiser_ran(pipes, family):
     """The adapter's token grid times the tokens per layer call equals the query length each
     captured layer saw, and its latent size is the pipeline's latent."""
     pipe = pipes[family][0]
     kw = {"num_inference_steps": 1, "height": 64, "width": 96}
-    if family in ("flux", "chroma"):
+    if family in ("flux", "chroma", "pixart"):
         kw["max_sequence_length"] = 32
+    if family == "pixart":  # generate at the size asked for (not at the nearest aspect-ratio bin)
+        kw.update(use_resolution_binning=False, clean_caption=False)
     with daami2i.trace(pipe) as trc:
         pipe("a red cat", **kw)
     gen = trc.last_generation

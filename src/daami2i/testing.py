@@ -454,3 +454,44 @@ def tiny_chroma_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 2) -> Any:
+    """A random PixArt-Σ pipeline (self- and cross-attention per block, T5 with a padding mask), offline.
+
+    A small T5 encoder with :func:`t5_tokenizer`; the VAE scales by 4 and the transformer patches
+    2x2, so a 64x64 image has an 8x8 grid of image tokens. Its sample size is 256 px: with the
+    pipeline's default ``use_resolution_binning=True`` it generates at the nearest 256 px bin and
+    resizes the image to the size asked for; ``use_resolution_binning=False`` generates at that size.
+    ``clean_caption=False`` avoids a warning (bs4 / ftfy are not installed here).
+
+    >>> pipe = tiny_pixart_pipeline()
+    >>> kw = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
+    >>> pipe("a cat", num_inference_steps=2, height=64, width=96, **kw).images[0].size
+    (96, 64)
+    """
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed + 3)
+    transformer: Any = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=16,
+        sample_size=32,  # a size with aspect-ratio bins (256 px), so the pipeline's defaults work
+        patch_size=2,
+        caption_channels=32,
+    )
+    transformer.eval()
+    t5 = t5_tokenizer()
+    pipe = PixArtSigmaPipeline(
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+        vae=_dit_vae(seed + 1, 4, 3),
+        text_encoder=_t5_encoder(t5, 32, seed + 5),
+        tokenizer=t5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -29,7 +29,7 @@ from .capture import (
     probs_chunks,
     release_attention_patches,
 )
-from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, adapter_for, size_at
+from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, adapter_for
 
 Halves = Literal["cond", "uncond", "both"]
 FactorSpec = str | Iterable[int] | None
@@ -276,6 +276,7 @@ class Trace:
         self._n_text = 0
         self._stream_prompts: dict[str, Any] = {}  # joint models: prompt arguments seen by check_inputs
         self._passes_seen: PassTracker = self.adapter.new_pass_tracker()
+        self._encode_cfg = False  # guidance as the pipeline's encode_prompt was told (PixArt)
         self._pass = 0  # 0 for a step's first denoiser call, 1 for a repeat (a second guidance pass)
         self._capturing = False
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
@@ -377,6 +378,8 @@ class Trace:
                 return check(*args, **kwargs)
 
             self._patch(self.pipe, "check_inputs", check_inputs)
+            if self.adapter.guidance_from_encode_prompt:
+                self._patch_encode_prompt()
             processor = getattr(self.pipe, "image_processor", None)
             if processor is not None and callable(getattr(processor, "postprocess", None)):
                 post = processor.postprocess
@@ -395,6 +398,21 @@ class Trace:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+    def _patch_encode_prompt(self) -> None:
+        """Read the ``do_classifier_free_guidance`` argument of the pipeline's ``encode_prompt`` call:
+        pipelines without a ``do_classifier_free_guidance`` attribute (PixArt) decide it there."""
+        encode = self.pipe.encode_prompt
+        sig = inspect.signature(encode)
+
+        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind_partial(*args, **kwargs)
+            param = sig.parameters.get("do_classifier_free_guidance")
+            default = param.default if param is not None else False
+            self._encode_cfg = bool(bound.arguments.get("do_classifier_free_guidance", default))
+            return encode(*args, **kwargs)
+
+        self._patch(self.pipe, "encode_prompt", encode_prompt)
 
     def _patch(self, obj: Any, name: str, value: Any) -> None:
         """Shadow ``obj.name`` with an instance attribute, remembering how to undo it."""
@@ -517,6 +535,8 @@ class Trace:
             gen.cfg = self._cfg_override
         elif self._passes():
             gen.cfg = False  # guidance halves are separate calls here, not halves of the batch
+        elif self.adapter.guidance_from_encode_prompt:
+            gen.cfg = bool(self._encode_cfg)
         else:
             gen.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if gen.cfg and batch % 2:
@@ -586,6 +606,8 @@ class Trace:
             tokenizer = getattr(self.pipe, st.tokenizer, None)
             prompt = self._stream_prompts.get(st.prompt_arg)
             prompts = gen.image_prompts if prompt is None else self._per_image(prompt, gen.n_images)
+            if st.lowercase:  # the text as the pipeline hands it to the tokenizer
+                prompts = [p.lower().strip() if p is not None else None for p in prompts]
             tokens = [
                 tokenize_prompt(tokenizer, p.lower() if st.name == "clip" else p)
                 if p is not None and tokenizer
@@ -692,11 +714,11 @@ class Trace:
         gen = self._current
         assert gen is not None and gen.latent_size is not None
         n_q = q.shape[1]
-        size = size_at(gen.latent_size, site.factor)
+        size = self.adapter.layer_grid(self.unet, gen.latent_size, site.factor)
         if size[0] * size[1] != n_q:
             raise TraceError(
                 f"layer {site.name} saw {n_q} query tokens, but a {gen.latent_size} latent at factor {site.factor} "
-                f"has {size[0] * size[1]}: this UNet's layout is not one daami2i understands"
+                f"has {size[0] * size[1]}: this {type(self.unet).__name__}'s layout is not one daami2i understands"
             )
         rows, dev = self._rows, self._store_device
         assert rows is not None and dev is not None
@@ -718,19 +740,24 @@ class Trace:
                 else:  # reduce on the compute device before moving
                     store.add(site.name, start, stop, p.mean(1).to(dev))
         else:
+            # text streams (T5 of PixArt): only the prompt's columns are kept; UNets keep all 77
+            cols = self._text_columns if not self.adapter.single_clip_stream else None
+            n_kept = int(cols.numel()) if cols is not None else n_k
             cstore = gen.cross_attention.get(site.name)
             if cstore is None:
                 cstore = CrossAttentionStore(
                     site.name,
                     site.factor,
                     size,
-                    torch.zeros(n_img, attn.heads, n_q, n_k, device=dev),
+                    torch.zeros(n_img, attn.heads, n_q, n_kept, device=dev),
                     per_step=[] if self.cross_steps else None,
-                    step_tokens=min(self._step_tokens, n_k),
+                    step_tokens=min(self._step_tokens, n_kept),
                 )
                 gen.cross_attention[site.name] = cstore
             for start, stop, p in self._chunks(attn, q, k, rows, mask):
                 p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
+                if cols is not None:
+                    p = p.index_select(-1, cols.to(p.device))
                 cstore.add(start, stop, p.to(dev), step=self._step)
 
     def _capture_joint(

@@ -13,10 +13,11 @@ from ...errors import UnsupportedPipelineError
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
-ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter(), ChromaAdapter()]
+ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter(), ChromaAdapter(), PixArtAdapter()]
 
 
 def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
@@ -44,6 +45,7 @@ __all__ = [
     "FamilyAdapter",
     "FluxAdapter",
     "PassTracker",
+    "PixArtAdapter",
     "RealRequest",
     "RealRun",
     "SD3Adapter",

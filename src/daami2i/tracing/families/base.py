@@ -42,6 +42,7 @@ class Stream:
     offset: int  # first text-key column of the stream in the joint sequence's text part
     width: int | None  # number of text-key columns (None: to the end)
     bos: int  # 1 if the tokenizer puts a start token before the prompt, else 0
+    lowercase: bool = False  # the pipeline lowercases the prompt before this tokenizer sees it (PixArt)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class FamilyAdapter:
     predecessor_layers: ClassVar[bool] = False
     #: the prompt's CLIP tokens come from the pipeline's ``tokenizer`` (no joint text streams)
     single_clip_stream: ClassVar[bool] = False
+    #: the pipeline has no ``do_classifier_free_guidance`` attribute: guidance is read from the
+    #: ``do_classifier_free_guidance`` argument of its ``encode_prompt`` call (PixArt)
+    guidance_from_encode_prompt: ClassVar[bool] = False
     #: denoising steps assumed by :meth:`Trace.estimate_nbytes` when the number is not known
     default_steps: ClassVar[int] = 50
     #: what a second pass needs, for the error when ``halves="uncond"`` finds none
