@@ -33,6 +33,7 @@ bench: $(VENV)/.installed bench-deps
 	$(RUN) $(BIN)/python benchmarks/queries.py
 	$(RUN) $(BIN)/python benchmarks/predecessors.py
 	$(RUN) $(BIN)/python benchmarks/dit.py
+	$(RUN) $(BIN)/python benchmarks/families.py
 
 # daam 0.2.0 (PyPI) for the side-by-side benchmark, kept out of the package's environment
 bench-deps: .bench/daam/daam

@@ -76,3 +76,21 @@ def test_geometry_is_what_the_denoiser_ran(pipes, family):
         gen.latent_size, gen.n_images, n_tokens=next(iter(gen.cross_attention.values())).sums.shape[-1]
     )
     assert need["self"] == gen.nbytes("self") and need["cross"] == gen.nbytes("cross")
+
+
+def test_readme_table_is_what_the_benchmark_prints():
+    """The README's supported-models table is benchmarks/families.py's output (store sizes are exact
+    integer arithmetic on the real configurations, so any change to the stores shows here)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "families.py")], capture_output=True, text=True, check=True
+    ).stdout
+    printed = [line for line in out.splitlines() if re.match(r"^\| (unet|sd3|flux|chroma|pixart) \|", line)]
+    readme = (root / "README.md").read_text()
+    assert printed and all(line in readme for line in printed), "README table is stale: run benchmarks/families.py"
+    assert {line.split("|")[1].strip() for line in printed} == {a.name for a in ADAPTERS}

@@ -1,0 +1,159 @@
+"""The supported-models table: every family's real configuration at its default resolution.
+
+    python benchmarks/families.py [--prompt-tokens 20] [--json outputs/bench-families.json]
+
+Each denoiser is built from its published configuration on the meta device (no weights, no
+download) and :meth:`daami2i.Trace.estimate_nbytes` gives the store of one image under the default
+trace (the same geometry the trace uses when it allocates the stores). Beside it: what keeping q and
+k of every captured layer at every step takes (fp16, the conditional pass only), the way a tool that
+recomputes maps after the run must keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import daami2i
+
+UNET_SD1 = dict(
+    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)  # fmt: skip
+# (family, model, denoiser class, config, image size, steps, text columns in the model's context)
+MODELS = [
+    ("unet", "SD 1.5", "UNet2DConditionModel", UNET_SD1, 512, 50, 77),
+    (
+        "unet", "SD 2.1-base", "UNet2DConditionModel",
+        {**UNET_SD1, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
+        512, 50, 77,
+    ),
+    (
+        "unet", "SDXL", "UNet2DConditionModel",
+        dict(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        ),
+        1024, 50, 77,
+    ),
+    (
+        "sd3", "SD3-medium", "SD3Transformer2DModel",
+        dict(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+        ),
+        1024, 28, 77 + 256,
+    ),
+    (
+        "flux", "FLUX.1-dev", "FluxTransformer2DModel",
+        dict(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        1024, 28, 512,
+    ),
+    (
+        "chroma", "Chroma1-HD", "ChromaTransformer2DModel",
+        dict(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+            approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5,
+        ),
+        1024, 35, 512,
+    ),
+    (
+        "pixart", "PixArt-Σ-XL-2-1024", "PixArtTransformer2DModel",
+        dict(
+            num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+            cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096, interpolation_scale=2,
+        ),
+        1024, 20, 300,
+    ),
+]  # fmt: skip
+
+
+def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
+    attr = "unet" if family == "unet" else "transformer"
+    return types.SimpleNamespace(
+        **{attr: denoiser}, **({} if family == "unet" else {"unet": None}), check_inputs=lambda *a, **k: None
+    )
+
+
+def table(prompt_tokens: int = 20) -> list[dict]:
+    import warnings
+
+    import diffusers
+
+    rows = []
+    for family, model, cls, config, size, steps, n_text in MODELS:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            denoiser = getattr(diffusers, cls)(**config)
+        trc = daami2i.trace(_pipe(family, denoiser))
+        assert trc.adapter.name == family, (model, trc.adapter.name)
+        latent = (size // 8, size // 8)  # every VAE here scales by 8
+        # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end
+        kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1)}.get(family, prompt_tokens + 1)
+        store = trc.estimate_nbytes(latent, 1, kept, steps)
+        qk = 0
+        for site in trc.selected:
+            h, w = trc.adapter.layer_grid(denoiser, latent, site.factor)
+            n_img = h * w
+            heads, dim = site.module.heads, site.module.inner_dim // site.module.heads
+            s_q = n_img + (n_text if site.kind == "joint" else 0)
+            s_k = n_text if site.kind == "cross" else s_q
+            qk += steps * heads * dim * (s_q + s_k) * 2  # fp16 q and k, conditional pass
+        rows.append(
+            {
+                "family": family,
+                "model": model,
+                "size": size,
+                "steps": steps,
+                "layers": len(trc.selected),
+                "grid": trc.adapter.layer_grid(denoiser, latent, trc.grid_factor),
+                "store_mib": store["total"] / 2**20,
+                "self_mib": store["self"] / 2**20,
+                "words_mib": store["cross"] / 2**20,
+                "qk_every_step_gib": qk / 2**30,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt-tokens", type=int, default=20)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = table(args.prompt_tokens)
+    head = "| family | model | size, steps | captured layers | grid | store per image (self + words) |"
+    print(head + " q and k of every layer and step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        h, w = r["grid"]
+        print(
+            f"| {r['family']} | {r['model']} | {r['size']} px, {r['steps']} | {r['layers']} | {h}x{w} | "
+            f"{r['store_mib']:.0f} MiB ({r['self_mib']:.0f} + {r['words_mib']:.0f}) | "
+            f"{r['qk_every_step_gib']:.1f} GiB |"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
