@@ -202,7 +202,8 @@ def cut_absolute(
         raise QueryError(
             f"thresh={thresh:g} cuts every value of {which} at iteration {iteration} (its values span only "
             f"{spread:.4g}; {int(empty.sum())} map(s) emptied): nothing is left to diffuse. daam-i2i's thresh is "
-            "absolute, in units of attention summed over the captured steps: pass a smaller thresh"
+            f"absolute, in units of attention summed over the captured steps: pass a smaller one (e.g. "
+            f"thresh={spread / 4:.2g}), or compute_grown_heat_map(...) for a cut relative to each map's range"
         )
     return out
 
