@@ -94,3 +94,22 @@ def test_readme_table_is_what_the_benchmark_prints():
     readme = (root / "README.md").read_text()
     assert printed and all(line in readme for line in printed), "README table is stale: run benchmarks/families.py"
     assert {line.split("|")[1].strip() for line in printed} == {a.name for a in ADAPTERS}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "pixart"])
+def test_the_explorer_runs_every_family(pipes, family):
+    """The explorer's own functions (generate, a point click, a word, real-image attribution, reopening
+    the saved experiment) on each transformer family: the maps come back at the image's size."""
+    from daami2i import explore
+
+    pipe = pipes[family][0]
+    state = explore.generate(pipe, explore.Session(), "a red cat", 0, 2, 3.0, 64, 96)
+    assert state.image is not None and state.image.size == (96, 64)
+    state = explore.click(state, "point", 40.0, 20.0)
+    assert state.last_map is not None and state.last_map.shape == (64, 96)
+    raw, refined, _ = explore.word(state, "cat", 1, 0.4)
+    assert raw.shape[:2] == refined.shape[:2] == (64, 96)
+    reopened = explore.open_experiment(state.experiment_dir)
+    assert explore.word_chips(reopened) == ["a", "red", "cat"]
+    real = explore.attribute(pipe, state.image, "a red cat")
+    assert explore.click(real, "point", 10.0, 10.0).last_map.shape == (64, 96)
