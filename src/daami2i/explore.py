@@ -73,6 +73,7 @@ class Session:
     word_heats: tuple[HeatMap, HeatMap, str] | None = None  # raw, refined and the refined map's kind
     tops: dict[str, float] = field(default_factory=dict)  # the fixed scale's 1 per kind, made once
     settings: dict[str, Any] = field(default_factory=dict)  # prompt, seed, steps, guidance it was made with
+    word_instances: tuple[list[M.Instance], str] | None = None  # the shown word's mask instances, and the word
 
 
 # -- rendering (pure functions, used by the app and its tests) -------------------------------------
@@ -194,6 +195,9 @@ def legend_html(state: Session, fixed: bool) -> str:
             "value in every map of this image; higher values are clipped. The mask threshold stays on the "
             "stretched map."
         )
+    elif fixed:
+        text = "<b>fixed scale</b>: 0 = no attention, 1 = the most any one latent pixel's map reaches (shown once "
+        text += "an image is open)."
     else:
         text = (
             "<b>stretched</b>: 0 = the lowest value of the map shown, 1 = its highest; every map is stretched "
@@ -398,6 +402,7 @@ def unzip_experiment(zip_path: Path, into: Path) -> Path:
     that would land outside ``into``, at most :data:`ZIP_MAX_FILES` files and :data:`ZIP_MAX_BYTES`
     unpacked. A QueryError says what is wrong."""
     name = Path(zip_path).name
+    into.mkdir(parents=True, exist_ok=True)
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -449,7 +454,7 @@ def open_zip(zip_path: Path, into: Path) -> Session:
         return open_experiment(folder)
     except Daami2iError as exc:
         msg = str(exc).replace(str(folder), Path(zip_path).name).replace(str(into), Path(zip_path).name)
-        raise QueryError(f"{msg} (open the experiment.zip this page downloads)") from exc
+        raise QueryError(f"{msg}; open the experiment.zip this page downloads") from exc
 
 
 def click(state: Session, mode: str, x: float, y: float) -> Session:
@@ -630,6 +635,8 @@ DRAG_JS = """
   const draw = (svg, img, m, onMap, drag) => {
     const r = img && img.getBoundingClientRect();
     if (!r || !r.width || !r.height || !m) { svg.style.display = 'none'; return; }
+    const mode = document.querySelector('#mode input:checked');
+    if (mode && mode.value === 'polygon') drag = null;  // drags are ignored there: none is drawn
     Object.assign(svg.style, {display: '', left: (r.left + scrollX) + 'px', top: (r.top + scrollY) + 'px',
                               width: r.width + 'px', height: r.height + 'px'});
     svg.setAttribute('viewBox', `0 0 ${r.width} ${r.height}`);
@@ -778,8 +785,6 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             paths.append(experiment_zip)
         return paths
 
-    word_inst: dict[int, tuple[list[M.Instance], str]] = {}  # id(session) -> the shown word's instances
-
     with gr.Blocks(title="daami2i explorer") as app:
         state = gr.State(initial)
         gr.Markdown("## daami2i explorer · click the image to see what a pixel, box or polygon is tied to")
@@ -886,7 +891,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
 
         def shown(s: Session, fx: bool) -> dict[Any, Any]:
             """A selection's map on the map tab, with its title."""
-            word_inst.pop(id(s), None)
+            s.word_instances = None
             out = {heat: heat_view(s, fx), info: s.last_title, tabs: gr.Tabs(selected="map")}
             return {**common(s), **out, downloads: files(s)}
 
@@ -1008,7 +1013,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                     refined_view: overlay(s.image, ref_x),
                     mask_view: mask_image(s.image, m, boxes),
                 }
-                word_inst[id(s)] = (inst, w)
+                s.word_instances = (inst, w)
                 msg = f"{s.last_title}: {len(inst)} instance(s), boxes {boxes}"
                 return {**common(s), **views, info: msg, downloads: files(s, inst, w), tabs: gr.Tabs(selected=tab)}
 
@@ -1031,7 +1036,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                 out[refined_view] = overlay(s.image, coloured(s, refined, kind, bool(fx)))
             if s.last_heat is not None:
                 out[heat] = heat_view(s, bool(fx))
-                out[downloads] = files(s, *word_inst[id(s)]) if id(s) in word_inst else files(s)
+                out[downloads] = files(s, *s.word_instances) if s.word_instances is not None else files(s)
             return {**out, state: s}
 
         fixed.change(
