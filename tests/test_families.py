@@ -113,3 +113,52 @@ def test_the_explorer_runs_every_family(pipes, family):
     assert explore.word_chips(reopened) == ["a", "red", "cat"]
     real = explore.attribute(pipe, state.image, "a red cat")
     assert explore.click(real, "point", 10.0, 10.0).last_map.shape == (64, 96)
+
+
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux", "chroma", "pixart"])
+def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
+    """The tokens daami2i labels a stream's key rows with are the ids that stream's text encoder was
+    given (hooked here), at the positions the stream declares: a template, a dropped prefix, a
+    lowercasing or a truncation the pipeline applies cannot shift them unnoticed."""
+    for pipe in pipes[family]:
+        seen: dict[str, list[int]] = {}
+        handles = []
+
+        def recorder(attr: str, seen: dict[str, list[int]] = seen):
+            def keep(_module, args, kwargs):
+                ids = args[0] if args else kwargs.get("input_ids")
+                seen.setdefault(attr, ids[0].tolist())  # the first call encodes the prompt
+
+            return keep
+
+        for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(pipe, attr, None)
+            if encoder is None:
+                continue
+            handles.append(encoder.register_forward_pre_hook(recorder(attr), with_kwargs=True))
+        kw = {"num_inference_steps": 1, "height": 64, "width": 64}
+        if family in ("flux", "chroma", "pixart"):
+            kw["max_sequence_length"] = 32
+        if family == "pixart":
+            kw.update(use_resolution_binning=False, clean_caption=False)
+        try:
+            with daami2i.trace(pipe) as trc:
+                pipe("A Red cat on the café chair", **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        ghm = trc.compute_global_heat_map()
+        checked = 0
+        for st, spec in zip(ghm.streams, trc.last_generation.streams or [{"tokenizer": "tokenizer"}], strict=True):
+            attr = spec["tokenizer"].replace("tokenizer", "text_encoder")
+            tok = getattr(pipe, spec["tokenizer"])
+            bos = 1 if st.name == "clip" else 0
+            received = tok.convert_ids_to_tokens(seen[attr][bos : bos + len(st.tokens)])
+            assert received == st.tokens, (family, st.name, received, st.tokens)
+            assert st.tokens, family
+            checked += 1
+            if family in ("unet", "sd3") and st.name == "clip" and getattr(pipe, "text_encoder_2", None) is not None:
+                second = pipe.tokenizer_2.convert_ids_to_tokens(seen["text_encoder_2"][1 : 1 + len(st.tokens)])
+                assert second == st.tokens  # both CLIP encoders saw the same tokens
+        assert checked == len(ghm.streams)
+        assert {"red", "chair"} <= {w.lower() for w in ghm.words}
