@@ -15,29 +15,43 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import math
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import TraceError
+from ..storage.recorder import AttentionCall, mask_bias
 
 if TYPE_CHECKING:
+    from ..storage.recorder import Recorder
     from .families import AttentionSite
-    from .trace import Trace
+
+
+class CaptureHub:
+    """What the capturing processors of one trace share: the current generation's recorder, whether
+    this denoiser call is captured, and its step. The trace sets it; processors only read it."""
+
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self.capturing = False
+        self.step = 0
+
+    def active(self) -> Recorder | None:
+        """The recorder to send calls to, or None when this call is not captured."""
+        return self.recorder if self.capturing else None
 
 
 class CapturingProcessor:
     """Wraps ``original`` for one attention site; transparent to diffusers' kwargs filtering."""
 
-    def __init__(self, original: Any, site: AttentionSite, tracer: Trace) -> None:
+    def __init__(self, original: Any, site: AttentionSite, hub: CaptureHub) -> None:
         self.original = original
         self.site = site
-        self.tracer = tracer
+        self.hub = hub
         # Attention.forward drops kwargs the processor's __call__ does not declare: advertise the
         # original's parameters so wrapping changes nothing about which kwargs reach it.
         try:
@@ -53,7 +67,8 @@ class CapturingProcessor:
             self.__dict__["__call__"] = _call
 
     def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.tracer._wants(self.site):
+        recorder = self.hub.active()
+        if recorder is None:
             return self.original(attn, *args, **kwargs)
         slot: dict[str, torch.Tensor] = {}
 
@@ -77,8 +92,29 @@ class CapturingProcessor:
                 "(fused QKV projections? call pipe.unfuse_qkv_projections() before tracing)"
             )
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        self.tracer._capture(self.site, attn, slot["q"], slot["k"], mask)
+        recorder.record(projection_call(self.site, attn, slot["q"], slot["k"], mask), self.hub.step)
         return out
+
+
+@torch.no_grad()
+def projection_call(site: AttentionSite, attn: Any, q: torch.Tensor, k: torch.Tensor, mask: Any) -> AttentionCall:
+    """The canonical call of a layer whose ``to_q`` / ``to_k`` outputs were read: ``q`` (B, N, heads*d)
+    and ``k`` (B, T, heads*d) split into heads, QK-normalised as the layer does, its mask prepared
+    by the layer itself into an additive bias, its own scale."""
+    heads = attn.heads
+    b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    d = q.shape[-1] // heads
+    q4 = q.view(b, n_q, heads, d).transpose(1, 2)
+    k4 = k.view(b, n_k, heads, d).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q4 = attn.norm_q(q4)
+    if getattr(attn, "norm_k", None) is not None:
+        k4 = attn.norm_k(k4)
+    bias = None
+    if mask is not None:
+        full = attn.prepare_attention_mask(mask, n_k, b)  # (b * heads, 1 or N, T)
+        bias = full.view(b, heads, full.shape[-2], full.shape[-1]).float()
+    return AttentionCall(site.name, site.kind, site.factor, q4, k4, bias, float(attn.scale))
 
 
 # -- joint attention (SD3, Flux): q and k where the processor hands them to the attention function ----
@@ -193,7 +229,8 @@ class JointCapturingProcessor(CapturingProcessor):
     """Wraps a joint-attention processor: records the query and key its attention function receives."""
 
     def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.tracer._wants(self.site):
+        recorder = self.hub.active()
+        if recorder is None:
             return self.original(attn, *args, **kwargs)
         slot: dict[str, Any] = {}
         token = _SLOT.set(slot)
@@ -214,88 +251,9 @@ class JointCapturingProcessor(CapturingProcessor):
         q, k = slot["q"], slot["k"]
         if slot["layout"] == "bshd":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-        self.tracer._capture_joint(self.site, q, k, slot["mask"], slot["scale"])
+        bias = mask_bias(slot["mask"], (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        scale = float(slot["scale"]) if slot["scale"] is not None else q.shape[-1] ** -0.5
+        recorder.record(
+            AttentionCall(self.site.name, self.site.kind, self.site.factor, q, k, bias, scale), self.hub.step
+        )
         return out
-
-
-def probs_chunks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    bias: torch.Tensor | None,
-    chunk_bytes: int,
-    scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, probs)``: float32 softmax(q k^T * scale + bias) for query rows [start, stop).
-
-    ``q`` (b, heads, n_q, d), ``k`` (b, heads, n_k, d); ``bias`` broadcasts to (b, heads, n_q, n_k).
-    See :func:`attention_probs_chunks` for the chunking and the reused buffer.
-    """
-    b, heads, n_q, _ = q.shape
-    n_k = k.shape[2]
-    q = q.float() * float(scale)
-    kt = k.float().transpose(-1, -2)
-    step = max(1, chunk_bytes // (b * heads * n_k * 4))
-    need = b * heads * min(step, n_q) * n_k
-    buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
-    for start in range(0, n_q, step):
-        stop = min(n_q, start + step)
-        scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
-        torch.matmul(q[:, :, start:stop], kt, out=scores)
-        if bias is not None:
-            scores.add_(bias if bias.shape[-2] == 1 else bias[..., start:stop, :])
-        torch.softmax(scores, dim=-1, out=scores)  # in place
-        yield start, stop, scores
-
-
-def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """An attention mask as SDPA reads it (boolean: True = attend; float: added), as a float32 bias."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
-    else:
-        bias = mask.float()
-    while bias.dim() < 4:
-        bias = bias.unsqueeze(0)
-    return bias.expand(*shape[:2], bias.shape[-2], shape[-1])
-
-
-@torch.no_grad()
-def attention_probs_chunks(
-    attn: Any,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
-    chunk_bytes: int,
-    scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, probs)`` with float32 probabilities (b, heads, stop - start, keys).
-
-    ``q`` (B, N, heads*d) and ``k`` (B, T, heads*d) are the projections the layer computed; only the
-    batch entries ``rows`` are used. Query rows are processed in chunks so that no
-    (b x heads x N x T) tensor is alive at once: each chunk holds at most ``chunk_bytes``.
-
-    Scores and probabilities share one buffer, reused from chunk to chunk (``scratch(n, device)``
-    returns a flat float32 tensor of at least ``n`` elements, kept between calls): a fresh 64 MiB
-    tensor per chunk costs more in page faults than the product and the softmax themselves. Each
-    yielded tensor is therefore only valid until the next one is requested.
-    """
-    heads = attn.heads
-    b, b_all = rows.numel(), q.shape[0]
-    q = q[rows]
-    k = k[rows]
-    n_q, n_k = q.shape[1], k.shape[1]
-    d = q.shape[-1] // heads
-    q = q.view(b, n_q, heads, d).transpose(1, 2)
-    k = k.view(b, n_k, heads, d).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
-    bias = None
-    if mask is not None:
-        full = attn.prepare_attention_mask(mask, n_k, b_all)  # (b_all * heads, 1 or N, T)
-        bias = full.view(b_all, heads, full.shape[-2], full.shape[-1])[rows].float()
-    yield from probs_chunks(q, k, float(attn.scale), bias, chunk_bytes, scratch)

@@ -19,14 +19,13 @@ from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, check_direction
 from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
-from ..storage.store import CrossAttentionStore, Generation, SelfAttentionStore, predecessor_arguments
+from ..storage.recorder import Recorder
+from ..storage.store import Generation, predecessor_arguments
 from .capture import (
+    CaptureHub,
     CapturingProcessor,
     JointCapturingProcessor,
     acquire_attention_patches,
-    attention_probs_chunks,
-    mask_bias,
-    probs_chunks,
     release_attention_patches,
 )
 from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, adapter_for
@@ -279,6 +278,7 @@ class Trace:
         self._encode_cfg = False  # guidance as the pipeline's encode_prompt was told (PixArt)
         self._pass = 0  # 0 for a step's first denoiser call, 1 for a repeat (a second guidance pass)
         self._capturing = False
+        self._hub = CaptureHub()  # what the capturing processors read: the recorder, capture or not, the step
         self._cfg_override: bool | None = None  # set by callers that run the UNet themselves
         self._log_filter: logging.Filter | None = None
         self._active = False
@@ -353,7 +353,7 @@ class Trace:
             for s in self.selected:
                 original = s.module.get_processor()
                 self._originals[s.name] = original
-                s.module.set_processor(wrapper(original, s, self))
+                s.module.set_processor(wrapper(original, s, self._hub))
             if reads_fn:
                 self._attention_keys = acquire_attention_patches(list(self._originals.values()))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
@@ -443,6 +443,7 @@ class Trace:
             self._handles.clear()
             self._patches.clear()
             self._scratch = None
+            self._hub.capturing = False
             self._active = False
             _ACTIVE.discard(self.unet)
 
@@ -464,6 +465,7 @@ class Trace:
         self._passes_seen = self.adapter.new_pass_tracker()
         self._pass = 0
         self._capturing = False
+        self._hub.recorder, self._hub.capturing = None, False
 
     def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
         call: DenoiserCall = self.adapter.read_call(args, kwargs)
@@ -515,6 +517,7 @@ class Trace:
                 self._setup_generation(gen, call, n_tokens, kwargs)
         wanted_pass = {"cond": (0,), "uncond": (1,), "both": (0, 1)}[self.halves] if self._passes() else (0,)
         self._capturing = self._step_ok(self._step) and self._pass in wanted_pass
+        self._hub.capturing, self._hub.step = self._capturing, self._step
         if self._capturing and gen.steps_captured[-1:] != [self._step]:
             gen.steps_captured.append(self._step)
 
@@ -579,6 +582,23 @@ class Trace:
         self._step_tokens = min(n_tokens, max(known) + 2) if known and len(known) == len(gen.image_tokens) else n_tokens
         if not self.adapter.single_clip_stream:
             self._setup_streams(gen, n_tokens, sample.device)
+        latent = gen.latent_size
+        self._hub.recorder = Recorder(
+            gen,
+            self._rows,
+            self._store_device,
+            lambda factor: self.adapter.layer_grid(self.unet, latent, factor),
+            chunk_bytes=self.chunk_bytes,
+            scratch=self._scratch_buffer,
+            keep_heads=self.keep_heads,
+            cross_steps=self.cross_steps,
+            step_tokens=self._step_tokens,
+            text_columns=None if self.adapter.single_clip_stream else self._text_columns,
+            n_text=self._n_text,
+            text_first=self.adapter.text_first,
+            self_layers=self._self_names,
+            cross_layers=self._cross_names,
+        )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
             n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
@@ -697,128 +717,12 @@ class Trace:
         if isinstance(out, list) and out and all(hasattr(im, "save") for im in out):
             gen.images = list(out)
 
-    def _wants(self, site: AttentionSite) -> bool:
-        return self._current is not None and self._capturing
-
-    def _chunks(self, attn: Any, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, mask: Any) -> Any:
-        return attention_probs_chunks(attn, q, k, rows.flatten(), mask, self.chunk_bytes, self._scratch_buffer)
-
     def _scratch_buffer(self, n: int, device: torch.device) -> torch.Tensor:
         """A flat float32 buffer of at least ``n`` elements on ``device``, reused across captures."""
         buf = self._scratch
         if buf is None or buf.numel() < n or buf.device != device:
             buf = self._scratch = torch.empty(n, device=device)
         return buf
-
-    def _capture(self, site: AttentionSite, attn: Any, q: torch.Tensor, k: torch.Tensor, mask: Any) -> None:
-        gen = self._current
-        assert gen is not None and gen.latent_size is not None
-        n_q = q.shape[1]
-        size = self.adapter.layer_grid(self.unet, gen.latent_size, site.factor)
-        if size[0] * size[1] != n_q:
-            raise TraceError(
-                f"layer {site.name} saw {n_q} query tokens, but a {gen.latent_size} latent at factor {site.factor} "
-                f"has {size[0] * size[1]}: this {type(self.unet).__name__}'s layout is not one daami2i understands"
-            )
-        rows, dev = self._rows, self._store_device
-        assert rows is not None and dev is not None
-        n_img, n_halves = rows.shape
-        n_k = k.shape[1]
-        if site.kind == "self":
-            store = gen.self_attention.get(site.factor)
-            if store is None:
-                store = SelfAttentionStore(site.factor, size, torch.zeros(n_img, n_q, n_k, device=dev))
-                gen.self_attention[site.factor] = store
-            if self.keep_heads and store.per_head is None:
-                store.per_head = {}
-            for start, stop, p in self._chunks(attn, q, k, rows, mask):
-                p = p.view(n_img, n_halves * p.shape[1], stop - start, n_k)
-                if self.keep_heads:
-                    store.add_heads(site.name, start, stop, p)
-                if p.device == store.sums.device:
-                    store.add_mean(site.name, start, stop, p)
-                else:  # reduce on the compute device before moving
-                    store.add(site.name, start, stop, p.mean(1).to(dev))
-        else:
-            # text streams (T5 of PixArt): only the prompt's columns are kept; UNets keep all 77
-            cols = self._text_columns if not self.adapter.single_clip_stream else None
-            n_kept = int(cols.numel()) if cols is not None else n_k
-            cstore = gen.cross_attention.get(site.name)
-            if cstore is None:
-                cstore = CrossAttentionStore(
-                    site.name,
-                    site.factor,
-                    size,
-                    torch.zeros(n_img, attn.heads, n_q, n_kept, device=dev),
-                    per_step=[] if self.cross_steps else None,
-                    step_tokens=min(self._step_tokens, n_kept),
-                )
-                gen.cross_attention[site.name] = cstore
-            for start, stop, p in self._chunks(attn, q, k, rows, mask):
-                p = p.view(n_img, n_halves, attn.heads, stop - start, n_k).mean(1)
-                if cols is not None:
-                    p = p.index_select(-1, cols.to(p.device))
-                cstore.add(start, stop, p.to(dev), step=self._step)
-
-    def _capture_joint(
-        self, site: AttentionSite, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None
-    ) -> None:
-        """Joint attention of one layer call: ``q`` (B, heads, S, d), ``k`` (B, heads, S_k, d) exactly as
-        the model's attention function received them."""
-        gen = self._current
-        assert gen is not None and gen.latent_size is not None
-        rows, dev, text_cols = self._rows, self._store_device, self._text_columns
-        assert rows is not None and dev is not None and text_cols is not None
-        h, w = gen.grid_size
-        n, t, s_q, s_k = h * w, self._n_text, q.shape[2], k.shape[2]
-        if s_q == s_k == n + t:  # joint: [image, text] (SD3) or [text, image] (Flux)
-            img = slice(t, t + n) if self.adapter.text_first else slice(0, n)
-            text_cols = text_cols if self.adapter.text_first else text_cols + n
-        elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
-            img, text_cols = slice(0, n), None
-        else:
-            raise TraceError(
-                f"layer {site.name} attended over {s_q} queries and {s_k} keys, but a {h}x{w} token grid with "
-                f"{t} text tokens has {n} or {n + t}: this transformer's layout is not one daami2i understands"
-            )
-        n_img, n_halves = rows.shape
-        flat = rows.flatten()
-        q_img = q[flat][:, :, img]
-        k_all = k[flat]
-        heads = q.shape[1]
-        bias = mask_bias(mask, (q.shape[0], heads, s_q, s_k))
-        if bias is not None:
-            bias = bias[flat][:, :, img] if bias.shape[-2] == s_q else bias[flat]
-        scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-        want_self = site.name in self._self_names
-        want_cross = site.name in self._cross_names and text_cols is not None
-        store = gen.self_attention.get(1) if want_self else None
-        if want_self and store is None:
-            store = SelfAttentionStore(1, (h, w), torch.zeros(n_img, n, n, device=dev))
-            gen.self_attention[1] = store
-        cstore = gen.cross_attention.get(site.name) if want_cross else None
-        if want_cross and cstore is None:
-            assert text_cols is not None
-            cstore = CrossAttentionStore(
-                site.name,
-                1,
-                (h, w),
-                torch.zeros(n_img, 1, n, text_cols.numel(), device=dev),
-                per_step=[] if self.cross_steps else None,
-                step_tokens=int(text_cols.numel()),
-            )
-            gen.cross_attention[site.name] = cstore
-        for start, stop, p in probs_chunks(q_img, k_all, scale, bias, self.chunk_bytes, self._scratch_buffer):
-            p = p.view(n_img, n_halves * heads, stop - start, s_k)
-            if store is not None:
-                part = p[..., img]
-                if part.device == store.sums.device:
-                    store.add_mean(site.name, start, stop, part)
-                else:
-                    store.add(site.name, start, stop, part.mean(1).to(dev))
-            if cstore is not None:
-                assert text_cols is not None
-                cstore.add(start, stop, p.index_select(-1, text_cols).mean(1, keepdim=True).to(dev), step=self._step)
 
     # -- results --------------------------------------------------------------------------------
     @property

@@ -1,0 +1,241 @@
+"""The recorder: one canonical attention call in, chunked float32 softmax, online sums out.
+
+Every captured layer call, whatever the model family and wherever its query and key were read,
+arrives as an :class:`AttentionCall`: ``q`` (B, heads, S_q, d) and ``k`` (B, heads, S_k, d) of the
+whole denoiser batch, an additive float ``bias`` broadcasting to (B, heads, S_q, S_k) (or None) and
+the softmax ``scale``. The :class:`Recorder` of a generation keeps the batch rows of the images and
+guidance halves asked for, recomputes their probabilities in float32 in chunks of query rows (no
+(B x heads x S_q x S_k) tensor of a whole call is alive at once), and adds them to the stores:
+
+* a self-attention layer (``kind="self"``: every key is an image token) to the head-mean (N x N)
+  sum of its resolution (and, with ``keep_heads``, to a per-head sum of its own);
+* a cross-attention layer (``kind="cross"``: every key is a text token) to its per-head
+  (N x text columns) sum, keeping the prompt's columns only when text streams say which;
+* a joint layer (``kind="joint"``: image and text tokens in one sequence) to both: the image-query
+  rows restricted to the image keys (self) and to the prompt's text columns (words, head mean).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TraceError
+from .store import CrossAttentionStore, Generation, SelfAttentionStore
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call of a traced layer, in canonical form."""
+
+    layer: str  # module name
+    kind: str  # "self", "cross" or "joint"
+    factor: int  # resolution factor of the layer (1 for transformers)
+    q: torch.Tensor  # shape: (B, heads, S_q, d), the whole denoiser batch
+    k: torch.Tensor  # shape: (B, heads, S_k, d)
+    bias: torch.Tensor | None  # float, broadcasts to (B, heads, S_q, S_k); -inf where masked
+    scale: float
+
+
+def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """An attention mask as SDPA reads it (boolean: True = attend; float: added), as a float32 bias
+    broadcasting to ``shape`` (B, heads, S_q, S_k)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
+    else:
+        bias = mask.float()
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias.expand(*shape[:2], bias.shape[-2], shape[-1])
+
+
+def probs_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    chunk_bytes: int,
+    scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, probs)``: float32 softmax(q k^T * scale + bias) for query rows [start, stop).
+
+    ``q`` (b, heads, n_q, d), ``k`` (b, heads, n_k, d); ``bias`` broadcasts to (b, heads, n_q, n_k).
+    Query rows are processed in chunks of at most ``chunk_bytes``. Scores and probabilities share
+    one buffer, reused from chunk to chunk (``scratch(n, device)`` returns a flat float32 tensor of at
+    least ``n`` elements, kept between calls): a fresh 64 MiB tensor per chunk costs more in page
+    faults than the product and the softmax themselves. Each yielded tensor is therefore only valid
+    until the next one is requested.
+    """
+    b, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    q = q.float() * float(scale)
+    kt = k.float().transpose(-1, -2)
+    step = max(1, chunk_bytes // (b * heads * n_k * 4))
+    need = b * heads * min(step, n_q) * n_k
+    buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
+        torch.matmul(q[:, :, start:stop], kt, out=scores)
+        if bias is not None:
+            scores.add_(bias if bias.shape[-2] == 1 else bias[..., start:stop, :])
+        torch.softmax(scores, dim=-1, out=scores)  # in place
+        yield start, stop, scores
+
+
+class Recorder:
+    """Turns the attention calls of one generation into its stores (see the module docstring).
+
+    ``rows`` (n_images, halves) are the batch rows kept per image; ``layer_grid(factor)`` is the
+    token grid of a layer at ``factor``; ``text_columns`` are the prompt's columns among a call's
+    text tokens (None: every text key is kept, as for UNets' 77 CLIP columns); ``n_text`` is the
+    length of the text part of joint sequences, placed first when ``text_first``.
+    """
+
+    def __init__(
+        self,
+        gen: Generation,
+        rows: torch.Tensor,
+        device: torch.device,
+        layer_grid: Callable[[int], Size],
+        *,
+        chunk_bytes: int,
+        scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
+        keep_heads: bool = False,
+        cross_steps: bool = False,
+        step_tokens: int = 77,
+        text_columns: torch.Tensor | None = None,
+        n_text: int = 0,
+        text_first: bool = False,
+        self_layers: set[str] | None = None,
+        cross_layers: set[str] | None = None,
+    ) -> None:
+        self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
+        self.chunk_bytes, self.scratch = chunk_bytes, scratch
+        self.keep_heads, self.cross_steps, self.step_tokens = keep_heads, cross_steps, step_tokens
+        self.text_columns, self.n_text, self.text_first = text_columns, n_text, text_first
+        self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
+
+    @torch.no_grad()
+    def record(self, call: AttentionCall, step: int) -> None:
+        """Add one call's probabilities (of denoising step ``step``) to the stores."""
+        if call.kind == "joint":
+            self._joint(call, step)
+        else:
+            self._separate(call, step)
+
+    def _kept(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k and bias of the kept batch rows only."""
+        flat = self.rows.flatten()
+        bias = call.bias
+        if bias is not None:
+            bias = bias.expand(call.q.shape[0], *bias.shape[1:])[flat]
+        return call.q[flat], call.k[flat], bias
+
+    def _separate(self, call: AttentionCall, step: int) -> None:
+        """A self- or cross-attention layer of its own (UNets, PixArt)."""
+        gen = self.gen
+        n_q, n_k, heads = call.q.shape[2], call.k.shape[2], call.q.shape[1]
+        size = self.layer_grid(call.factor)
+        if size[0] * size[1] != n_q:
+            raise TraceError(
+                f"layer {call.layer} saw {n_q} query tokens, but a {gen.latent_size} latent at factor {call.factor} "
+                f"has {size[0] * size[1]}: this model's layout is not one daami2i understands"
+            )
+        n_img, n_halves = self.rows.shape
+        q, k, bias = self._kept(call)
+        chunks = probs_chunks(q, k, call.scale, bias, self.chunk_bytes, self.scratch)
+        if call.kind == "self":
+            store = gen.self_attention.get(call.factor)
+            if store is None:
+                store = SelfAttentionStore(call.factor, size, torch.zeros(n_img, n_q, n_k, device=self.device))
+                gen.self_attention[call.factor] = store
+            if self.keep_heads and store.per_head is None:
+                store.per_head = {}
+            for start, stop, p in chunks:
+                p = p.view(n_img, n_halves * heads, stop - start, n_k)
+                if self.keep_heads:
+                    store.add_heads(call.layer, start, stop, p)
+                if p.device == store.sums.device:
+                    store.add_mean(call.layer, start, stop, p)
+                else:  # reduce on the compute device before moving
+                    store.add(call.layer, start, stop, p.mean(1).to(self.device))
+            return
+        cols = self.text_columns  # text streams (T5 of PixArt): the prompt's columns only
+        n_kept = int(cols.numel()) if cols is not None else n_k
+        cstore = gen.cross_attention.get(call.layer)
+        if cstore is None:
+            cstore = CrossAttentionStore(
+                call.layer,
+                call.factor,
+                size,
+                torch.zeros(n_img, heads, n_q, n_kept, device=self.device),
+                per_step=[] if self.cross_steps else None,
+                step_tokens=min(self.step_tokens, n_kept),
+            )
+            gen.cross_attention[call.layer] = cstore
+        for start, stop, p in chunks:
+            p = p.view(n_img, n_halves, heads, stop - start, n_k).mean(1)
+            if cols is not None:
+                p = p.index_select(-1, cols.to(p.device))
+            cstore.add(start, stop, p.to(self.device), step=step)
+
+    def _joint(self, call: AttentionCall, step: int) -> None:
+        """A joint layer (SD3, Flux, Chroma): image-query rows; their image keys and text columns."""
+        gen = self.gen
+        text_cols = self.text_columns
+        assert text_cols is not None
+        h, w = gen.grid_size
+        n, t, s_q, s_k = h * w, self.n_text, call.q.shape[2], call.k.shape[2]
+        if s_q == s_k == n + t:  # joint: [image, text] (SD3) or [text, image] (Flux)
+            img = slice(t, t + n) if self.text_first else slice(0, n)
+            cols: torch.Tensor | None = text_cols if self.text_first else text_cols + n
+        elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
+            img, cols = slice(0, n), None
+        else:
+            raise TraceError(
+                f"layer {call.layer} attended over {s_q} queries and {s_k} keys, but a {h}x{w} token grid with "
+                f"{t} text tokens has {n} or {n + t}: this transformer's layout is not one daami2i understands"
+            )
+        n_img, n_halves = self.rows.shape
+        q, k, bias = self._kept(call)
+        q_img = q[:, :, img]
+        if bias is not None and bias.shape[-2] == s_q:
+            bias = bias[:, :, img]
+        heads = call.q.shape[1]
+        want_self = call.layer in self.self_layers
+        want_cross = call.layer in self.cross_layers and cols is not None
+        store = gen.self_attention.get(1) if want_self else None
+        if want_self and store is None:
+            store = SelfAttentionStore(1, (h, w), torch.zeros(n_img, n, n, device=self.device))
+            gen.self_attention[1] = store
+        cstore = gen.cross_attention.get(call.layer) if want_cross else None
+        if want_cross and cstore is None:
+            assert cols is not None
+            cstore = CrossAttentionStore(
+                call.layer,
+                1,
+                (h, w),
+                torch.zeros(n_img, 1, n, cols.numel(), device=self.device),
+                per_step=[] if self.cross_steps else None,
+                step_tokens=int(cols.numel()),
+            )
+            gen.cross_attention[call.layer] = cstore
+        for start, stop, p in probs_chunks(q_img, k, call.scale, bias, self.chunk_bytes, self.scratch):
+            p = p.view(n_img, n_halves * heads, stop - start, s_k)
+            if store is not None:
+                part = p[..., img]
+                if part.device == store.sums.device:
+                    store.add_mean(call.layer, start, stop, part)
+                else:
+                    store.add(call.layer, start, stop, part.mean(1).to(self.device))
+            if cstore is not None:
+                assert cols is not None
+                cstore.add(start, stop, p.index_select(-1, cols).mean(1, keepdim=True).to(self.device), step=step)
