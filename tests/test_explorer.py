@@ -611,14 +611,15 @@ def test_explore_folder_fills_the_fields(pipe, tmp_path):
 
 def test_explorer_colour_bar_and_fixed_scale(app_url, reference):
     """A colour bar says what 0 and 1 mean; 'fixed scale' colours every map on one scale (0 = no
-    attention, 1 = the most any one pixel's map reaches), so maps compare."""
+    attention, 1 = a value 9 in 10 single pixels' maps peak below), so maps compare."""
     from daami2i.explore import pixel_top
 
     image, _, high = reference
     gw = high.grid_size[1]
     top = pixel_top(high)
-    every = max(float(high.compute_pixel_heat_map([p]).value.max()) for p in range(gw * high.grid_size[0]))
-    assert top == pytest.approx(every, rel=1e-5)
+    peaks = [float(high.compute_pixel_heat_map([p]).value.max()) for p in range(gw * high.grid_size[0])]
+    assert top == pytest.approx(float(np.quantile(peaks, 0.9)), rel=1e-5)
+    assert sum(p < top for p in peaks) == pytest.approx(0.9 * len(peaks), abs=1)
     with _page(app_url) as page:
         legend = page.locator("#legend").inner_text()
         assert "0 = the lowest value of the map shown, 1 = its highest" in legend
