@@ -251,6 +251,7 @@ def _session(image: Image.Image, source: Any) -> Session:
 
 
 def _guidance(value: Any) -> float:
+    """The guidance scale from a form field, a finite number in [0, GUIDANCE_MAX], or a QueryError."""
     try:
         scale = float(value)
     except (TypeError, ValueError):
@@ -763,9 +764,11 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         return s.zip_path
 
     def chips(state: Session) -> Any:
+        """The word chips of what is open (none chosen)."""
         return gr.Radio(choices=word_chips(state), value=None, label="words (click one)", elem_id="words")
 
     def image_view(state: Session) -> Any:
+        """The image as shown: enlarged, crisp pixels; None before any image."""
         return show(state.image) if state.image is not None else None
 
     def files(state: Session, inst: list[M.Instance] | None = None, category: str = "") -> list[str]:
