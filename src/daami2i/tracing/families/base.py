@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ...errors import TraceError
+
 Size = tuple[int, int]  # (height, width)
 
 
@@ -156,6 +158,26 @@ class FamilyAdapter:
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
         """Encode a real image and its caption for :func:`daami2i.trace_image`."""
         raise NotImplementedError
+
+
+def transformer_of(pipe: Any, class_name: str) -> Any | None:
+    """The pipeline's ``transformer`` when it is a ``class_name`` (or a subclass) and there is no UNet."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(pipe, "unet", None) is not None:
+        return None
+    return transformer if class_name in {cls.__name__ for cls in type(transformer).__mro__} else None
+
+
+def patch_geometry(denoiser: Any, call: DenoiserCall, model: str) -> tuple[Size, Size]:
+    """(token grid, latent size) of a (B, C, H, W) latent cut into ``patch_size`` x ``patch_size`` patches."""
+    sample = call.sample
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+        raise TraceError(
+            f"the {model} transformer was called without a (B, C, H, W) latent (got {type(sample).__name__})"
+        )
+    p = int(denoiser.config.patch_size)
+    latent = (int(sample.shape[-2]), int(sample.shape[-1]))
+    return (latent[0] // p, latent[1] // p), latent
 
 
 def size_at(latent: Size, factor: int) -> Size:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, timestep_value
+from .base import AttentionSite, DenoiserCall, FamilyAdapter, timestep_value, transformer_of
 
 
 def find_joint_sites(transformer: Any) -> list[AttentionSite]:
@@ -42,11 +42,7 @@ class MMDiTAdapter(FamilyAdapter):
     default_steps = 28
 
     def denoiser_of(self, pipe: Any) -> Any | None:
-        transformer = getattr(pipe, "transformer", None)
-        if transformer is None or getattr(pipe, "unet", None) is not None:
-            return None
-        names = {cls.__name__ for cls in type(transformer).__mro__}
-        return transformer if self.model_class in names else None
+        return transformer_of(pipe, self.model_class)
 
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
         return find_joint_sites(denoiser)

@@ -10,8 +10,18 @@ from typing import Any
 
 import torch
 
-from ...errors import TraceError
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, RealRequest, RealRun, Size, Stream, timestep_value
+from .base import (
+    AttentionSite,
+    DenoiserCall,
+    FamilyAdapter,
+    RealRequest,
+    RealRun,
+    Size,
+    Stream,
+    patch_geometry,
+    timestep_value,
+    transformer_of,
+)
 
 
 class PixArtAdapter(FamilyAdapter):
@@ -23,11 +33,7 @@ class PixArtAdapter(FamilyAdapter):
     default_steps = 20
 
     def denoiser_of(self, pipe: Any) -> Any | None:
-        transformer = getattr(pipe, "transformer", None)
-        if transformer is None or getattr(pipe, "unet", None) is not None:
-            return None
-        names = {cls.__name__ for cls in type(transformer).__mro__}
-        return transformer if "PixArtTransformer2DModel" in names else None
+        return transformer_of(pipe, "PixArtTransformer2DModel")
 
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
         sites = []
@@ -48,13 +54,7 @@ class PixArtAdapter(FamilyAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
-            raise TraceError(
-                f"the PixArt transformer was called without a (B, C, H, W) latent (got {type(sample).__name__})"
-            )
-        latent = (int(sample.shape[-2]), int(sample.shape[-1]))
-        return self.layer_grid(denoiser, latent, 1), latent
+        return patch_geometry(denoiser, call, "PixArt")
 
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
         p = int(denoiser.config.patch_size)

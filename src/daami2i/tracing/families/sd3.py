@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from ...errors import TraceError
-from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream
+from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream, patch_geometry
 from .mmdit import MMDiTAdapter
 
 
@@ -35,14 +34,7 @@ class SD3Adapter(MMDiTAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
-            raise TraceError(
-                f"the SD3 transformer was called without a (B, C, H, W) latent (got {type(sample).__name__})"
-            )
-        p = int(denoiser.config.patch_size)
-        grid = (int(sample.shape[-2]) // p, int(sample.shape[-1]) // p)
-        return grid, (grid[0] * p, grid[1] * p)
+        return patch_geometry(denoiser, call, "SD3")
 
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
         p = int(denoiser.config.patch_size)
