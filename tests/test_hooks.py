@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,34 @@ def test_previous_generation_is_freed_unless_kept(sd2):
     assert [g.index for g in trc.generations] == [0, 1]
     assert trc.compute_global_heat_map(generation=0).prompt == "a red cat"
     assert trc.compute_global_heat_map().prompt == "a blue dog"
+
+
+def test_unet_reads_the_attention_function_fused_or_classic():
+    """UNet layers are read where their processor calls the attention function, so fused QKV
+    projections trace (to_q / to_k are never called then); processors that call no attention function
+    (diffusers' classic AttnProcessor) are read from their projections. All three give the same maps,
+    to float rounding, and the traced images equal the untraced ones bit for bit."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from daami2i.testing import tiny_sd_pipeline
+
+    def run(pipe):
+        kw = dict(num_inference_steps=2, height=64, width=96, output_type="np")
+        plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        with daami2i.trace(pipe) as trc:
+            traced = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        assert np.array_equal(plain, traced)
+        ghm = trc.compute_global_heat_map()
+        return ghm.compute_pixel_heat_map([3, 40]).value, ghm.compute_word_heat_map("cat").value
+
+    pipe = tiny_sd_pipeline("sd2")
+    default = run(pipe)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    classic = run(pipe)
+    pipe.unet.set_default_attn_processor()
+    pipe.fuse_qkv_projections()
+    assert any("Fused" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+    fused = run(pipe)
+    for other in (classic, fused):
+        for ours, ref in zip(other, default, strict=True):
+            assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()

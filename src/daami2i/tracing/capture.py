@@ -1,14 +1,14 @@
 """The capturing processor: wraps a layer's original attention processor and records its attention.
 
-The original processor runs untouched (SDPA, xformers, LoRA, ... whatever was installed); the
-query and key it computes are read with forward hooks on ``attn.to_q`` / ``attn.to_k`` for the
-duration of the call, and the probabilities are recomputed from them in float32, in chunks of query
-rows, and added to the store. So the layer's output is exactly the original one.
-
-Joint-attention layers (SD3, Flux) normalise and rotate q and k inside the processor, so there the
-query and key are read where the processor hands them to its attention function
+The original processor runs untouched (SDPA, xformers, LoRA, IP-adapter, fused projections...);
+the query and key are read where the processor hands them to its attention function
 (``F.scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn``, wrapped in the
-processor's module while the trace is active; see :class:`JointCapturingProcessor`).
+processor's module while a trace is active and scoped by a context variable to traced layer calls):
+there they are final (QK-norm, rotary embeddings, fused projections applied) and come with the
+model's own mask and scale. Processors that call no attention function (diffusers' classic
+``AttnProcessor``, xformers) are read from forward hooks on ``attn.to_q`` / ``attn.to_k`` instead.
+Joint-attention layers (SD3, Flux) can only be read at the attention function. Either way the call
+goes to the recorder in one canonical form, and the layer's output is exactly the original one.
 """
 
 from __future__ import annotations
@@ -70,30 +70,61 @@ class CapturingProcessor:
         recorder = self.hub.active()
         if recorder is None:
             return self.original(attn, *args, **kwargs)
-        slot: dict[str, torch.Tensor] = {}
+        slot: dict[str, Any] = {}  # what the attention function received (see _recording)
+        projected: dict[str, torch.Tensor] = {}  # to_q / to_k outputs: the read for processors without one
 
         def keep(key: str) -> Any:
             def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-                slot.setdefault(key, output)
+                projected.setdefault(key, output)
 
             return hook
 
-        hq = attn.to_q.register_forward_hook(keep("q"))
-        hk = attn.to_k.register_forward_hook(keep("k"))
+        handles = []
+        if self.site.kind != "joint":  # a joint sequence is only whole where the attention function gets it
+            for name in ("to_q", "to_k"):
+                module = getattr(attn, name, None)
+                if module is not None and callable(getattr(module, "register_forward_hook", None)):
+                    handles.append(module.register_forward_hook(keep(name)))
+        token = _SLOT.set(slot)
         try:
             out = self.original(attn, *args, **kwargs)
         finally:
-            hq.remove()
-            hk.remove()
-        if "q" not in slot or "k" not in slot:
+            _SLOT.reset(token)
+            for h in handles:
+                h.remove()
+        recorder.record(self._canonical(attn, slot, projected, args, kwargs), self.hub.step)
+        return out
+
+    def _canonical(
+        self, attn: Any, slot: dict[str, Any], projected: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> AttentionCall:
+        """The call as the attention function received it (q and k final: QK-norm, RoPE, fused
+        projections, the model's own mask and scale), else from the projections."""
+        site = self.site
+        if "q" in slot:
+            if slot["causal"]:
+                raise TraceError(f"layer {site.name} runs causal attention, which daami2i does not expect")
+            q, k = slot["q"], slot["k"]
+            if slot["layout"] == "bshd":
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+            bias = mask_bias(slot["mask"], (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+            scale = float(slot["scale"]) if slot["scale"] is not None else q.shape[-1] ** -0.5
+            return AttentionCall(site.name, site.kind, site.factor, q, k, bias, scale)
+        if site.kind == "joint":
             raise TraceError(
-                f"the attention processor {type(self.original).__name__} of layer {self.site.name} did not call "
-                "attn.to_q / attn.to_k, so its attention cannot be captured "
-                "(fused QKV projections? call pipe.unfuse_qkv_projections() before tracing)"
+                f"the attention processor {type(self.original).__name__} of layer {site.name} called neither "
+                "torch.nn.functional.scaled_dot_product_attention (as F) nor diffusers' dispatch_attention_fn, so "
+                "its attention cannot be captured; use the model's default processor while tracing"
+            )
+        if "to_q" not in projected or "to_k" not in projected:
+            raise TraceError(
+                f"the attention processor {type(self.original).__name__} of layer {site.name} called no attention "
+                "function daami2i reads (F.scaled_dot_product_attention, dispatch_attention_fn) and not "
+                "attn.to_q / attn.to_k, so its attention cannot be captured; use the model's default processor "
+                "while tracing"
             )
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        recorder.record(projection_call(self.site, attn, slot["q"], slot["k"], mask), self.hub.step)
-        return out
+        return projection_call(site, attn, projected["to_q"], projected["to_k"], mask)
 
 
 @torch.no_grad()
@@ -226,34 +257,5 @@ def release_attention_patches(keys: list[tuple[str, str]]) -> None:
 
 
 class JointCapturingProcessor(CapturingProcessor):
-    """Wraps a joint-attention processor: records the query and key its attention function receives."""
-
-    def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
-        recorder = self.hub.active()
-        if recorder is None:
-            return self.original(attn, *args, **kwargs)
-        slot: dict[str, Any] = {}
-        token = _SLOT.set(slot)
-        try:
-            out = self.original(attn, *args, **kwargs)
-        finally:
-            _SLOT.reset(token)
-        if "q" not in slot:
-            raise TraceError(
-                f"the attention processor {type(self.original).__name__} of layer {self.site.name} called neither "
-                "torch.nn.functional.scaled_dot_product_attention (as F) nor diffusers' dispatch_attention_fn, so "
-                "its attention cannot be captured; use the model's default processor while tracing"
-            )
-        if slot["causal"]:
-            raise TraceError(
-                f"layer {self.site.name} runs causal attention, which joint-attention tracing does not expect"
-            )
-        q, k = slot["q"], slot["k"]
-        if slot["layout"] == "bshd":
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-        bias = mask_bias(slot["mask"], (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        scale = float(slot["scale"]) if slot["scale"] is not None else q.shape[-1] ** -0.5
-        recorder.record(
-            AttentionCall(self.site.name, self.site.kind, self.site.factor, q, k, bias, scale), self.hub.step
-        )
-        return out
+    """The wrapper of a joint-attention layer (SD3, Flux, Chroma): its q and k can only be read where
+    the processor hands the whole joint sequence to its attention function."""

@@ -354,8 +354,8 @@ class Trace:
                 original = s.module.get_processor()
                 self._originals[s.name] = original
                 s.module.set_processor(wrapper(original, s, self._hub))
-            if reads_fn:
-                self._attention_keys = acquire_attention_patches(list(self._originals.values()))
+            # every processor is read at its attention function where it calls one (UNets too)
+            self._attention_keys = acquire_attention_patches(list(self._originals.values()))
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             if self._cross_sites:
                 self._log_filter = _TruncationNotices()

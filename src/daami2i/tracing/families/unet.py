@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ...errors import TraceError, UnsupportedPipelineError
+from ...errors import UnsupportedPipelineError
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, RealRequest, RealRun, Size, size_at, timestep_value
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
@@ -69,14 +69,6 @@ class UNetAdapter(FamilyAdapter):
     ) -> tuple[Size, Size]:
         latent = (int(call.sample.shape[-2]), int(call.sample.shape[-1]))
         return size_at(latent, grid_factor), latent
-
-    def check_site(self, site: AttentionSite) -> None:
-        processor = site.module.get_processor()
-        if "Fused" in type(processor).__name__:
-            raise TraceError(
-                f"layer {site.name} runs {type(processor).__name__}, whose fused QKV projection "
-                "hides the query and key: call pipe.unfuse_qkv_projections() before tracing"
-            )
 
     def predecessor_order(
         self, sites: list[AttentionSite], kind: str, low_memory: bool
