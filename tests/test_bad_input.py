@@ -172,11 +172,20 @@ def test_uncond_without_guidance(sd2):
             sd2("a cat", num_inference_steps=1, height=64, width=64, guidance_scale=1.0)
 
 
-def test_fused_projections_are_refused(sd2):
-    sd2.unet.fuse_qkv_projections()
+def test_a_processor_that_hides_q_and_k_is_an_error(sd2):
+    """A processor that neither calls an attention function daami2i reads nor the to_q / to_k
+    projections (fused QKV projections are read at the attention function: tests/test_hooks.py)."""
+
+    class Opaque:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            return hidden_states * 1.0
+
+    name = next(n for n in sd2.unet.attn_processors if "attn1" in n)
+    before = dict(sd2.unet.attn_processors)
+    sd2.unet.set_attn_processor({n: Opaque() if n == name else p for n, p in before.items()})
     try:
-        with pytest.raises(daami2i.TraceError, match="unfuse_qkv_projections"):
-            with daami2i.trace(sd2):
-                pass
+        with pytest.raises(daami2i.TraceError, match="called no attention function daami2i reads"):
+            with daami2i.trace(sd2, self_factors="all"):
+                sd2("a cat", num_inference_steps=1, height=64, width=64)
     finally:
-        sd2.unet.unfuse_qkv_projections()
+        sd2.unet.set_attn_processor(before)
