@@ -59,7 +59,7 @@ def call(pipe, prompt, **kw):
         kw.setdefault("max_sequence_length", 32)
     if "Chroma" in type(pipe).__name__:
         kw.setdefault("guidance_scale", 1.0)  # one pass per step (guidance: test_chroma_guidance_passes)
-    return pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
 
 
 def text_first(pipe) -> bool:
@@ -89,9 +89,10 @@ def layout(pipe, n: int, t: int):
     return slice(0, n), slice(n, n + t)
 
 
-def dense(pipe, trc, book, rows, calls=None):
+def dense(pipe, trc, book, rows, calls=None, n_text=None):
     """Dense references from the recorded probabilities: the self matrix (N x N) and the token maps
-    over the *full* text sequence (T, h, w), for the layers the trace selected."""
+    over the *full* text sequence (T, h, w), for the layers the trace selected. ``n_text``: the text
+    length when the joint sequence holds more than text and the output image (Kontext's reference)."""
     gen = trc.last_generation
     h, w = gen.grid_size
     n = h * w
@@ -105,10 +106,10 @@ def dense(pipe, trc, book, rows, calls=None):
             if calls is not None and not (calls(i, p) if callable(calls) else i in calls):
                 continue
             s = p.shape[-1]
-            img, txt = layout(pipe, n, s - n)
+            img, txt = layout(pipe, n, s - n if n_text is None else n_text)
             p = p[rows].mean(dim=(0, 1))  # (S, S)
             acc_self = acc_self + p[img, img]
-            if s > n:
+            if s > n and txt.stop > txt.start:
                 acc_text = acc_text + p[img, txt]
         if name in self_names:
             total_self += acc_self
@@ -437,6 +438,26 @@ def test_chroma_real_image_attribution(chroma):
             )  # fmt: skip
     self_ref, maps_ref = dense(chroma, trc, dict(book), [0])
     check_queries(chroma, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+def test_flux_kontext_reference_tokens_are_keys_not_output():
+    """Kontext appends the reference image's tokens after the output's: they take part in every
+    softmax (as keys), but the grid, the self-attention store and the word maps are the output's."""
+    from PIL import Image
+
+    pipe = tiny_flux_pipeline(kind="kontext")
+    rng = np.random.default_rng(0)
+    reference = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    kw = dict(image=reference, _auto_resize=False, max_area=64 * 96)  # no resize to 1024 px (tiny model)
+    trc, book, traced, plain = run(pipe, "a red cat", **kw)
+    assert np.array_equal(traced, plain)
+    gen = trc.last_generation
+    assert gen.grid_size == (8, 12) and gen.steps_captured == [0, 1]
+    first = next(iter(book.values()))[0]
+    n_text = trc._n_text
+    assert first.shape[-1] == n_text + 2 * 96  # text, output and reference tokens in one sequence
+    self_ref, maps_ref = dense(pipe, trc, book, [0], n_text=n_text)
+    check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
 
 
 def test_masks_from_joint_maps(sd3):

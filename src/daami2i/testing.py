@@ -359,21 +359,28 @@ def tiny_sd3_pipeline(
 
 
 def tiny_flux_pipeline(
-    kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
+    kind: DitKind | Literal["kontext"] = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
 ) -> Any:
     """A random Flux style pipeline (double- and single-stream blocks, rotary embeddings), offline.
 
     A CLIP text encoder (pooled) with the real CLIP tokenizer and a small T5 encoder with
     :func:`t5_tokenizer`; the VAE scales by 4 and latents are packed 2x2, so a 64x64 image has an
-    8x8 grid of image tokens.
+    8x8 grid of image tokens. ``kind="kontext"`` is FluxKontextPipeline (call it with
+    ``image=..., _auto_resize=False, max_area=height * width`` at tiny sizes: it scales to 1024 px).
 
     >>> pipe = tiny_flux_pipeline()
     >>> pipe("a cat", num_inference_steps=2, height=64, width=96, max_sequence_length=32).images[0].size
     (96, 64)
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxImg2ImgPipeline,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
-    classes: dict[str, Any] = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
+    classes: dict[str, Any] = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "kontext": FluxKontextPipeline}
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     torch.manual_seed(seed + 3)

@@ -13,6 +13,7 @@ guidance halves asked for, recomputes their probabilities in float32 in chunks o
   (N x text columns) sum, keeping the prompt's columns only when text streams say which;
 * a joint layer (``kind="joint"``: image and text tokens in one sequence) to both: the image-query
   rows restricted to the image keys (self) and to the prompt's text columns (words, head mean).
+  Reference-image tokens (Flux Kontext) are keys of the softmax but neither queried nor stored.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class Recorder:
         step_tokens: int = 77,
         text_columns: torch.Tensor | None = None,
         n_text: int = 0,
+        n_reference: int = 0,
         text_first: bool = False,
         self_layers: set[str] | None = None,
         cross_layers: set[str] | None = None,
@@ -121,6 +123,7 @@ class Recorder:
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
         self.keep_heads, self.cross_steps, self.step_tokens = keep_heads, cross_steps, step_tokens
         self.text_columns, self.n_text, self.text_first = text_columns, n_text, text_first
+        self.n_reference = n_reference  # reference-image tokens after the output image's (Flux Kontext)
         self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
 
     @torch.no_grad()
@@ -194,7 +197,8 @@ class Recorder:
         assert text_cols is not None
         h, w = gen.grid_size
         n, t, s_q, s_k = h * w, self.n_text, call.q.shape[2], call.k.shape[2]
-        if s_q == s_k == n + t:  # joint: [image, text] (SD3) or [text, image] (Flux)
+        r = self.n_reference  # Kontext: [text, image, reference image]; its tokens are keys, never stored
+        if s_q == s_k == n + t + r and (r == 0 or self.text_first):  # [image, text] (SD3), [text, image] (Flux)
             img = slice(t, t + n) if self.text_first else slice(0, n)
             cols: torch.Tensor | None = text_cols if self.text_first else text_cols + n
         elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
@@ -202,7 +206,8 @@ class Recorder:
         else:
             raise TraceError(
                 f"layer {call.layer} attended over {s_q} queries and {s_k} keys, but a {h}x{w} token grid with "
-                f"{t} text tokens has {n} or {n + t}: this transformer's layout is not one daami2i understands"
+                f"{t} text tokens (and {r} reference tokens) has {n} or {n + t + r}: this transformer's layout is "
+                "not one daami2i understands"
             )
         n_img, n_halves = self.rows.shape
         q, k, bias = self._kept(call)

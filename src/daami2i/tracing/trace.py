@@ -595,6 +595,7 @@ class Trace:
             step_tokens=self._step_tokens,
             text_columns=None if self.adapter.single_clip_stream else self._text_columns,
             n_text=self._n_text,
+            n_reference=self.adapter.reference_tokens(call, gen.grid_size),
             text_first=self.adapter.text_first,
             self_layers=self._self_names,
             cross_layers=self._cross_names,

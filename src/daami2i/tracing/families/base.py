@@ -132,6 +132,11 @@ class FamilyAdapter:
         """(token grid, latent size) of one denoiser call; ``grid_factor`` is the finest self-attention factor."""
         raise NotImplementedError
 
+    def reference_tokens(self, call: DenoiserCall, grid: Size) -> int:
+        """Image tokens after the output grid's in a joint sequence that are not the output (Flux
+        Kontext's reference image): attended to, but neither queried nor stored as self-attention."""
+        return 0
+
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
         """(height, width) of the tokens of a layer at ``factor`` for a latent of ``latent_size``."""
         return size_at(latent_size, factor)

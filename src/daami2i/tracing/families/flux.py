@@ -47,8 +47,21 @@ class FluxAdapter(MMDiTAdapter):
         if not isinstance(ids, torch.Tensor) or ids.shape[-1] < 3:
             raise TraceError("the Flux transformer was called without img_ids, so the image grid is unknown")
         ids = ids[0] if ids.dim() == 3 else ids
-        grid = (int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1)
+        out = ids[ids[:, 0] == 0] if bool((ids[:, 0] != 0).any()) else ids  # Kontext: reference ids have 1
+        grid = (int(out[:, 1].max().item()) + 1, int(out[:, 2].max().item()) + 1)
+        if grid[0] * grid[1] != out.shape[0] or not bool((ids[: out.shape[0], 0] == 0).all()):
+            raise TraceError(
+                f"the Flux transformer's img_ids do not start with one full {grid[0]}x{grid[1]} grid of output "
+                "tokens: this layout is not one daami2i understands"
+            )
         return grid, (grid[0] * 2, grid[1] * 2)  # each token packs a 2x2 latent patch
+
+    def reference_tokens(self, call: DenoiserCall, grid: Size) -> int:
+        """Kontext appends the reference image's tokens after the output's (its ids start with 1)."""
+        sample = call.sample
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 3:
+            return 0
+        return max(0, int(sample.shape[1]) - grid[0] * grid[1])
 
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
         return latent_size[0] // 2, latent_size[1] // 2
