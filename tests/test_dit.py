@@ -460,6 +460,23 @@ def test_flux_kontext_reference_tokens_are_keys_not_output():
     check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
 
 
+def test_flux_fill_is_traced_as_flux():
+    """FluxFillPipeline's transformer takes the masked image and the mask as extra input channels of
+    the same tokens: one grid, every query as for Flux."""
+    from PIL import Image
+
+    pipe = tiny_flux_pipeline(kind="fill")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (20, 10, 60, 50))
+    trc, book, traced, plain = run(pipe, "a red cat", image=image, mask_image=mask)
+    assert np.array_equal(traced, plain)
+    assert trc.last_generation.grid_size == (8, 12)
+    self_ref, maps_ref = dense(pipe, trc, book, [0])
+    check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
 def test_masks_from_joint_maps(sd3):
     """The mask pipeline takes a joint model's maps like a UNet's: guided word map -> binary -> instances."""
     from daami2i.heatmaps import masks, schemes

@@ -359,14 +359,18 @@ def tiny_sd3_pipeline(
 
 
 def tiny_flux_pipeline(
-    kind: DitKind | Literal["kontext"] = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
+    kind: DitKind | Literal["kontext", "fill"] = "text2img",
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 2,
 ) -> Any:
     """A random Flux style pipeline (double- and single-stream blocks, rotary embeddings), offline.
 
     A CLIP text encoder (pooled) with the real CLIP tokenizer and a small T5 encoder with
     :func:`t5_tokenizer`; the VAE scales by 4 and latents are packed 2x2, so a 64x64 image has an
     8x8 grid of image tokens. ``kind="kontext"`` is FluxKontextPipeline (call it with
-    ``image=..., _auto_resize=False, max_area=height * width`` at tiny sizes: it scales to 1024 px).
+    ``image=..., _auto_resize=False, max_area=height * width`` at tiny sizes: it scales to 1024 px),
+    ``kind="fill"`` FluxFillPipeline (``image=..., mask_image=...``).
 
     >>> pipe = tiny_flux_pipeline()
     >>> pipe("a cat", num_inference_steps=2, height=64, width=96, max_sequence_length=32).images[0].size
@@ -374,19 +378,27 @@ def tiny_flux_pipeline(
     """
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
         FluxImg2ImgPipeline,
         FluxKontextPipeline,
         FluxPipeline,
         FluxTransformer2DModel,
     )
 
-    classes: dict[str, Any] = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "kontext": FluxKontextPipeline}
+    classes: dict[str, Any] = {
+        "text2img": FluxPipeline,
+        "img2img": FluxImg2ImgPipeline,
+        "kontext": FluxKontextPipeline,
+        "fill": FluxFillPipeline,
+    }
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     torch.manual_seed(seed + 3)
+    # Fill's transformer also takes the masked image's packed latents (16) and the packed mask (4 x 4 x 4)
     transformer: Any = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=16 + 16 + 64 if kind == "fill" else 16,
+        out_channels=16,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
         attention_head_dim=16,
