@@ -162,3 +162,41 @@ def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
                 assert second == st.tokens  # both CLIP encoders saw the same tokens
         assert checked == len(ghm.streams)
         assert {"red", "chair"} <= {w.lower() for w in ghm.words}
+
+
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux", "chroma", "pixart"])
+def test_every_family_leaves_images_and_pipeline_as_they_were(pipes, family):
+    """Traced images equal untraced ones bit for bit; after a trace, also one left by an exception,
+    the processors, hooks, patched pipeline methods and attention-function wrappers are the originals."""
+    import sys
+
+    import diffusers.models.attention_processor as attention_processor
+    import numpy as np
+
+    watched = [attention_processor] + [
+        m for n, m in sys.modules.items() if n.startswith("diffusers.models.transformers.") and m is not None
+    ]
+    names = ("F", "dispatch_attention_fn")
+    for pipe in pipes[family]:
+        denoiser = pipe.unet if family == "unet" else pipe.transformer
+        kw = {"num_inference_steps": 2, "height": 64, "width": 96, "output_type": "np"}
+        if family in ("flux", "chroma", "pixart"):
+            kw["max_sequence_length"] = 32
+        if family == "pixart":
+            kw.update(use_resolution_binning=False, clean_caption=False)
+        before = dict(denoiser.attn_processors)
+        globals_before = [{a: vars(m).get(a) for a in names} for m in watched]
+        hooks = len(denoiser._forward_pre_hooks)
+        plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        with daami2i.trace(pipe):
+            traced = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        assert np.array_equal(plain, traced), family
+        with pytest.raises(RuntimeError, match="boom"):
+            with daami2i.trace(pipe):
+                pipe("a red cat", **{**kw, "num_inference_steps": 1})
+                raise RuntimeError("boom")
+        assert denoiser.attn_processors == before
+        assert [{a: vars(m).get(a) for a in names} for m in watched] == globals_before
+        assert attention_processor.F is torch.nn.functional
+        assert len(denoiser._forward_pre_hooks) == hooks
+        assert "check_inputs" not in vars(pipe) and "encode_prompt" not in vars(pipe)
