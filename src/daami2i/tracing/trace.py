@@ -162,6 +162,14 @@ class Trace:
             (64 MiB per step at 512 px); choose its steps before the run with ``steps``.
         max_store_mb: refuse a generation whose stores would exceed this many MiB; the check runs
             at the first UNet call, before any denoising, and the error gives the size needed.
+        keep_heads: also keep self-attention per layer and head (UNets), so that
+            ``compute_global_heat_map(head_idx=..., layer_idx=...)`` can select daam-i2i's entries;
+            one (N x N) map per layer and kept head, so it multiplies the self-attention store.
+        low_memory, load_heads, save_heads, data_dir, track_all: daam-i2i's positional options.
+            ``low_memory`` captures the first transformer of each UNet block only and
+            ``track_all=True`` every resolution (``self_factors="all"``). ``load_heads`` /
+            ``save_heads`` (pickled dumps of every call) are refused: use :meth:`to_experiment`.
+            ``data_dir`` is ignored, with a warning.
     """
 
     def __init__(
