@@ -358,6 +358,18 @@ def tiny_sd3_pipeline(
     return pipe
 
 
+# the tiny Flux-style blocks shared by the Flux and Chroma pipelines
+_FLUX_BLOCKS: dict[str, Any] = dict(
+    patch_size=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)
+)
+
+
+def _kind_class(classes: dict[str, Any], kind: str) -> Any:
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    return classes[kind]
+
+
 def tiny_flux_pipeline(
     kind: DitKind | Literal["kontext", "fill"] = "text2img",
     seed: int = 0,
@@ -391,25 +403,20 @@ def tiny_flux_pipeline(
         "kontext": FluxKontextPipeline,
         "fill": FluxFillPipeline,
     }
-    if kind not in classes:
-        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    cls = _kind_class(classes, kind)
     torch.manual_seed(seed + 3)
     # Fill's transformer also takes the masked image's packed latents (16) and the packed mask (4 x 4 x 4)
     transformer: Any = FluxTransformer2DModel(
-        patch_size=1,
         in_channels=16 + 16 + 64 if kind == "fill" else 16,
         out_channels=16,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
         pooled_projection_dim=16,
-        axes_dims_rope=(4, 4, 8),
+        **_FLUX_BLOCKS,
     )
     transformer.eval()
     t5 = t5_tokenizer()
-    pipe = classes[kind](
+    pipe = cls(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_dit_vae(seed + 1, 4, 3),
@@ -443,28 +450,22 @@ def tiny_chroma_pipeline(
         FlowMatchEulerDiscreteScheduler,
     )
 
-    classes: dict[str, Any] = {"text2img": ChromaPipeline, "img2img": ChromaImg2ImgPipeline}
-    if kind not in classes:
-        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    cls = _kind_class({"text2img": ChromaPipeline, "img2img": ChromaImg2ImgPipeline}, kind)
     torch.manual_seed(seed + 3)
     with warnings.catch_warnings():  # diffusers' own Chroma module imports a name it deprecated
         warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
         transformer: Any = ChromaTransformer2DModel(
-            patch_size=1,
             in_channels=16,
             num_layers=num_layers,
             num_single_layers=num_single_layers,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            axes_dims_rope=(4, 4, 8),
+            **_FLUX_BLOCKS,
             approximator_num_channels=8,
             approximator_hidden_dim=32,
             approximator_layers=1,
         )
     transformer.eval()
     t5 = t5_tokenizer()
-    pipe = classes[kind](
+    pipe = cls(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_dit_vae(seed + 1, 4, 3),
