@@ -657,3 +657,16 @@ def test_fused_qkv_projections_are_traced(model):
     gen = trc.last_generation
     self_ref, maps_ref = dense(pipe, trc, book, batch_rows(1, gen.cfg, "cond", 0))
     check_queries(pipe, trc, self_ref, maps_ref, 0, "a red cat", "cat")
+
+
+def test_predecessors_layer_index_on_joint_models(flux):
+    """layer_idx counts the joint layers in module order (trc.layer_names): it equals choosing that
+    layer by name; head_idx is refused (joint word maps keep the head mean)."""
+    trc, _, _, _ = run(flux, "a red cat")
+    names = trc.layer_names
+    assert list(names) == [n for n, (kind, _) in trc.attention_layers.items() if kind == "joint"]
+    by_index = trc.compute_global_heat_map(layer_idx=1).compute_word_heat_map("cat").value
+    by_name = trc.compute_global_heat_map(layers=[names[1]]).compute_word_heat_map("cat").value
+    assert torch.equal(by_index, by_name)
+    with pytest.raises(daami2i.QueryError, match="kept as the mean over heads"):
+        trc.compute_global_heat_map(head_idx=0)
