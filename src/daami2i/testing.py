@@ -429,6 +429,21 @@ def tiny_flux_pipeline(
     return pipe
 
 
+def _t5_pipeline(cls: Any, transformer: Any, scheduler: Any, seed: int) -> Any:
+    """A pipeline whose one text encoder is the small T5 (Chroma, PixArt): VAE by 4, no progress bars."""
+    transformer.eval()
+    t5 = t5_tokenizer()
+    pipe = cls(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_dit_vae(seed + 1, 4, 3),
+        text_encoder=_t5_encoder(t5, 32, seed + 5),
+        tokenizer=t5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_chroma_pipeline(
     kind: DitKind = "text2img", seed: int = 0, num_layers: int = 1, num_single_layers: int = 2
 ) -> Any:
@@ -463,17 +478,7 @@ def tiny_chroma_pipeline(
             approximator_hidden_dim=32,
             approximator_layers=1,
         )
-    transformer.eval()
-    t5 = t5_tokenizer()
-    pipe = cls(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_dit_vae(seed + 1, 4, 3),
-        text_encoder=_t5_encoder(t5, 32, seed + 5),
-        tokenizer=t5,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _t5_pipeline(cls, transformer, FlowMatchEulerDiscreteScheduler(), seed)
 
 
 def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 2) -> Any:
@@ -504,14 +509,4 @@ def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 2) -> Any:
         patch_size=2,
         caption_channels=32,
     )
-    transformer.eval()
-    t5 = t5_tokenizer()
-    pipe = PixArtSigmaPipeline(
-        transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(),
-        vae=_dit_vae(seed + 1, 4, 3),
-        text_encoder=_t5_encoder(t5, 32, seed + 5),
-        tokenizer=t5,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _t5_pipeline(PixArtSigmaPipeline, transformer, DPMSolverMultistepScheduler(), seed)

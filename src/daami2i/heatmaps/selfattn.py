@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import QueryError
-from .regions import check_fraction, check_positive_int
+from .regions import _is_integer, check_fraction, check_positive_int
 from .resample import adjoint, upsample
 
 Direction = Literal["attended_by", "attends_to"]
@@ -222,7 +222,7 @@ def diffuse_absolute(
     ``n_iter + 1`` maps ``[m_0, ..., m_n]`` (the last is the result; the others are daam-i2i's
     intermediate plots). ``n_iter=0`` returns the cut region map alone.
     """
-    if not _is_int(n_iter) or n_iter < 0:
+    if not _is_integer(n_iter) or n_iter < 0:
         raise QueryError(f"n_iter must be a non-negative integer, got {n_iter!r}")
     thresh = check_thresh(thresh)
     m = cut_absolute(query(levels, weights, grid, direction), thresh)
@@ -231,10 +231,6 @@ def diffuse_absolute(
         m = cut_absolute(query(levels, m, grid, direction), thresh, iteration=i + 1)
         out.append(m)
     return out
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def diffuse_all(
@@ -268,7 +264,7 @@ def diffuse_all(
     if not levels:
         raise QueryError("no self-attention was captured: trace with self_attention=True to use self-attention queries")
     if absolute:  # daam-i2i: ``iterations`` (n_iter) further rounds after the cut pixel maps; thresh absolute
-        if not _is_int(iterations) or iterations < 0:
+        if not _is_integer(iterations) or iterations < 0:
             raise QueryError(f"n_iter must be a non-negative integer, got {iterations!r}")
         rounds, threshold = int(iterations), check_thresh(threshold)
     else:

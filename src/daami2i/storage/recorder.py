@@ -45,7 +45,8 @@ class AttentionCall:
 
 def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
     """An attention mask as SDPA reads it (boolean: True = attend; float: added), as a float32 bias
-    broadcasting to ``shape`` (B, heads, S_q, S_k)."""
+    of 4 dimensions that broadcasts to ``shape`` (B, heads, S_q, S_k). It is not expanded: a (1, 1, S,
+    S) mask of a joint model stays one S x S matrix, not one per batch entry and head."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -54,7 +55,14 @@ def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> to
         bias = mask.float()
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
-    return bias.expand(*shape[:2], bias.shape[-2], shape[-1])
+    try:
+        torch.broadcast_shapes(bias.shape, shape)
+    except RuntimeError as exc:
+        raise TraceError(
+            f"an attention mask of shape {tuple(mask.shape)} does not broadcast to the attention's "
+            f"(batch, heads, queries, keys) = {shape}: this layout is not one daami2i understands"
+        ) from exc
+    return bias
 
 
 def probs_chunks(
@@ -138,8 +146,8 @@ class Recorder:
         """q, k and bias of the kept batch rows only."""
         flat = self.rows.flatten()
         bias = call.bias
-        if bias is not None:
-            bias = bias.expand(call.q.shape[0], *bias.shape[1:])[flat]
+        if bias is not None and bias.shape[0] > 1:  # one mask per batch entry; else it broadcasts
+            bias = bias[flat]
         return call.q[flat], call.k[flat], bias
 
     def _separate(self, call: AttentionCall, step: int) -> None:
