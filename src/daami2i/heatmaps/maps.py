@@ -638,28 +638,25 @@ class GlobalHeatMap:
         return self._token_rows(range(self.cross_layers[0].sums.shape[2]))  # (normalised with normalize=True)
 
     def _token_rows(self, rows: Sequence[int]) -> torch.Tensor:
-        """Maps of the given token rows, (len(rows), h, w); each row is aggregated once and cached."""
-        missing = sorted({r for r in rows if r not in self._row_cache})
-        if missing:
-            for r, m in zip(missing, aggregate_layers(self.cross_layers, self.grid_size, missing).cpu(), strict=True):
-                self._row_cache[r] = m
-        out = torch.stack([self._row_cache[r] for r in rows])
-        if self.normalize:  # DAAM: divided by the sum over the prompt's token maps (start / end tokens left out)
+        """Maps of the given token rows, (len(rows), h, w); with ``normalize`` divided by the sum over
+        the prompt's token maps (DAAM; start and end tokens left out)."""
+        out = self._aggregated(rows)
+        if self.normalize:
             st = self.streams[0]
             n_rows = int(self.cross_layers[0].sums.shape[2])
             seen = st.n_seen if st.n_seen is not None else n_rows - st.first_row - 1
             words = list(range(st.first_row, min(n_rows, st.first_row + seen)))
             if words:
-                denom = self._token_rows_raw(words).sum(0) + 1e-6
-                out = out / denom
+                out = out / (self._aggregated(words).sum(0) + 1e-6)
         return out
 
-    def _token_rows_raw(self, rows: Sequence[int]) -> torch.Tensor:
-        normalize, self.normalize = self.normalize, False
-        try:
-            return self._token_rows(rows)
-        finally:
-            self.normalize = normalize
+    def _aggregated(self, rows: Sequence[int]) -> torch.Tensor:
+        """DAAM's aggregation of the given token rows, (len(rows), h, w); each row is computed once and cached."""
+        missing = sorted({r for r in rows if r not in self._row_cache})
+        if missing:
+            for r, m in zip(missing, aggregate_layers(self.cross_layers, self.grid_size, missing).cpu(), strict=True):
+                self._row_cache[r] = m
+        return torch.stack([self._row_cache[r] for r in rows])
 
     @property
     def words(self) -> list[str]:
