@@ -510,3 +510,20 @@ def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 2) -> Any:
         caption_channels=32,
     )
     return _t5_pipeline(PixArtSigmaPipeline, transformer, DPMSolverMultistepScheduler(), seed)
+
+
+def __getattr__(name: str) -> Any:
+    """``tiny_<family>_pipeline`` of a family with its own module (``daami2i.testing.<family>``) and
+    the tokenizers of :mod:`daami2i.testing.llm`, imported on first use."""
+    import importlib
+
+    if name.startswith("tiny_") and name.endswith("_pipeline"):
+        module = name[len("tiny_") : -len("_pipeline")]
+        try:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{module}":
+                raise
+    if name in ("qwen_tokenizer", "gemma_tokenizer"):
+        return getattr(importlib.import_module(f"{__name__}.llm"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
