@@ -12,7 +12,7 @@ few pieces. Deterministic.
 >>> tok.tokenize("a blue square")
 ['a', 'Ġblue', 'Ġsqu', 'are']
 >>> len(gemma_tokenizer()("a blue square").input_ids)  # <bos> first
-4
+5
 """
 
 from __future__ import annotations

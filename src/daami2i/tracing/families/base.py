@@ -45,6 +45,14 @@ class Stream:
     width: int | None  # number of text-key columns (None: to the end)
     bos: int  # 1 if the tokenizer puts a start token before the prompt, else 0
     lowercase: bool = False  # the pipeline lowercases the prompt before this tokenizer sees it (PixArt)
+    #: pipeline attribute of the text encoder: when set, the stream's labels and positions come from
+    #: the ids that encoder actually received in this generation (hooked), found by locating the
+    #: prompt's tokens in them, so a chat template or a system prompt around the prompt cannot shift
+    #: the labels; ``bos`` is then ignored
+    encoder: str | None = None
+    #: encoder positions the pipeline drops from the front of the encoder's output before it becomes
+    #: keys (Qwen-Image's template prefix); only with ``encoder``
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
