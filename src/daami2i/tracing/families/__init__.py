@@ -13,11 +13,19 @@ from ...errors import UnsupportedPipelineError
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
-ADAPTERS: list[FamilyAdapter] = [UNetAdapter(), SD3Adapter(), FluxAdapter(), ChromaAdapter(), PixArtAdapter()]
+ADAPTERS: list[FamilyAdapter] = [
+    UNetAdapter(),
+    SD3Adapter(),
+    FluxAdapter(),
+    ChromaAdapter(),
+    PixArtAdapter(),
+    Flux2Adapter(),
+]
 
 
 def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
@@ -43,6 +51,7 @@ __all__ = [
     "ChromaAdapter",
     "DenoiserCall",
     "FamilyAdapter",
+    "Flux2Adapter",
     "FluxAdapter",
     "PassTracker",
     "PixArtAdapter",
