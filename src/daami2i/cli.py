@@ -410,7 +410,7 @@ def generate(
         size = _image_size(pipe, height, width)
         with trace(pipe, cross_steps=cross_steps) as trc:
             result = pipe(
-                prompt,
+                prompt=prompt,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=torch.Generator(device="cpu").manual_seed(seed),

@@ -506,7 +506,7 @@ def generate_shard(
         gen = torch.Generator(device="cpu").manual_seed(config.seed + image_id)
         with trace(pipe) as trc:
             image = pipe(
-                prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, generator=gen
+                prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, generator=gen
             ).images[0]
         ghm = trc.compute_global_heat_map()
         anns: list[dict[str, Any]] = []

@@ -313,7 +313,7 @@ def generate(
         size = {"height": h or default[0], "width": w or default[1]}  # type: ignore[index]
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
-            prompt,
+            prompt=prompt,
             num_inference_steps=n_steps,
             guidance_scale=scale,
             generator=torch.Generator(device="cpu").manual_seed(n_seed),
