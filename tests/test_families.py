@@ -200,3 +200,58 @@ def test_every_family_leaves_images_and_pipeline_as_they_were(pipes, family):
         assert attention_processor.F is torch.nn.functional
         assert len(denoiser._forward_pre_hooks) == hooks
         assert "check_inputs" not in vars(pipe) and "encode_prompt" not in vars(pipe)
+
+
+def test_labels_follow_a_template_the_adapter_does_not_know(pipes):
+    """Streams labelled from the encoder's received ids: when something before the encoder puts three
+    template tokens in front of the prompt (as a chat template does), every word's rows move with
+    them, and the word map equals the dense reference at the shifted columns."""
+    from test_dit import call, dense, joint_recording, token_positions
+
+    pipe = pipes["chroma"][0]
+    template = [5, 6, 7]
+
+    def shift(_module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        moved = torch.cat([torch.tensor([template] * ids.shape[0]), ids[:, : -len(template)]], dim=1)
+        return ((moved, *args[1:]), kwargs) if args else (args, {**kwargs, "input_ids": moved})
+
+    handle = pipe.text_encoder.register_forward_pre_hook(shift, with_kwargs=True)
+    prompt = "a red cat"
+    try:
+        with joint_recording(pipe.transformer, True) as book:
+            call(pipe, prompt)
+        with daami2i.trace(pipe) as trc:
+            call(pipe, prompt)
+    finally:
+        handle.remove()
+    _, maps_ref = dense(pipe, trc, dict(book), [0])
+    ghm = trc.compute_global_heat_map()
+    tok = pipe.tokenizer
+    for word in ("red", "cat"):
+        rows = [len(template) + r for r in token_positions(tok.tokenize(prompt), tok.tokenize(word))]
+        torch.testing.assert_close(ghm.compute_word_heat_map(word).value, maps_ref[rows].mean(0), atol=1e-6, rtol=1e-4)
+    unshifted = [r for r in token_positions(tok.tokenize(prompt), tok.tokenize("cat"))]
+    assert not torch.allclose(maps_ref[unshifted].mean(0), maps_ref[[len(template) + r for r in unshifted]].mean(0))
+
+
+def test_a_prompt_the_encoder_never_saw_is_not_labelled(pipes):
+    """If the encoder received other ids than the prompt's (a rewritten prompt), the stream is kept
+    whole and unlabelled, with a warning, rather than labelled at a guessed position."""
+    pipe = pipes["chroma"][0]
+    handle = pipe.text_encoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: ((torch.full_like(args[0], 9), *args[1:]), kwargs) if args else None,
+        with_kwargs=True,
+    )
+    try:
+        with pytest.warns(UserWarning, match="did not receive the prompt's tokens"):
+            with daami2i.trace(pipe) as trc:
+                kw = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=32, guidance_scale=1.0)
+                pipe("a red cat", **kw)
+    finally:
+        handle.remove()
+    ghm = trc.compute_global_heat_map()
+    with pytest.raises(daami2i.QueryError):
+        ghm.compute_word_heat_map("cat")
+    assert trc.last_generation.streams[0]["tokens"] == [None]
+    assert trc.last_generation.nbytes("cross") > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,44 @@ def tokenize_prompt(tokenizer: Any, prompt: str) -> list[str]:
         return list(tokenizer.tokenize(prompt))
     finally:
         hf_logging.set_verbosity(level)
+
+
+def locate_tokens(
+    rows: Sequence[Sequence[int]], ids: Sequence[int], ignore: Iterable[int] = ()
+) -> tuple[int, int] | None:
+    """Where a prompt's token ``ids`` sit in the id ``rows`` a text encoder received: ``(start, n)``
+    of the first row holding all of them (a template or a system prompt around them is skipped), else
+    of the longest prefix of them that runs to the end of a row (the encoder's window cut the prompt;
+    trailing ids in ``ignore``, padding or an end token, do not count); None if neither is found.
+
+    >>> locate_tokens([[7, 7, 1, 5, 6, 2, 0, 0]], [5, 6])
+    (3, 2)
+    >>> locate_tokens([[1, 5, 6, 0]], [5, 6, 8], ignore=[0])  # cut after two tokens
+    (1, 2)
+    >>> locate_tokens([[1, 5, 6]], [9]) is None
+    True
+    """
+    ids = list(ids)
+    if not ids:
+        return None
+    skip = set(ignore)
+    for row in rows:
+        row = list(row)
+        for start in range(len(row) - len(ids) + 1):
+            if row[start : start + len(ids)] == ids:
+                return start, len(ids)
+    best: tuple[int, int] | None = None
+    for row in rows:
+        row = list(row)
+        end = len(row)
+        while end and row[end - 1] in skip:
+            end -= 1
+        for k in range(min(len(ids) - 1, end), 0, -1):
+            if row[end - k : end] == ids[:k]:
+                if best is None or k > best[1]:
+                    best = (end - k, k)
+                break
+    return best
 
 
 def clean_token(token: str) -> str:

@@ -64,13 +64,13 @@ def trace_image(
         raise QueryError("real-image attribution runs only the conditional pass: halves must be 'cond'")
     trc = Trace(pipe, **trace_options)
     request = RealRequest(image, prompt, height, width, max_sequence_length, guidance_scale)
-    run = trc.adapter.prepare_real(pipe, trc.unet, request)
     device, dtype = trc.unet.device, trc.unet.dtype
     with trc:
         trc._begin(prompt)
         trc._stream_prompts = {}
         trc._cfg_override = False
         try:
+            run = trc.adapter.prepare_real(pipe, trc.unet, request)  # traced: its encoders' ids label words
             for t in steps:
                 for _ in range(draws):
                     noise = torch.randn(run.latents.shape, generator=generator, dtype=torch.float32).to(device, dtype)

@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, check_direction
-from ..heatmaps.words import TokenStream, tokenize_prompt, truncation_note
+from ..heatmaps.words import TokenStream, locate_tokens, tokenize_prompt, truncation_note
 from ..storage.recorder import Recorder
 from ..storage.store import Generation, predecessor_arguments
 from .capture import (
@@ -28,7 +28,7 @@ from .capture import (
     acquire_attention_patches,
     release_attention_patches,
 )
-from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, adapter_for
+from .families import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, Stream, adapter_for
 
 Halves = Literal["cond", "uncond", "both"]
 FactorSpec = str | Iterable[int] | None
@@ -219,8 +219,10 @@ class Trace:
         self.keep_heads = bool(keep_heads)
         self.time_idx = 0  # daam-i2i / DAAM: counts time_callback calls
         self.unet, self.adapter = adapter_for(pipe)
-        if not callable(getattr(pipe, "check_inputs", None)):
-            raise ConfigError(f"{type(pipe).__name__} has no check_inputs method: daami2i cannot see its prompts")
+        if not callable(getattr(pipe, self.adapter.prompt_method, None)):
+            raise ConfigError(
+                f"{type(pipe).__name__} has no {self.adapter.prompt_method} method: daami2i cannot see its prompts"
+            )
         if halves not in ("cond", "uncond", "both"):
             raise ConfigError(f"halves must be 'cond', 'uncond' or 'both', got {halves!r}")
         self.halves: Halves = halves
@@ -282,6 +284,7 @@ class Trace:
         self._text_columns: torch.Tensor | None = None  # joint models: text-key columns kept, per generation
         self._n_text = 0
         self._stream_prompts: dict[str, Any] = {}  # joint models: prompt arguments seen by check_inputs
+        self._encoder_ids: dict[str, list[torch.Tensor]] = {}  # text encoder attribute -> (B, L) ids per call
         self._passes_seen: PassTracker = self.adapter.new_pass_tracker()
         self._encode_cfg = False  # guidance as the pipeline's encode_prompt was told (PixArt)
         self._pass = 0  # 0 for a step's first denoiser call, 1 for a repeat (a second guidance pass)
@@ -369,7 +372,8 @@ class Trace:
                 self._log_filter = _TruncationNotices()
                 for logger in _library_loggers():
                     logger.addFilter(self._log_filter)
-            check = self.pipe.check_inputs
+            method = self.adapter.prompt_method  # check_inputs, or what takes the prompts where there is none
+            check = getattr(self.pipe, method)
             try:
                 check_sig: inspect.Signature | None = inspect.signature(check)
             except (TypeError, ValueError):
@@ -385,7 +389,8 @@ class Trace:
                 self._begin(args[0] if args else kwargs.get("prompt"))
                 return check(*args, **kwargs)
 
-            self._patch(self.pipe, "check_inputs", check_inputs)
+            self._patch(self.pipe, method, check_inputs)
+            self._hook_encoders()
             if self.adapter.guidance_from_encode_prompt:
                 self._patch_encode_prompt()
             processor = getattr(self.pipe, "image_processor", None)
@@ -406,6 +411,22 @@ class Trace:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+    def _hook_encoders(self) -> None:
+        """Record the input ids each text encoder of the pipeline receives (streams with
+        ``Stream.encoder`` take their labels from them)."""
+        config = getattr(self.pipe, "config", None)
+        for attr in sorted(config.keys() if hasattr(config, "keys") else []):
+            encoder = getattr(self.pipe, attr, None) if attr.startswith("text_encoder") else None
+            if not isinstance(encoder, torch.nn.Module):
+                continue
+
+            def keep(_module: Any, args: tuple, kwargs: dict, attr: str = attr) -> None:
+                ids = args[0] if args else kwargs.get("input_ids")
+                if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+                    self._encoder_ids.setdefault(attr, []).append(ids.detach().to("cpu", copy=True))
+
+            self._handles.append(encoder.register_forward_pre_hook(keep, with_kwargs=True))
 
     def _patch_encode_prompt(self) -> None:
         """Read the ``do_classifier_free_guidance`` argument of the pipeline's ``encode_prompt`` call:
@@ -471,6 +492,7 @@ class Trace:
         self.generations.append(self._current)
         self._step = -1
         self._passes_seen = self.adapter.new_pass_tracker()
+        self._encoder_ids = {}  # the ids each text encoder receives from here on: this generation's
         self._pass = 0
         self._capturing = False
         self._hub.recorder, self._hub.capturing = None, False
@@ -526,6 +548,7 @@ class Trace:
         wanted_pass = {"cond": (0,), "uncond": (1,), "both": (0, 1)}[self.halves] if self._passes() else (0,)
         self._capturing = self._step_ok(self._step) and self._pass in wanted_pass
         self._hub.capturing, self._hub.step = self._capturing, self._step
+        self._hub.rewrite = call.rewrite
         if self._capturing and gen.steps_captured[-1:] != [self._step]:
             gen.steps_captured.append(self._step)
 
@@ -562,10 +585,11 @@ class Trace:
         if not gen.cfg:
             rows = [[i] for i in range(n)]
         else:
+            u, c = (n, 0) if self.adapter.cond_first else (0, n)  # first rows of each half: [uncond; cond] or reversed
             rows = {
-                "cond": [[n + i] for i in range(n)],
-                "uncond": [[i] for i in range(n)],
-                "both": [[i, n + i] for i in range(n)],
+                "cond": [[c + i] for i in range(n)],
+                "uncond": [[u + i] for i in range(n)],
+                "both": [[u + i, c + i] for i in range(n)],
             }[self.halves]
         self._rows = torch.tensor(rows, device=sample.device)  # (n_images, halves)
         self._store_device = torch.device(self.store_device) if self.store_device is not None else sample.device
@@ -605,6 +629,7 @@ class Trace:
             n_text=self._n_text,
             n_reference=self.adapter.reference_tokens(call, gen.grid_size),
             text_first=self.adapter.text_first,
+            text_varies=self.adapter.text_length_varies,
             self_layers=self._self_names,
             cross_layers=self._cross_names,
         )
@@ -637,6 +662,9 @@ class Trace:
             prompts = gen.image_prompts if prompt is None else self._per_image(prompt, gen.n_images)
             if st.lowercase:  # the text as the pipeline hands it to the tokenizer
                 prompts = [p.lower().strip() if p is not None else None for p in prompts]
+            if st.encoder is not None:
+                columns.extend(self._received_stream(gen, st, stop, tokenizer, prompts, len(columns)))
+                continue
             tokens = [
                 tokenize_prompt(tokenizer, p.lower() if st.name == "clip" else p)
                 if p is not None and tokenizer
@@ -667,6 +695,70 @@ class Trace:
             )
             columns.extend(range(st.offset, st.offset + width))
         self._text_columns = torch.tensor(columns, dtype=torch.long, device=device)
+
+    def _received_stream(
+        self, gen: Generation, st: Stream, stop: int, tokenizer: Any, prompts: list[str | None], before: int
+    ) -> list[int]:
+        """A stream labelled by the ids its encoder received: find each image's prompt tokens in them
+        (past any template or system prompt), keep those key columns and the one after (the end
+        token), and append the stream to ``gen.streams``; returns the key columns kept."""
+        received = [row for t in self._encoder_ids.get(st.encoder or "", []) for row in t.tolist()]
+        special = list(getattr(tokenizer, "all_special_ids", []) or [])  # padding, an end token after a cut
+        found: list[tuple[int, int] | None] = []
+        tokens: list[list[str] | None] = []
+        for p in prompts:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p is not None and tokenizer else None
+            spot = locate_tokens(received, ids, special) if ids else None
+            found.append(spot)
+            tokens.append(tokenizer.convert_ids_to_tokens(ids) if spot is not None and ids else None)
+        spots = [f for f in found if f is not None]
+        why = None
+        if any(p is not None and f is None for p, f in zip(prompts, found, strict=True)):
+            why = (
+                f"the {st.name} text encoder ({st.encoder}) did not receive the prompt's tokens as daami2i "
+                "tokenizes them"
+            )
+        elif len({a for a, _ in spots}) > 1:
+            why = f"the prompts of this batch start at different {st.name} positions (left padding?)"
+        if why is not None or not spots:  # unknown prompts, or labels that cannot be trusted: keep it whole
+            if why is not None:
+                _warn_user(f"{why}, so its word maps are not labelled; generate one prompt per call for them")
+            gen.streams.append(
+                {
+                    "name": st.name,
+                    "tokenizer": st.tokenizer,
+                    "first_row": before,
+                    "stop_row": before + stop - st.offset,
+                    "tokens": [None] * len(prompts),
+                    "prompts": list(prompts),
+                }
+            )
+            return list(range(st.offset, stop))
+        start = spots[0][0] - st.dropped  # the prompt's first key column within the stream
+        if not 0 <= start < stop - st.offset:
+            raise TraceError(
+                f"the {st.name} stream's prompt tokens sit at encoder position {spots[0][0]}, outside its "
+                f"{stop - st.offset} key columns after the {st.dropped} dropped ones: the family adapter's "
+                "Stream is wrong for this pipeline"
+            )
+        seen = max(n for _, n in spots)
+        truncated = any(f is not None and f[1] < len(t or []) for f, t in zip(found, tokens, strict=True))
+        width = min(stop - st.offset - start, seen + (0 if truncated else 1))  # the end token after the prompt
+        if truncated:
+            toks = max((t for t in tokens if t is not None), key=len)
+            _warn_user(truncation_note(TokenStream(st.name, tokenizer, toks, 0, seen)))
+        gen.streams.append(
+            {
+                "name": st.name,
+                "tokenizer": st.tokenizer,
+                "first_row": before,
+                "stop_row": before + width,
+                "tokens": tokens,
+                "prompts": list(prompts),
+            }
+        )
+        first = st.offset + start
+        return list(range(first, first + width))
 
     @staticmethod
     def _per_image(prompt: Any, n_images: int) -> list[str | None]:

@@ -20,7 +20,7 @@ class ChromaAdapter(FluxAdapter):
     second_pass_hint = "Chroma runs the negative prompt as a second call only with guidance_scale > 1"
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
-        return [Stream("t5", "tokenizer", "prompt", 0, None, 0)]
+        return [Stream("t5", "tokenizer", "prompt", 0, None, 0, encoder="text_encoder")]
 
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
         latents, (h, w), device, dtype = _encode(pipe, denoiser, request.image, request.height, request.width)

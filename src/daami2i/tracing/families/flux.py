@@ -71,7 +71,7 @@ class FluxAdapter(MMDiTAdapter):
         return side, side
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
-        return [Stream("t5", "tokenizer_2", "prompt_2", 0, None, 0)]
+        return [Stream("t5", "tokenizer_2", "prompt_2", 0, None, 0, encoder="text_encoder_2")]
 
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
         image, prompt, height, width = request.image, request.prompt, request.height, request.width

@@ -61,7 +61,7 @@ class PixArtAdapter(FamilyAdapter):
         return latent_size[0] // p, latent_size[1] // p
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
-        return [Stream("t5", "tokenizer", "prompt", 0, None, 0, lowercase=True)]
+        return [Stream("t5", "tokenizer", "prompt", 0, None, 0, lowercase=True, encoder="text_encoder")]
 
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
         device, dtype = denoiser.device, denoiser.dtype

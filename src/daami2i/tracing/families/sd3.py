@@ -48,7 +48,7 @@ class SD3Adapter(MMDiTAdapter):
         clip = int(getattr(pipe, "tokenizer_max_length", 77))
         out = [Stream("clip", "tokenizer", "prompt", 0, min(clip, n_text), 1)]
         if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
-            out.append(Stream("t5", "tokenizer_3", "prompt_3", clip, None, 0))
+            out.append(Stream("t5", "tokenizer_3", "prompt_3", clip, None, 0, encoder="text_encoder_3"))
         return out
 
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
