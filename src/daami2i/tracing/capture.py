@@ -39,6 +39,8 @@ class CaptureHub:
         self.recorder: Recorder | None = None
         self.capturing = False
         self.step = 0
+        #: the current denoiser call's rewrite of captured calls into the recorder's layout (Lumina 2)
+        self.rewrite: Callable[[AttentionCall], AttentionCall] | None = None
 
     def active(self) -> Recorder | None:
         """The recorder to send calls to, or None when this call is not captured."""
@@ -92,7 +94,10 @@ class CapturingProcessor:
             _SLOT.reset(token)
             for h in handles:
                 h.remove()
-        recorder.record(self._canonical(attn, slot, projected, args, kwargs), self.hub.step)
+        captured = self._canonical(attn, slot, projected, args, kwargs)
+        if self.hub.rewrite is not None:
+            captured = self.hub.rewrite(captured)
+        recorder.record(captured, self.hub.step)
         return out
 
     def _canonical(

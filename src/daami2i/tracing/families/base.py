@@ -62,6 +62,9 @@ class DenoiserCall:
     sample: Any  # the latent sample (UNet, SD3: (B, C, H, W); Flux: packed tokens (B, N, C))
     context: Any  # the text states (encoder_hidden_states), if any
     timestep: float | None  # the first timestep value, if given
+    #: how each attention call captured during this denoiser call becomes the layout the recorder
+    #: reads (Lumina 2: per-item [valid text, image, padding] -> [text slots, image]); None: as captured
+    rewrite: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
