@@ -706,9 +706,17 @@ class Trace:
         special = list(getattr(tokenizer, "all_special_ids", []) or [])  # padding, an end token after a cut
         found: list[tuple[int, int] | None] = []
         tokens: list[list[str] | None] = []
-        for p in prompts:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p is not None and tokenizer else None
-            spot = locate_tokens(received, ids, special) if ids else None
+        texts: list[str | None] = list(prompts)  # the text whose tokens were found (words are looked up in it)
+        for i, p in enumerate(prompts):
+            ids, spot = None, None
+            # the prompt tokenised alone, else as after a space: a template that puts one before it
+            # (Lumina 2's "... <Prompt Start> ") makes a SentencePiece tokenizer mark its first word ("▁a")
+            for text in (p, " " + p) if p is not None and tokenizer else ():
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                spot = locate_tokens(received, ids, special) if ids else None
+                if spot is not None:
+                    texts[i] = text
+                    break
             found.append(spot)
             tokens.append(tokenizer.convert_ids_to_tokens(ids) if spot is not None and ids else None)
         spots = [f for f in found if f is not None]
@@ -754,7 +762,7 @@ class Trace:
                 "first_row": before,
                 "stop_row": before + width,
                 "tokens": tokens,
-                "prompts": list(prompts),
+                "prompts": texts,
             }
         )
         first = st.offset + start
