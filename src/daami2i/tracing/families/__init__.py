@@ -14,6 +14,7 @@ from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealR
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -25,6 +26,7 @@ ADAPTERS: list[FamilyAdapter] = [
     ChromaAdapter(),
     PixArtAdapter(),
     Flux2Adapter(),
+    Lumina2Adapter(),
 ]
 
 
@@ -53,6 +55,7 @@ __all__ = [
     "FamilyAdapter",
     "Flux2Adapter",
     "FluxAdapter",
+    "Lumina2Adapter",
     "PassTracker",
     "PixArtAdapter",
     "RealRequest",
