@@ -41,6 +41,9 @@ class AttentionCall:
     k: torch.Tensor  # shape: (B, heads, S_k, d)
     bias: torch.Tensor | None  # float, broadcasts to (B, heads, S_q, S_k); -inf where masked
     scale: float
+    #: "softmax", or "relu_linear": linear attention's weights relu(q) relu(k)^T / (row sum + 1e-15)
+    #: (Sana's self-attention; no scale, no mask)
+    kernel: str = "softmax"
 
 
 def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
@@ -72,8 +75,13 @@ def probs_chunks(
     bias: torch.Tensor | None,
     chunk_bytes: int,
     scratch: Callable[[int, torch.device], torch.Tensor] | None = None,
+    kernel: str = "softmax",
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, probs)``: float32 softmax(q k^T * scale + bias) for query rows [start, stop).
+
+    ``kernel="relu_linear"``: the weights of linear attention instead, relu(q) relu(k)^T divided by
+    its row sum plus 1e-15 (as Sana's ``SanaLinearAttnProcessor2_0`` weighs its values, in float32;
+    ``scale`` is not used and there is no mask; a row whose relu(q) is zero is all zeros).
 
     ``q`` (b, heads, n_q, d), ``k`` (b, heads, n_k, d); ``bias`` broadcasts to (b, heads, n_q, n_k).
     Query rows are processed in chunks of at most ``chunk_bytes``. Scores and probabilities share
@@ -84,8 +92,13 @@ def probs_chunks(
     """
     b, heads, n_q, _ = q.shape
     n_k = k.shape[2]
-    q = q.float() * float(scale)
-    kt = k.float().transpose(-1, -2)
+    linear = kernel == "relu_linear"
+    if linear and bias is not None:
+        raise TraceError("linear (relu) attention has no mask, but one was given")
+    if kernel not in ("softmax", "relu_linear"):
+        raise TraceError(f"unknown attention kernel {kernel!r}: expected 'softmax' or 'relu_linear'")
+    q = torch.relu(q.float()) if linear else q.float() * float(scale)
+    kt = (torch.relu(k.float()) if linear else k.float()).transpose(-1, -2)
     step = max(1, chunk_bytes // (b * heads * n_k * 4))
     need = b * heads * min(step, n_q) * n_k
     buf = scratch(need, q.device) if scratch is not None else torch.empty(need, device=q.device)
@@ -93,6 +106,10 @@ def probs_chunks(
         stop = min(n_q, start + step)
         scores = buf[: b * heads * (stop - start) * n_k].view(b, heads, stop - start, n_k)
         torch.matmul(q[:, :, start:stop], kt, out=scores)
+        if linear:
+            scores.div_(scores.sum(dim=-1, keepdim=True).add_(1e-15))  # per query row, in place
+            yield start, stop, scores
+            continue
         if bias is not None:
             scores.add_(bias if bias.shape[-2] == 1 else bias[..., start:stop, :])
         torch.softmax(scores, dim=-1, out=scores)  # in place
@@ -124,6 +141,7 @@ class Recorder:
         n_text: int = 0,
         n_reference: int = 0,
         text_first: bool = False,
+        text_varies: bool = False,
         self_layers: set[str] | None = None,
         cross_layers: set[str] | None = None,
     ) -> None:
@@ -132,6 +150,7 @@ class Recorder:
         self.keep_heads, self.cross_steps, self.step_tokens = keep_heads, cross_steps, step_tokens
         self.text_columns, self.n_text, self.text_first = text_columns, n_text, text_first
         self.n_reference = n_reference  # reference-image tokens after the output image's (Flux Kontext)
+        self.text_varies = text_varies  # each call's text length is its own (n_text: the first call's)
         self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
 
     @torch.no_grad()
@@ -162,7 +181,7 @@ class Recorder:
             )
         n_img, n_halves = self.rows.shape
         q, k, bias = self._kept(call)
-        chunks = probs_chunks(q, k, call.scale, bias, self.chunk_bytes, self.scratch)
+        chunks = probs_chunks(q, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel)
         if call.kind == "self":
             store = gen.self_attention.get(call.factor)
             if store is None:
@@ -205,10 +224,14 @@ class Recorder:
         assert text_cols is not None
         h, w = gen.grid_size
         n, t, s_q, s_k = h * w, self.n_text, call.q.shape[2], call.k.shape[2]
-        r = self.n_reference  # Kontext: [text, image, reference image]; its tokens are keys, never stored
-        if s_q == s_k == n + t + r and (r == 0 or self.text_first):  # [image, text] (SD3), [text, image] (Flux)
+        # reference tokens are keys, never stored: [text, image, reference] (Kontext's reference image),
+        # [image, reference, text] (Z-Image's image padding)
+        r = self.n_reference
+        if self.text_varies and s_q == s_k > n + r:  # this call's own text length (a negative prompt's)
+            t = s_k - n - r
+        if s_q == s_k == n + t + r:  # [image, text] (SD3), [text, image] (Flux)
             img = slice(t, t + n) if self.text_first else slice(0, n)
-            cols: torch.Tensor | None = text_cols if self.text_first else text_cols + n
+            cols: torch.Tensor | None = text_cols if self.text_first else text_cols + n + r
         elif s_q == s_k == n:  # image-only self-attention (SD3.5's second attention)
             img, cols = slice(0, n), None
         else:
@@ -217,6 +240,10 @@ class Recorder:
                 f"{t} text tokens (and {r} reference tokens) has {n} or {n + t + r}: this transformer's layout is "
                 "not one daami2i understands"
             )
+        missing = None  # kept text columns past this call's text (text_varies): read as zero
+        if cols is not None and self.text_varies and text_cols.numel() and int(text_cols.max()) >= t:
+            missing = text_cols >= t
+            cols = cols.masked_fill(missing, 0)
         n_img, n_halves = self.rows.shape
         q, k, bias = self._kept(call)
         q_img = q[:, :, img]
@@ -241,7 +268,7 @@ class Recorder:
                 step_tokens=int(cols.numel()),
             )
             gen.cross_attention[call.layer] = cstore
-        for start, stop, p in probs_chunks(q_img, k, call.scale, bias, self.chunk_bytes, self.scratch):
+        for start, stop, p in probs_chunks(q_img, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel):
             p = p.view(n_img, n_halves * heads, stop - start, s_k)
             if store is not None:
                 part = p[..., img]
@@ -251,4 +278,7 @@ class Recorder:
                     store.add(call.layer, start, stop, part.mean(1).to(self.device))
             if cstore is not None:
                 assert cols is not None
-                cstore.add(start, stop, p.index_select(-1, cols).mean(1, keepdim=True).to(self.device), step=step)
+                part = p.index_select(-1, cols)
+                if missing is not None:
+                    part = part.masked_fill(missing.to(part.device), 0.0)
+                cstore.add(start, stop, part.mean(1, keepdim=True).to(self.device), step=step)

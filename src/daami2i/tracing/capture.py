@@ -135,22 +135,37 @@ class CapturingProcessor:
 @torch.no_grad()
 def projection_call(site: AttentionSite, attn: Any, q: torch.Tensor, k: torch.Tensor, mask: Any) -> AttentionCall:
     """The canonical call of a layer whose ``to_q`` / ``to_k`` outputs were read: ``q`` (B, N, heads*d)
-    and ``k`` (B, T, heads*d) split into heads, QK-normalised as the layer does, its mask prepared
-    by the layer itself into an additive bias, its own scale."""
+    and ``k`` (B, T, heads*d) split into heads, QK-normalised as the layer does (a norm across all
+    heads before the split, a per-head one after it), its mask prepared by the layer itself into an
+    additive bias, its own scale; the site's kernel (linear attention takes no mask)."""
     heads = attn.heads
     b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
     d = q.shape[-1] // heads
+    norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    if norm_q is not None and heads > 1 and _norm_width(norm_q) == q.shape[-1]:  # across heads
+        q, norm_q = norm_q(q), None
+    if norm_k is not None and heads > 1 and _norm_width(norm_k) == k.shape[-1]:
+        k, norm_k = norm_k(k), None
     q4 = q.view(b, n_q, heads, d).transpose(1, 2)
     k4 = k.view(b, n_k, heads, d).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        q4 = attn.norm_q(q4)
-    if getattr(attn, "norm_k", None) is not None:
-        k4 = attn.norm_k(k4)
+    if norm_q is not None:
+        q4 = norm_q(q4)
+    if norm_k is not None:
+        k4 = norm_k(k4)
+    kernel = getattr(site, "kernel", "softmax")
     bias = None
-    if mask is not None:
+    if mask is not None and kernel == "softmax":
         full = attn.prepare_attention_mask(mask, n_k, b)  # (b * heads, 1 or N, T)
         bias = full.view(b, heads, full.shape[-2], full.shape[-1]).float()
-    return AttentionCall(site.name, site.kind, site.factor, q4, k4, bias, float(attn.scale))
+    return AttentionCall(site.name, site.kind, site.factor, q4, k4, bias, float(attn.scale), kernel)
+
+
+def _norm_width(norm: Any) -> int | None:
+    """The last-dimension width a QK-norm module normalises (LayerNorm, diffusers' RMSNorm), if known."""
+    shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+    if isinstance(shape, int):
+        return shape
+    return int(shape[-1]) if isinstance(shape, (tuple, list, torch.Size)) and len(shape) else None
 
 
 # -- joint attention (SD3, Flux): q and k where the processor hands them to the attention function ----

@@ -31,6 +31,10 @@ class AttentionSite:
     kind: Literal["self", "cross", "joint"]  # joint: image and text keys in one softmax (SD3, Flux)
     block: str  # "down" / "mid" / "up" (UNet), "double" / "single" (MMDiT)
     factor: int  # spatial downsampling factor of its resolution relative to the latent (1, 2, 4, ...)
+    #: what weighs the keys when the layer is read from its ``to_q`` / ``to_k`` projections:
+    #: ``"softmax"`` (softmax(q k^T * scale + mask)), or ``"relu_linear"`` for linear attention
+    #: (Sana's self-attention): relu(q) relu(k)^T divided by its row sum (+ 1e-15), in float32
+    kernel: Literal["softmax", "relu_linear"] = "softmax"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,10 @@ class FamilyAdapter:
     text_first: ClassVar[bool] = False
     #: conditional and unconditional guidance run as separate denoiser calls within one step
     guidance_as_passes: ClassVar[bool] = False
+    #: the text part of a joint sequence may have another length in each denoiser call (Qwen-Image
+    #: pads a call's prompts to their own longest, so the negative prompt's pass differs); a kept text
+    #: column past a call's text reads as zero there
+    text_length_varies: ClassVar[bool] = False
     #: word maps keep each head apart (DAAM's aggregation); otherwise the head mean is kept
     word_heads_kept: ClassVar[bool] = True
     #: daam-i2i's trace options (low_memory, keep_heads) and layer order apply
@@ -119,6 +127,11 @@ class FamilyAdapter:
     #: the pipeline has no ``do_classifier_free_guidance`` attribute: guidance is read from the
     #: ``do_classifier_free_guidance`` argument of its ``encode_prompt`` call (PixArt)
     guidance_from_encode_prompt: ClassVar[bool] = False
+    #: the guidance batch is ``[cond; uncond]`` (Z-Image) rather than ``[uncond; cond]``
+    cond_first: ClassVar[bool] = False
+    #: the pipeline method whose arguments hold the prompts, called once per generation before the
+    #: denoiser (``check_inputs``; Z-Image has none and is read at ``encode_prompt``)
+    prompt_method: ClassVar[str] = "check_inputs"
     #: denoising steps assumed by :meth:`Trace.estimate_nbytes` when the number is not known
     default_steps: ClassVar[int] = 50
     #: what a second pass needs, for the error when ``halves="uncond"`` finds none
@@ -145,7 +158,8 @@ class FamilyAdapter:
 
     def reference_tokens(self, call: DenoiserCall, grid: Size) -> int:
         """Image tokens after the output grid's in a joint sequence that are not the output (Flux
-        Kontext's reference image): attended to, but neither queried nor stored as self-attention."""
+        Kontext's reference image, Z-Image's padding): attended to, but neither queried nor stored as
+        self-attention; ``[text, image, reference]`` or ``[image, reference, text]``."""
         return 0
 
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
@@ -160,6 +174,12 @@ class FamilyAdapter:
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         """Joint models: the text streams whose tokens are keys, for a context of ``n_text`` tokens."""
         return []
+
+    def dropped_positions(self, stream: Stream, received: list[list[int]], n_keys: int) -> int:
+        """Encoder positions the pipeline dropped before the stream's key columns, given the id rows
+        its encoder ``received`` in this generation and the stream's ``n_keys`` key columns; by default
+        ``stream.dropped`` (Sana: the instruction before the prompt, so per call)."""
+        return stream.dropped
 
     def check_site(self, site: AttentionSite) -> None:
         """Raise when a layer's installed processor hides what the capture reads."""
