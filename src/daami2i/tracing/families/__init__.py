@@ -16,6 +16,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
@@ -26,6 +27,7 @@ ADAPTERS: list[FamilyAdapter] = [
     ChromaAdapter(),
     PixArtAdapter(),
     Flux2Adapter(),
+    QwenImageAdapter(),
     Lumina2Adapter(),
 ]
 
@@ -58,6 +60,7 @@ __all__ = [
     "Lumina2Adapter",
     "PassTracker",
     "PixArtAdapter",
+    "QwenImageAdapter",
     "RealRequest",
     "RealRun",
     "SD3Adapter",
