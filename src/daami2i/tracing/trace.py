@@ -383,7 +383,9 @@ class Trace:
                 self._stream_prompts = {}
                 if check_sig is not None:
                     try:
-                        self._stream_prompts = dict(check_sig.bind_partial(*args, **kwargs).arguments)
+                        bound = check_sig.bind_partial(*args, **kwargs).arguments
+                        # copies of list arguments: a pipeline may rewrite its prompt list in place (Z-Image)
+                        self._stream_prompts = {k: list(v) if isinstance(v, list) else v for k, v in bound.items()}
                     except TypeError:
                         pass
                 self._begin(args[0] if args else kwargs.get("prompt"))
@@ -742,11 +744,12 @@ class Trace:
                 }
             )
             return list(range(st.offset, stop))
-        start = spots[0][0] - st.dropped  # the prompt's first key column within the stream
+        dropped = self.adapter.dropped_positions(st, received, stop - st.offset)
+        start = spots[0][0] - dropped  # the prompt's first key column within the stream
         if not 0 <= start < stop - st.offset:
             raise TraceError(
                 f"the {st.name} stream's prompt tokens sit at encoder position {spots[0][0]}, outside its "
-                f"{stop - st.offset} key columns after the {st.dropped} dropped ones: the family adapter's "
+                f"{stop - st.offset} key columns after the {dropped} dropped ones: the family adapter's "
                 "Stream is wrong for this pipeline"
             )
         seen = max(n for _, n in spots)

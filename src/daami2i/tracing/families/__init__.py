@@ -17,8 +17,10 @@ from .flux2 import Flux2Adapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
     UNetAdapter(),
@@ -27,8 +29,10 @@ ADAPTERS: list[FamilyAdapter] = [
     ChromaAdapter(),
     PixArtAdapter(),
     Flux2Adapter(),
+    ZImageAdapter(),
     QwenImageAdapter(),
     Lumina2Adapter(),
+    SanaAdapter(),
 ]
 
 
@@ -64,8 +68,10 @@ __all__ = [
     "RealRequest",
     "RealRun",
     "SD3Adapter",
+    "SanaAdapter",
     "Stream",
     "UNetAdapter",
+    "ZImageAdapter",
     "adapter_for",
     "size_at",
 ]
