@@ -83,6 +83,14 @@ MODELS = [
         ),
         1024, 20, 300,
     ),
+    (
+        "qwenimage", "Qwen-Image", "QwenImageTransformer2DModel",
+        dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+        ),
+        1024, 50, 20 + 5,  # the prompt's tokens and the chat template's end (the system prefix is dropped)
+    ),
 ]  # fmt: skip
 
 
