@@ -160,17 +160,20 @@ def decode_tokens(tokenizer: Any, tokens: Sequence[str]) -> str:
 def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
     """(start, stop) token positions of each word (sub-word tokens joined), punctuation included.
 
-    Works for CLIP BPE (``</w>`` ends a word) and SentencePiece (``▁`` starts one).
+    Works for CLIP BPE (``</w>`` ends a word), SentencePiece (``▁`` starts one) and GPT-2-style
+    byte-level BPE (Qwen: ``Ġ``, the space byte, starts one).
 
     >>> word_spans(["a</w>", "zeb", "ra</w>", ",</w>"])
     [(0, 1), (1, 3), (3, 4)]
     >>> word_spans(["▁a", "▁re", "d", "▁cat"])
     [(0, 1), (1, 3), (3, 4)]
+    >>> word_spans(["a", "Ġre", "d", "Ġcat"])
+    [(0, 1), (1, 3), (3, 4)]
     """
     spans: list[tuple[int, int]] = []
     start = 0
     for i, tok in enumerate(tokens):
-        if tok.startswith("▁") and i > start:
+        if tok.startswith(("▁", "\u0120")) and i > start:
             spans.append((start, i))
             start = i
         if tok.endswith("</w>"):

@@ -92,10 +92,9 @@ class Flux2Adapter(FluxAdapter):
         pixels = pipe.image_processor.preprocess(request.image, height=request.height, width=request.width)
         h, w = (int(s) for s in pixels.shape[-2:])
         if h % (2 * pipe.vae_scale_factor) or w % (2 * pipe.vae_scale_factor):
-            raise QueryError(
-                f"Flux.2 needs image sides that are multiples of {2 * pipe.vae_scale_factor}, got {h}x{w}"
-            )
-        latents = pipe._encode_vae_image(pixels.to(device=device, dtype=vae.dtype), None).to(dtype)  # (B, 4C, h/2s, w/2s)
+            raise QueryError(f"Flux.2 needs image sides that are multiples of {2 * pipe.vae_scale_factor}, got {h}x{w}")
+        # (B, 4C, h / 2s, w / 2s): the VAE's mode, 2x2 patches, normalised by its batch-norm statistics
+        latents = pipe._encode_vae_image(pixels.to(device=device, dtype=vae.dtype), None).to(dtype)
         extra = {} if request.max_sequence_length is None else {"max_sequence_length": request.max_sequence_length}
         embeds, text_ids = pipe.encode_prompt(prompt=request.prompt, device=device, **extra)
         ids = pipe._prepare_latent_ids(latents).to(device)  # (B, N, 4): t, h, w, l
