@@ -91,13 +91,23 @@ MODELS = [
         ),
         1024, 50, 20 + 5,  # the prompt's tokens and the chat template's end (the system prefix is dropped)
     ),
+    (
+        "zimage", "Z-Image-Turbo", "ZImageTransformer2DModel",
+        dict(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+            n_heads=30, n_kv_heads=30, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+            axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+        ),
+        1024, 9, 32,  # the chat-templated prompt (3 + 20 + 5 tokens) padded to a multiple of 32
+    ),
 ]  # fmt: skip
 
 
 def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
     attr = "unet" if family == "unet" else "transformer"
     return types.SimpleNamespace(
-        **{attr: denoiser}, **({} if family == "unet" else {"unet": None}), check_inputs=lambda *a, **k: None
+        **{attr: denoiser}, **({} if family == "unet" else {"unet": None}), check_inputs=lambda *a, **k: None,
+        encode_prompt=lambda *a, **k: None,  # Z-Image's pipelines read prompts there (no check_inputs)
     )
 
 
