@@ -118,13 +118,13 @@ def tiny_qwenimage_pipeline(seed: int = 0, num_layers: int = 2) -> Any:
         joint_attention_dim=32,
         axes_dims_rope=(4, 6, 6),
     )
+    # Qwen-Image's scheduler without its shift_terminal (which turns a one-step schedule into NaN)
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True,
         base_shift=0.5,
         max_shift=0.9,
         base_image_seq_len=256,
         max_image_seq_len=8192,
-        shift_terminal=0.02,
         time_shift_type="exponential",
     )
     pipe = QwenImagePipeline(
