@@ -51,7 +51,15 @@ from .sd3 import _encode, flow_noise
 
 
 def _joint_layout(mask: torch.Tensor) -> Callable[[AttentionCall], AttentionCall]:
-    """The rewrite of this denoiser call's joint attention calls for a caption padding ``mask`` (B, L)."""
+    """The rewrite of this denoiser call's joint attention calls for a caption padding ``mask`` (B, L):
+    item ``i``'s ``[valid caption (L_i), image (N), padding]`` becomes ``[L slots, image (N)]`` with
+    slots ``L_i..L-1`` masked keys (the query rows there are filler, never read).
+
+    >>> q = torch.arange(5.0).view(1, 1, 5, 1)  # one head: 2 caption tokens, 3 image tokens
+    >>> out = _joint_layout(torch.tensor([[1, 1, 0, 0]]))(AttentionCall("layers.0.attn", "joint", 1, q, q, None, 1.0))
+    >>> out.k.flatten().tolist(), out.bias.flatten().tolist()
+    ([0.0, 1.0, 0.0, 0.0, 2.0, 3.0, 4.0], [0.0, 0.0, -inf, -inf, 0.0, 0.0, 0.0])
+    """
     lengths = mask.bool().sum(dim=1).tolist()  # valid caption tokens per item, as the model counts them
     width = int(mask.shape[1])
 
