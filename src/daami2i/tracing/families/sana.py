@@ -102,7 +102,7 @@ class SanaAdapter(FamilyAdapter):
         return latent_size[0] // p, latent_size[1] // p
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
-        return [Stream("gemma", "tokenizer", "prompt", 0, None, 0, encoder="text_encoder")]
+        return [Stream("gemma", "tokenizer", "prompt", 0, None, 0, lowercase=True, encoder="text_encoder")]
 
     def dropped_positions(self, stream: Stream, received: list[list[int]], n_keys: int) -> int:
         """The pipeline keeps the encoder's first position and its last ``n_keys - 1``: a prompt's
