@@ -100,6 +100,15 @@ MODELS = [
         ),
         1024, 9, 32,  # the chat-templated prompt (3 + 20 + 5 tokens) padded to a multiple of 32
     ),
+    (
+        "lumina2", "Lumina-Image-2.0", "Lumina2Transformer2DModel",
+        dict(
+            sample_size=128, patch_size=2, in_channels=16, hidden_size=2304, num_layers=26, num_refiner_layers=2,
+            num_attention_heads=24, num_kv_heads=8, multiple_of=256, axes_dim_rope=(32, 32, 32),
+            axes_lens=(300, 512, 512), cap_feat_dim=2304,
+        ),
+        1024, 30, 34 + 20,  # <bos>, the system prompt and " <Prompt Start> " (about 34 Gemma tokens), the prompt
+    ),
 ]  # fmt: skip
 
 
