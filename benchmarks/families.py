@@ -109,7 +109,39 @@ MODELS = [
         ),
         1024, 30, 34 + 20,  # <bos>, the system prompt and " <Prompt Start> " (about 34 Gemma tokens), the prompt
     ),
+    (
+        "sana", "Sana-1600M-1024px", "SanaTransformer2DModel",
+        dict(
+            in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+            num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+            caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1,
+        ),
+        1024, 20, 300,  # <bos> and the last 299 of instruction + prompt (the instruction's other tokens dropped)
+    ),
+    (
+        "sana", "Sana-600M-1024px", "SanaTransformer2DModel",
+        dict(
+            in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
+            num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
+            caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1,
+        ),
+        1024, 20, 300,
+    ),
+    (
+        "sana", "Sana-Sprint-1.6B-1024px", "SanaTransformer2DModel",
+        dict(
+            in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+            num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+            caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1, guidance_embeds=True,
+            qk_norm="rms_norm_across_heads",
+        ),
+        1024, 2, 300,
+    ),
 ]  # fmt: skip
+
+
+#: VAEs that do not scale by 8: Sana's DC-AE scales by 32
+VAE_SCALE = {"sana": 32}
 
 
 def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
@@ -132,7 +164,8 @@ def table(prompt_tokens: int = 20) -> list[dict]:
             denoiser = getattr(diffusers, cls)(**config)
         trc = daami2i.trace(_pipe(family, denoiser))
         assert trc.adapter.name == family, (model, trc.adapter.name)
-        latent = (size // 8, size // 8)  # every VAE here scales by 8
+        scale = VAE_SCALE.get(family, 8)  # every other VAE here scales by 8
+        latent = (size // scale, size // scale)
         # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end
         kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1)}.get(family, prompt_tokens + 1)
         store = trc.estimate_nbytes(latent, 1, kept, steps)
