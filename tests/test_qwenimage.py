@@ -386,3 +386,27 @@ def test_cli_generate_and_show(qwen, tmp_path):
     res = runner.invoke(app, ["show", str(out / "experiment"), "--word", "red", "-o", str(tmp_path / "red.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "red.png").is_file()
+
+
+def test_a_negative_pass_on_a_fresh_but_equal_input_is_still_a_pass():
+    """Edit concatenates the latents and the reference image's tokens anew for each call: the
+    negative prompt's call is told from the next step by its equal input at the same timestep."""
+    from daami2i.tracing.families import DenoiserCall, QwenImageAdapter
+
+    tracker = QwenImageAdapter().new_pass_tracker()
+    latents, ref = torch.randn(1, 96, 16), torch.randn(1, 40, 16)
+    seen = []
+    for t in (1.0, 0.5):
+        for _ in ("cond", "uncond"):
+            seen.append(tracker.is_repeat(DenoiserCall(torch.cat([latents, ref], 1), None, t), bool(seen)))
+        latents = latents - 0.1  # the scheduler's step
+    assert seen == [False, True, False, True]
+    assert not tracker.is_repeat(DenoiserCall(torch.cat([latents, ref], 1), None, 0.25), True)
+    assert not tracker.is_repeat(DenoiserCall(torch.cat([latents + 1, ref], 1), None, 0.25), True)  # same t, new input
+
+
+def test_steps_are_counted_once_per_step_with_true_cfg(qwen):
+    with daami2i.trace(qwen, steps=[1, 2]) as trc:
+        call(qwen, "a red cat", num_inference_steps=3, **NEG)
+    gen = trc.last_generation
+    assert gen.steps_run == 3 and gen.steps_captured == [1, 2]

@@ -29,9 +29,34 @@ import torch
 
 from ...errors import QueryError, TraceError
 from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream, timestep_value
-from .flux import _SameLatents
 from .mmdit import MMDiTAdapter
 from .sd3 import flow_noise
+
+
+class _SameInput(PassTracker):
+    """The negative prompt's call repeats the step's input: the very same latents tensor (text to
+    image), or an equal one at the same timestep (Edit concatenates the latents and the reference
+    image's tokens anew for each call)."""
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None  # a copy of the previous call's sample
+        self.last_t: float | None = None
+
+    def is_repeat(self, call: DenoiserCall, started: bool) -> bool:
+        sample, last = call.sample, self.last
+        if not isinstance(sample, torch.Tensor):
+            self.last, self.last_t = None, None
+            return False
+        repeat = (
+            started
+            and last is not None
+            and call.timestep == self.last_t
+            and last.shape == sample.shape
+            and last.device == sample.device
+            and bool(torch.equal(last, sample))
+        )
+        self.last, self.last_t = sample.detach().clone(), call.timestep
+        return repeat
 
 
 class QwenImageAdapter(MMDiTAdapter):
@@ -46,7 +71,7 @@ class QwenImageAdapter(MMDiTAdapter):
     second_pass_hint = "true classifier-free guidance needs negative_prompt=... and true_cfg_scale > 1"
 
     def new_pass_tracker(self) -> PassTracker:
-        return _SameLatents()  # the negative prompt's call gets the very same latents tensor
+        return _SameInput()
 
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         # forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, ...)
