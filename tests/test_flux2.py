@@ -41,11 +41,32 @@ def _heads(attn, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, attn.head_dim))  # (B, S, H, D)
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, rope) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) in float64 after the rotary formula; q, k (B, S, H, D) -> (B, H, S, S)."""
+def _probs(q: torch.Tensor, k: torch.Tensor, rope, kv: dict, n_text: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float64 after the rotary formula; q, k (B, S, H, D) -> (B, H, S, S).
+
+    ``kv`` holds the processor's KV-cache arguments (``Flux2KleinKVPipeline`` with a reference image).
+    There the image queries attend to the keys ``[text, reference, image]``: the reference tokens sit
+    between text and image in the first step (their keys are then cached) and come from the cache in
+    the others. Those probabilities are returned in Kontext's layout ``[text, image, reference]``,
+    their image-query rows only (the rest is zero)."""
     cos, sin = (t.double() for t in rope)
     q, k = rotary(q.double(), cos, sin).transpose(1, 2), rotary(k.double(), cos, sin).transpose(1, 2)
-    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    mode, n_ref = kv.get("kv_cache_mode"), int(kv.get("num_ref_tokens") or 0)
+    t = n_text
+    if mode == "extract" and n_ref:  # [text, reference, image]
+        q_img, keys = q[:, :, t + n_ref :], k
+    elif mode == "cached" and kv.get("kv_cache") is not None:  # [text, image]; cached reference keys
+        k_ref = kv["kv_cache"].get()[0].double().transpose(1, 2)
+        n_ref = k_ref.shape[2]
+        q_img, keys = q[:, :, t:], torch.cat([k[:, :, :t], k_ref, k[:, :, t:]], dim=2)
+    else:
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    p = torch.softmax(q_img @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, H, N, T + R + N)
+    p = torch.cat([p[..., :t], p[..., t + n_ref :], p[..., t : t + n_ref]], dim=-1)  # keys [text, image, ref]
+    n = q_img.shape[2]
+    out = p.new_zeros(*p.shape[:2], t + n + n_ref, t + n + n_ref)
+    out[:, :, t : t + n] = p
+    return out
 
 
 class DoubleRecorder:
@@ -54,14 +75,17 @@ class DoubleRecorder:
     def __init__(self, name, book, original):
         self.name, self.book, self.original = name, book, original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kv
+    ):
         with torch.no_grad():
             q = attn.norm_q(_heads(attn, attn.to_q(hidden_states)))
             k = attn.norm_k(_heads(attn, attn.to_k(hidden_states)))
             cq = attn.norm_added_q(_heads(attn, attn.add_q_proj(encoder_hidden_states)))
             ck = attn.norm_added_k(_heads(attn, attn.add_k_proj(encoder_hidden_states)))
-            self.book[self.name].append(_probs(torch.cat([cq, q], 1), torch.cat([ck, k], 1), image_rotary_emb))
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            p = _probs(torch.cat([cq, q], 1), torch.cat([ck, k], 1), image_rotary_emb, kv, cq.shape[1])
+            self.book[self.name].append(p)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kv)
 
 
 class SingleRecorder:
@@ -70,13 +94,34 @@ class SingleRecorder:
     def __init__(self, name, book, original):
         self.name, self.book, self.original = name, book, original
 
-    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kv):
         with torch.no_grad():
             fused = attn.to_qkv_mlp_proj(hidden_states)[..., : 3 * attn.inner_dim]
             q, k, _ = fused.chunk(3, dim=-1)
             q, k = attn.norm_q(_heads(attn, q)), attn.norm_k(_heads(attn, k))
-            self.book[self.name].append(_probs(q, k, image_rotary_emb))
-        return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
+            self.book[self.name].append(_probs(q, k, image_rotary_emb, kv, int(kv.get("num_txt_tokens") or 0)))
+        return self.original(attn, hidden_states, attention_mask, image_rotary_emb, **kv)
+
+
+def _kv_signature(cls, original):
+    """A recorder class whose ``__call__`` declares the KV-cache arguments the original takes, so that
+    diffusers (which drops the arguments a processor does not declare) still hands them over."""
+    import inspect
+
+    names = set(inspect.signature(original.__call__).parameters) & {
+        "kv_cache", "kv_cache_mode", "num_ref_tokens", "num_txt_tokens"
+    }  # fmt: skip
+    if not names:
+        return cls
+    base = inspect.signature(cls.__call__)
+    params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in sorted(names)]
+
+    def __call__(self, *args, **kw):
+        return cls.__call__(self, *args, **kw)
+
+    __call__.__signature__ = base.replace(parameters=params)
+    return type(cls.__name__, (cls,), {"__call__": __call__})
 
 
 @contextmanager
@@ -88,7 +133,7 @@ def recording(transformer):
     for n, p in originals.items():
         name = n[: -len(".processor")]
         cls = SingleRecorder if name.startswith("single_transformer_blocks.") else DoubleRecorder
-        procs[n] = cls(name, book, p)
+        procs[n] = _kv_signature(cls, p)(name, book, p)
     transformer.set_attn_processor(procs)
     try:
         yield book
@@ -328,7 +373,11 @@ def test_inpaint_is_traced_as_klein():
     check_queries(pipe, trc, self_ref, maps_ref, 0, ids[0][0], "a red cat", "cat")
 
 
-def test_kv_pipeline_without_reference_is_traced_and_with_one_is_refused():
+def test_kv_pipeline_with_and_without_a_reference_image():
+    """Flux2KleinKVPipeline: without a reference image it runs plain attention; with one, the first
+    step puts the reference tokens between text and image (their keys then cached, their own
+    attention a separate call) and later steps inject the cached keys there. Either way the image
+    queries' softmax over text, image and reference keys is what the maps are made of."""
     from PIL import Image
 
     pipe = tiny_flux2_pipeline(kind="kv")
@@ -339,12 +388,17 @@ def test_kv_pipeline_without_reference_is_traced_and_with_one_is_refused():
     trc, book, ids = run(pipe, "a red cat", max_sequence_length=32)
     self_ref, maps_ref = dense(trc, book, [0])
     check_queries(pipe, trc, self_ref, maps_ref, 0, ids[0][0], "a red cat", "cat")
-    before = dict(pipe.transformer.attn_processors)
-    reference = Image.fromarray(np.zeros((64, 96, 3), dtype=np.uint8))
-    with pytest.raises(daami2i.TraceError, match="kv_cache_mode='extract'"):
-        with daami2i.trace(pipe):
-            call(pipe, "a red cat", image=reference, max_sequence_length=32)
-    assert pipe.transformer.attn_processors == before
+    rng = np.random.default_rng(1)
+    reference = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    trc, book, ids = run(pipe, "a red cat", image=reference, max_sequence_length=32, num_inference_steps=3)
+    gen = trc.last_generation
+    assert gen.grid_size == (8, 12) and gen.steps_captured == [0, 1, 2]
+    assert [p.shape[-1] for p in book["single_transformer_blocks.0.attn"]] == [32 + 2 * 96] * 3
+    self_ref, maps_ref = dense(trc, book, [0], n_text=32)
+    check_queries(pipe, trc, self_ref, maps_ref, 0, ids[0][0], "a red cat", "cat")
+    # the reference image matters: its keys take a share of every image query's attention
+    p = book["transformer_blocks.0.attn"][1][0, :, 32:128]
+    assert 0.01 < p[..., 128:].sum(-1).mean().item() < 0.99
 
 
 def test_hooks_are_removed_also_after_an_exception(klein):
