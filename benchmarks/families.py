@@ -76,6 +76,24 @@ MODELS = [
         1024, 35, 512,
     ),
     (
+        "flux2", "FLUX.2-klein-4B", "Flux2Transformer2DModel",
+        dict(
+            patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+            guidance_embeds=False,
+        ),
+        1024, 4, 512,  # step-distilled: 4 steps, one pass; Qwen3-4B's chat-templated prompt padded to 512
+    ),
+    (
+        "flux2", "FLUX.2-klein-base-9B", "Flux2Transformer2DModel",
+        dict(
+            patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+            num_attention_heads=32, joint_attention_dim=12288, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+            guidance_embeds=False,
+        ),
+        1024, 50, 512,  # the undistilled base: 50 steps, guidance as a second (empty-prompt) pass
+    ),
+    (
         "pixart", "PixArt-Σ-XL-2-1024", "PixArtTransformer2DModel",
         dict(
             num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
