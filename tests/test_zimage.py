@@ -205,7 +205,8 @@ def test_every_query_matches_the_recorded_attention(zimage):
     assert trc._text_columns.tolist() == list(range(start, start + n_kept))
     assert next(iter(gen.cross_attention.values())).sums.shape == (2, 1, N, n_kept)
     assert trc.estimate_nbytes(gen.latent_size, 2, n_kept)["total"] == gen.nbytes()
-    assert ghm.compute_word_heat_map("cat").value.shape == GRID
+    assert ghm.words == ["a", "red", "cat"]
+    assert trc.compute_global_heat_map(image_idx=1).words == ["a", "blue", "dog", "sitting", "on", "green", "mat"]
 
 
 def test_the_conditional_half_is_the_prompt_not_the_negative_prompt(zimage):
@@ -356,7 +357,27 @@ def test_cli_generate_and_show(zimage, tmp_path):
     assert res.exit_code == 0, res.output
     exp = daami2i.load_experiment(out / "experiment")
     assert exp.generation.image_size == (64, 80)
-    assert exp.compute_global_heat_map().compute_word_heat_map("cat").value.shape == GRID
+    assert exp.compute_global_heat_map().words == ["a", "red", "cat"]
     res = CliRunner().invoke(app, ["show", str(out / "experiment"), "--word", "cat", "-o", str(tmp_path / "cat.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cat.png").is_file()
+
+
+def test_bad_input_is_a_daami2i_error(zimage):
+    """The omni pipeline's layout ([text, image, SigLIP] per item) is refused, as are calls the
+    adapter cannot read."""
+
+    class ZImageOmniPipeline:  # stands in for diffusers' class of that name, around the same transformer
+        transformer, unet = zimage.transformer, None
+
+    with pytest.raises(daami2i.UnsupportedPipelineError, match="Z-Image"):
+        daami2i.trace(ZImageOmniPipeline())
+    adapter = daami2i.trace(zimage).adapter
+    x, cap = torch.zeros(4, 1, 16, 20), torch.zeros(7, 32)
+    with pytest.raises(daami2i.TraceError, match="omni mode"):
+        adapter.read_call(([[x]], torch.zeros(1), [[cap]]), {})
+    with pytest.raises(daami2i.TraceError, match="one latent and one caption"):
+        adapter.read_call((x, torch.zeros(1), cap), {})
+    call = adapter.read_call(([x, x], torch.tensor([0.25, 0.25]), [cap, torch.zeros(40, 32)]), {})
+    assert call.sample.shape == (2, 4, 16, 20) and call.context.shape == (2, 64, 32) and call.timestep == 0.25
+    assert adapter.reference_tokens(call, (8, 10)) == 16 and adapter.reference_tokens(call, (8, 8)) == 0

@@ -70,7 +70,8 @@ class _SteadyBatch(PassTracker):
             raise TraceError(
                 f"the Z-Image transformer's batch changed during the generation (batch, padded text length) "
                 f"{self.first} -> {shape}: cfg_truncation < 1 turns guidance off part-way, which daami2i cannot "
-                "trace; use cfg_truncation=1.0 (the default) or guidance_scale=0"
+                "trace (use cfg_truncation=1.0, the default, or guidance_scale=0); or the pipeline was called with "
+                "prompt_embeds and no prompt, so the trace did not see a new generation begin (pass the prompt)"
             )
         return False
 
