@@ -6,7 +6,8 @@ the query and key are read where the processor hands them to its attention funct
 processor's module while a trace is active and scoped by a context variable to traced layer calls):
 there they are final (QK-norm, rotary embeddings, fused projections applied) and come with the
 model's own mask and scale. Processors that call no attention function (diffusers' classic
-``AttnProcessor``, xformers) are read from forward hooks on ``attn.to_q`` / ``attn.to_k`` instead.
+``AttnProcessor``, xformers; Sana's linear self-attention, weighed by its site's ``kernel``) are
+read from forward hooks on ``attn.to_q`` / ``attn.to_k`` instead.
 Joint-attention layers (SD3, Flux) can only be read at the attention function. Either way the call
 goes to the recorder in one canonical form, and the layer's output is exactly the original one.
 """
