@@ -509,3 +509,19 @@ def test_bad_calls_are_trace_errors(klein):
                 hidden_states=torch.randn(1, 96, 16), timestep=torch.tensor([0.5]), encoder_hidden_states=emb,
                 txt_ids=txt_ids, img_ids=None,
             )  # fmt: skip
+
+
+def test_flux2_pipeline_with_mistral_is_not_claimed(klein):
+    """Flux2Pipeline's text encoder is Mistral 3 behind a processor and a system prompt: another
+    text stream than Klein's, refused with the list of what is supported rather than mislabelled."""
+    import types
+
+    class Mistral3ForConditionalGeneration(torch.nn.Module):
+        pass
+
+    pipe = types.SimpleNamespace(
+        transformer=klein.transformer, unet=None, text_encoder=Mistral3ForConditionalGeneration(),
+        check_inputs=lambda *a, **k: None,
+    )  # fmt: skip
+    with pytest.raises(daami2i.UnsupportedPipelineError, match="Flux.2 Klein"):
+        daami2i.trace(pipe)
