@@ -13,11 +13,16 @@ import torch
 import daami2i
 from daami2i.testing import (
     tiny_chroma_pipeline,
+    tiny_flux2_pipeline,
     tiny_flux_pipeline,
+    tiny_lumina2_pipeline,
     tiny_pixart_pipeline,
+    tiny_qwenimage_pipeline,
+    tiny_sana_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_zimage_pipeline,
 )
 from daami2i.tracing.families import ADAPTERS, adapter_for
 
@@ -40,9 +45,15 @@ FAMILIES: dict[str, Family] = {
     ),
     "sd3": Family((tiny_sd3_pipeline,)),
     "flux": Family((tiny_flux_pipeline,), T5_32),
+    "flux2": Family((tiny_flux2_pipeline, lambda: tiny_flux2_pipeline(kind="kv")), T5_32),
     "chroma": Family((tiny_chroma_pipeline,), T5_32),
     # PixArt: generate at the size asked for (not at the nearest aspect-ratio bin), no caption cleaner
     "pixart": Family((tiny_pixart_pipeline,), {**T5_32, "use_resolution_binning": False, "clean_caption": False}),
+    "zimage": Family((tiny_zimage_pipeline,)),
+    "qwenimage": Family((tiny_qwenimage_pipeline,)),
+    # the default text length: Lumina's system prompt alone takes about 60 tiny-Gemma tokens
+    "lumina2": Family((tiny_lumina2_pipeline,)),
+    "sana": Family((tiny_sana_pipeline,), {**T5_32, "use_resolution_binning": False}),
 }
 NAMES = sorted(FAMILIES)
 
@@ -50,6 +61,11 @@ NAMES = sorted(FAMILIES)
 @pytest.fixture(scope="module")
 def pipes():
     return {name: [make() for make in fam.makers] for name, fam in FAMILIES.items()}
+
+
+def processors(denoiser: Any) -> dict[str, Any]:
+    """Every attention layer's processor (not every denoiser class has ``attn_processors``)."""
+    return {n: m.processor for n, m in denoiser.named_modules() if callable(getattr(m, "set_processor", None))}
 
 
 def generation_kwargs(family: str, **kw: Any) -> dict[str, Any]:
@@ -86,7 +102,7 @@ def test_geometry_is_what_the_denoiser_ran(pipes, family):
     pipe = pipes[family][0]
     kw = generation_kwargs(family, num_inference_steps=1, height=64, width=96)
     with daami2i.trace(pipe) as trc:
-        pipe("a red cat", **kw)
+        pipe(prompt="a red cat", **kw)
     gen = trc.last_generation
     assert gen.image_size == (64, 96)
     scale = pipe.vae_scale_factor
@@ -113,7 +129,8 @@ def test_readme_table_is_what_the_benchmark_prints():
     out = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "families.py")], capture_output=True, text=True, check=True
     ).stdout
-    printed = [line for line in out.splitlines() if re.match(r"^\| (unet|sd3|flux|chroma|pixart) \|", line)]
+    names = "|".join(a.name for a in ADAPTERS)
+    printed = [line for line in out.splitlines() if re.match(rf"^\| ({names}) \|", line)]
     readme = (root / "README.md").read_text()
     assert printed and all(line in readme for line in printed), "README table is stale: run benchmarks/families.py"
     assert {line.split("|")[1].strip() for line in printed} == {a.name for a in ADAPTERS}
@@ -162,7 +179,7 @@ def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
         kw = generation_kwargs(family, num_inference_steps=1, height=64, width=64)
         try:
             with daami2i.trace(pipe) as trc:
-                pipe("A Red cat on the café chair", **kw)
+                pipe(prompt="A Red cat on the café chair", **kw)
         finally:
             for h in handles:
                 h.remove()
@@ -202,18 +219,18 @@ def test_every_family_leaves_images_and_pipeline_as_they_were(pipes, family):
     for pipe in pipes[family]:
         denoiser = getattr(pipe, FAMILIES[family].denoiser)
         kw = generation_kwargs(family, num_inference_steps=2, height=64, width=96, output_type="np")
-        before = dict(denoiser.attn_processors)
+        before = processors(denoiser)
         globals_before = [{a: vars(m).get(a) for a in names} for m in watched]
         hooks = len(denoiser._forward_pre_hooks)
-        plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        plain = pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw).images
         with daami2i.trace(pipe):
-            traced = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+            traced = pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw).images
         assert np.array_equal(plain, traced), family
         with pytest.raises(RuntimeError, match="boom"):
             with daami2i.trace(pipe):
-                pipe("a red cat", **{**kw, "num_inference_steps": 1})
+                pipe(prompt="a red cat", **{**kw, "num_inference_steps": 1})
                 raise RuntimeError("boom")
-        assert denoiser.attn_processors == before
+        assert processors(denoiser) == before
         assert [{a: vars(m).get(a) for a in names} for m in watched] == globals_before
         assert attention_processor.F is torch.nn.functional
         assert len(denoiser._forward_pre_hooks) == hooks
@@ -265,7 +282,7 @@ def test_a_prompt_the_encoder_never_saw_is_not_labelled(pipes):
         with pytest.warns(UserWarning, match="did not receive the prompt's tokens"):
             with daami2i.trace(pipe) as trc:
                 kw = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=32, guidance_scale=1.0)
-                pipe("a red cat", **kw)
+                pipe(prompt="a red cat", **kw)
     finally:
         handle.remove()
     ghm = trc.compute_global_heat_map()
