@@ -165,7 +165,9 @@ VAE_SCALE = {"sana": 32}
 def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
     attr = "unet" if family == "unet" else "transformer"
     return types.SimpleNamespace(
-        **{attr: denoiser}, **({} if family == "unet" else {"unet": None}), check_inputs=lambda *a, **k: None,
+        **{attr: denoiser},
+        **({} if family == "unet" else {"unet": None}),
+        check_inputs=lambda *a, **k: None,
         encode_prompt=lambda *a, **k: None,  # Z-Image's pipelines read prompts there (no check_inputs)
     )
 

@@ -417,7 +417,7 @@ class Trace:
     def _hook_encoders(self) -> None:
         """Record the input ids each text encoder of the pipeline receives (streams with
         ``Stream.encoder`` take their labels from them)."""
-        config = getattr(self.pipe, "config", None)
+        config: Any = getattr(self.pipe, "config", None)
         for attr in sorted(config.keys() if hasattr(config, "keys") else []):
             encoder = getattr(self.pipe, attr, None) if attr.startswith("text_encoder") else None
             if not isinstance(encoder, torch.nn.Module):

@@ -83,7 +83,7 @@ class QwenImageAdapter(MMDiTAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        shapes = kwargs.get("img_shapes")
+        shapes: Any = kwargs.get("img_shapes")
         sample = call.sample
         if not isinstance(sample, torch.Tensor) or sample.dim() != 3:
             raise TraceError(
