@@ -61,7 +61,10 @@ class _SameInput(PassTracker):
 
 class QwenImageAdapter(MMDiTAdapter):
     name = "qwenimage"
-    pipelines = "Qwen-Image (a QwenImageTransformer2DModel `transformer`: QwenImagePipeline, QwenImageEditPipeline)"
+    pipelines = (
+        "Qwen-Image (a QwenImageTransformer2DModel `transformer`: QwenImagePipeline; QwenImageEditPipeline's "
+        "reference tokens are read as keys, untested)"
+    )
     model_class = "QwenImageTransformer2DModel"
     text_first = True
     guidance_as_passes = True
