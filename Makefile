@@ -32,14 +32,19 @@ bench: $(VENV)/.installed bench-deps
 	$(RUN) $(BIN)/python benchmarks/capture.py
 	$(RUN) $(BIN)/python benchmarks/queries.py
 	$(RUN) $(BIN)/python benchmarks/predecessors.py
+	$(RUN) $(BIN)/python benchmarks/peers.py
 	$(RUN) $(BIN)/python benchmarks/dit.py
 	$(RUN) $(BIN)/python benchmarks/families.py
 
-# daam 0.2.0 (PyPI) for the side-by-side benchmark, kept out of the package's environment
-bench-deps: .bench/daam/daam
+# daam 0.2.0 and attention-map-diffusers 1.0.0 (PyPI) for the side-by-side benchmarks, kept out of
+# the package's environment
+bench-deps: .bench/daam/daam .bench/amd/attention_map_diffusers
 
 .bench/daam/daam:
 	$(BIN)/pip install -q --no-deps --target .bench/daam daam==0.2.0
+
+.bench/amd/attention_map_diffusers:
+	$(BIN)/pip install -q --no-deps --target .bench/amd attention-map-diffusers==1.0.0
 
 lint: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
