@@ -14,6 +14,7 @@ from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealR
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
@@ -33,6 +34,7 @@ ADAPTERS: list[FamilyAdapter] = [
     QwenImageAdapter(),
     Lumina2Adapter(),
     SanaAdapter(),
+    HiDreamAdapter(),
 ]
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "FamilyAdapter",
     "Flux2Adapter",
     "FluxAdapter",
+    "HiDreamAdapter",
     "Lumina2Adapter",
     "PassTracker",
     "PixArtAdapter",
