@@ -684,17 +684,10 @@ class GlobalHeatMap:
                 return truncation_note(st)
         return None
 
-    def compute_word_heat_map(
-        self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None
-    ) -> WordHeatMap:
-        """DAAM word map: mean of the per-token maps of ``word`` (every occurrence merged).
-
-        Models with several text streams (SD3: ``"clip"`` and ``"t5"``) look the word up in each
-        stream it occurs in and average the streams' maps; ``stream`` picks one. ``word_idx`` is a
-        token position in the first stream (or in ``stream``).
-        """
-        if not self.cross_layers:
-            aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
+    def _word_rows(
+        self, word: str, word_idx: int | None, offset_idx: int, stream: str | None
+    ) -> list[tuple[TokenStream, list[int]]]:
+        """(stream, token rows) of ``word`` in each stream it occurs in (``stream`` picks one)."""
         names = [st.name for st in self.streams]
         if stream is not None and stream not in names:
             raise QueryError(f"stream must be one of {names} for this model, got {stream!r}")
@@ -702,7 +695,7 @@ class GlobalHeatMap:
         if word_idx is not None:
             use = use[:1]
         n_rows = self.cross_layers[0].sums.shape[2]
-        maps, misses = [], []
+        found_rows, misses = [], []
         for st in use:
             if st.tokenizer is None:
                 raise QueryError("no tokenizer is attached to this heat map, so words cannot be looked up")
@@ -721,9 +714,79 @@ class GlobalHeatMap:
                     raise
                 misses.append(f"{st.name}: {err}")
                 continue
-            maps.append(self._token_rows(rows).mean(0))
-        if not maps:
+            found_rows.append((st, list(rows)))
+        if not found_rows:
             raise QueryError(f"word {word!r} is in none of the text streams. " + " ".join(misses))
+        return found_rows
+
+    def _text_layers(self, relation: str) -> list[CrossAttentionLayer]:
+        """The captured layers holding the ``"text->image"`` or ``"text->text"`` store (else an error
+        saying how to capture them)."""
+        attr = "text_image" if relation == "text->image" else "text_text"
+        layers = [c for c in self.cross_layers if getattr(c, attr) is not None]
+        if not layers:
+            raise QueryError(
+                f"the {relation} relation was not captured: trace with "
+                f"daami2i.trace(pipe, relations=['image->text', 'image->image', '{relation}']) (joint-attention "
+                "models only), and do not restrict heads or steps (these stores are head means over all steps)"
+            )
+        return layers
+
+    def compute_text_query_heat_map(
+        self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None
+    ) -> WordHeatMap:
+        """Text -> image: where ``word``'s tokens, as queries, look in the image (joint attention; needs
+        ``trace(relations=[..., "text->image"])``). The mean over the word's tokens and the captured
+        joint layers of their attention probabilities over the image tokens, summed over steps; streams
+        the word occurs in are averaged, as in :meth:`compute_word_heat_map`, whose arguments it takes.
+        """
+        layers = self._text_layers("text->image")
+        maps = []
+        for _st, rows in self._word_rows(word, word_idx, offset_idx, stream):
+            per_layer = []
+            for c in layers:
+                assert c.text_image is not None
+                m = c.text_image[rows].mean(0).reshape(c.size)  # (h, w) of the layer's grid
+                if tuple(c.size) != self.grid_size:
+                    m = F.interpolate(m[None, None], size=self.grid_size, mode="bilinear", align_corners=False)[0, 0]
+                per_layer.append(m)
+            maps.append(torch.stack(per_layer).mean(0))
+        return WordHeatMap(torch.stack(maps).mean(0).cpu(), word, word_idx)
+
+    def text_to_text(self, stream: str | None = None) -> tuple[list[str], torch.Tensor]:
+        """Text -> text: the prompt's tokens the encoder saw (of the first stream, or ``stream``) and
+        their attention among each other, a (tokens, tokens) matrix whose row i is where token i's
+        query looks (the mean over captured joint layers, summed over steps; needs
+        ``trace(relations=[..., "text->text"])``). Entries cover these tokens' keys only, so a row
+        sums to less than one (the image and the other text keys take the rest)."""
+        layers = self._text_layers("text->text")
+        names = [st.name for st in self.streams]
+        if stream is not None and stream not in names:
+            raise QueryError(f"stream must be one of {names} for this model, got {stream!r}")
+        st = next(s for s in self.streams if stream is None or s.name == stream)
+        if st.tokens is None:
+            self.tokens  # raises the explanatory error  # noqa: B018
+        rows = list(range(st.first_row, st.first_row + (st.n_seen or 0)))
+        idx = torch.tensor(rows, dtype=torch.long)
+        mats = []
+        for c in layers:
+            assert c.text_text is not None
+            t = c.text_text.cpu()
+            mats.append(t.index_select(0, idx).index_select(1, idx))
+        return list(st.seen_tokens or []), torch.stack(mats).mean(0)
+
+    def compute_word_heat_map(
+        self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None
+    ) -> WordHeatMap:
+        """DAAM word map: mean of the per-token maps of ``word`` (every occurrence merged).
+
+        Models with several text streams (SD3: ``"clip"`` and ``"t5"``) look the word up in each
+        stream it occurs in and average the streams' maps; ``stream`` picks one. ``word_idx`` is a
+        token position in the first stream (or in ``stream``).
+        """
+        if not self.cross_layers:
+            aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
+        maps = [self._token_rows(rows).mean(0) for _st, rows in self._word_rows(word, word_idx, offset_idx, stream)]
         return WordHeatMap(torch.stack(maps).mean(0), word, word_idx)
 
     def parsed_heat_maps(self, doc: Any = None, nlp: Any = None) -> Iterator[syntax.ParsedHeatMap]:

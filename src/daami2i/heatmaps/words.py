@@ -23,6 +23,9 @@ class CrossAttentionLayer:
     name: str
     size: Size  # (h, w) of this layer's resolution
     sums: torch.Tensor  # shape: (heads, h*w, tokens) float32
+    # joint layers traced with text relations: the same token columns as queries (head means)
+    text_image: torch.Tensor | None = None  # shape: (tokens, h*w) float32, text -> image
+    text_text: torch.Tensor | None = None  # shape: (tokens, tokens) float32, text -> text
 
 
 @dataclass(frozen=True)

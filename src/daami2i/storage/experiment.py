@@ -6,6 +6,8 @@ Layout of an experiment folder (no pickle anywhere; loading never executes code 
     attention.safetensors  "self/<factor>"        (n_images, N, N)            float32
                            "cross/<layer>"        (n_images, heads, N, 77)    float32
                            "cross_steps/<layer>"  (steps, n_images, heads, N, T) float32, optional
+                           "text_image/<layer>"   (n_images, T, N)            float32, optional
+                           "text_text/<layer>"    (n_images, T, T)            float32, optional
     image_<i>.png          the generated images
     tokenizer/             only when the pipeline's tokenizer is not the standard CLIP BPE one
     tokenizers/<attr>/     joint models (SD3, Flux): each text stream's tokenizer, when not standard
@@ -107,6 +109,9 @@ def save_experiment(
         tensors[f"cross/{layer}"] = ct.sums.detach().float().cpu().contiguous()
         if ct.per_step:
             tensors[f"cross_steps/{layer}"] = torch.stack(ct.per_step).float().cpu().contiguous()
+        for kind, t in (("text_image", ct.text_image), ("text_text", ct.text_text)):
+            if t is not None:
+                tensors[f"{kind}/{layer}"] = t.detach().float().cpu().contiguous()
     save_file(tensors, str(path / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
     image_files = []
     for i, im in enumerate(images):
@@ -152,11 +157,12 @@ def save_experiment(
                 "size": list(ct.size),
                 "step_tokens": ct.step_tokens,
                 "per_step": bool(ct.per_step),
+                "text_queries": [k for k, t in (("image", ct.text_image), ("text", ct.text_text)) if t is not None],
             }
             for ct in gen.cross_attention.values()
         ],
         "images": image_files,
-        "nbytes": {k: gen.nbytes(k) for k in ("self", "cross", "cross_steps")},
+        "nbytes": {k: gen.nbytes(k) for k in ("self", "cross", "cross_steps", "text")},
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
@@ -502,6 +508,14 @@ def _generation(manifest: dict[str, Any], check: _Checker) -> Generation:
     )
 
 
+def _text_queries(value: Any, where: str, check: _Checker) -> list[str]:
+    """A cross entry's kept text-query relations: a list of distinct "image" / "text"."""
+    kinds = check.items(value, where)
+    if any(k not in ("image", "text") for k in kinds) or len(set(kinds)) != len(kinds):
+        raise check.error(where, 'a list of distinct "image" / "text" (the text -> image / text -> text stores)', kinds)
+    return list(kinds)
+
+
 def _entries(manifest: dict[str, Any], check: _Checker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The self- and cross-attention store entries, checked for type; sizes are checked later, against
     the tensors."""
@@ -530,6 +544,7 @@ def _entries(manifest: dict[str, Any], check: _Checker) -> tuple[list[dict[str, 
                 "size": check.size(check.key(entry, "size", where), f"{where}.size"),
                 "step_tokens": check.integer(entry.get("step_tokens", 0), f"{where}.step_tokens"),
                 "per_step": None if per_step is None else check.flag(per_step, f"{where}.per_step"),
+                "text_queries": _text_queries(entry.get("text_queries", []), f"{where}.text_queries", check),
             }
         )
     for kind, entries, name in (("self", selfs, "factor"), ("cross", crosses, "layer")):
@@ -667,12 +682,21 @@ def _tensor_header(
                 raise check.error(f"cross_attention step_tokens of {e['layer']!r}", f"in [1, {tokens}]", step_tokens)
             e["step_tokens"] = step_tokens
             expect(skey, sshape, (n_steps, n, heads, h * w, step_tokens), f"{n_steps} captured steps, as {key}")
+        for kind in ("image", "text"):
+            tkey = f"text_{kind}/{e['layer']}"
+            if kind not in e["text_queries"]:
+                if tkey in header:
+                    raise ExperimentError(f"{tpath} holds {tkey!r}, but {MANIFEST} does not list it; {_FIX}")
+                continue
+            want = (n, tokens, h * w) if kind == "image" else (n, tokens, tokens)
+            expect(tkey, shape_of(tkey, 3), want, f"n_images {n}, the {tokens} text tokens of {key}")
     stores = [(f"self/{e['factor']}", e["factor"], e["size"]) for e in selfs]
     stores += [(f"cross/{e['layer']}", e["factor"], e["size"]) for e in crosses]
     _check_sizes(gen, stores, check)
     _check_streams(gen, n_text, check)
     wanted = [f"self/{e['factor']}" for e in selfs] + [f"cross/{e['layer']}" for e in crosses]
     wanted += [f"cross_steps/{e['layer']}" for e in crosses if e["has_steps"]]
+    wanted += [f"text_{kind}/{e['layer']}" for e in crosses for kind in e["text_queries"]]
     return handle, wanted
 
 
@@ -814,7 +838,7 @@ def _tokenizer_kinds(
 
 def _nbytes(manifest: dict[str, Any], gen: Generation) -> None:
     """The manifest's store sizes, recomputed from the tensors (``info`` prints them)."""
-    manifest["nbytes"] = {k: gen.nbytes(k) for k in ("self", "cross", "cross_steps")}
+    manifest["nbytes"] = {k: gen.nbytes(k) for k in ("self", "cross", "cross_steps", "text")}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -846,6 +870,8 @@ def load_experiment(path: str | Path) -> Experiment:
             tensors[f"cross/{layer}"],
             per_step=list(steps.unbind(0)) if steps is not None else None,
             step_tokens=e["step_tokens"],
+            text_image=tensors.get(f"text_image/{layer}"),
+            text_text=tensors.get(f"text_text/{layer}"),
         )
     _nbytes(manifest, gen)
     return Experiment(folder, manifest, gen, tokenizer, tokenizers, image_files)

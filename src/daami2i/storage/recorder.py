@@ -144,6 +144,7 @@ class Recorder:
         text_varies: bool = False,
         self_layers: set[str] | None = None,
         cross_layers: set[str] | None = None,
+        text_relations: frozenset[str] = frozenset(),
     ) -> None:
         self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
@@ -152,6 +153,7 @@ class Recorder:
         self.n_reference = n_reference  # reference-image tokens after the output image's (Flux Kontext)
         self.text_varies = text_varies  # each call's text length is its own (n_text: the first call's)
         self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
+        self.text_relations = text_relations  # joint layers: "text->image" / "text->text" kept
 
     @torch.no_grad()
     def record(self, call: AttentionCall, step: int) -> None:
@@ -245,8 +247,8 @@ class Recorder:
             missing = text_cols >= t
             cols = cols.masked_fill(missing, 0)
         n_img, n_halves = self.rows.shape
-        q, k, bias = self._kept(call)
-        q_img = q[:, :, img]
+        q, k, full_bias = self._kept(call)
+        q_img, bias = q[:, :, img], full_bias
         if bias is not None and bias.shape[-2] == s_q:
             bias = bias[:, :, img]
         heads = call.q.shape[1]
@@ -259,14 +261,19 @@ class Recorder:
         cstore = gen.cross_attention.get(call.layer) if want_cross else None
         if want_cross and cstore is None:
             assert cols is not None
+            t_kept = int(cols.numel())
             cstore = CrossAttentionStore(
                 call.layer,
                 1,
                 (h, w),
-                torch.zeros(n_img, 1, n, cols.numel(), device=self.device),
+                torch.zeros(n_img, 1, n, t_kept, device=self.device),
                 per_step=[] if self.cross_steps else None,
-                step_tokens=int(cols.numel()),
+                step_tokens=t_kept,
             )
+            if "text->image" in self.text_relations:
+                cstore.text_image = torch.zeros(n_img, t_kept, n, device=self.device)
+            if "text->text" in self.text_relations:
+                cstore.text_text = torch.zeros(n_img, t_kept, t_kept, device=self.device)
             gen.cross_attention[call.layer] = cstore
         for start, stop, p in probs_chunks(q_img, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel):
             p = p.view(n_img, n_halves * heads, stop - start, s_k)
@@ -282,3 +289,37 @@ class Recorder:
                 if missing is not None:
                     part = part.masked_fill(missing.to(part.device), 0.0)
                 cstore.add(start, stop, part.mean(1, keepdim=True).to(self.device), step=step)
+        if cstore is not None and (cstore.text_image is not None or cstore.text_text is not None):
+            assert cols is not None
+            self._text_queries(call, cstore, q, k, full_bias, cols, img, missing)
+
+    def _text_queries(
+        self,
+        call: AttentionCall,
+        cstore: CrossAttentionStore,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        bias: torch.Tensor | None,
+        cols: torch.Tensor,
+        img: slice,
+        missing: torch.Tensor | None,
+    ) -> None:
+        """A joint layer's kept text tokens as queries: their probabilities over the image keys
+        (text -> image) and over the kept text keys (text -> text), head means, added to the store.
+        ``q``, ``k``, ``bias`` are the kept batch rows'; ``cols`` the kept text positions in the sequence."""
+        n_img, n_halves = self.rows.shape
+        heads, s_q = call.q.shape[1], call.q.shape[2]
+        q_txt = q.index_select(2, cols.to(q.device))
+        if bias is not None and bias.shape[-2] == s_q:
+            bias = bias.index_select(2, cols.to(bias.device))
+        for start, stop, p in probs_chunks(q_txt, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel):
+            p = p.view(n_img, n_halves * heads, stop - start, p.shape[-1])
+            if missing is not None:  # kept columns past this call's text: neither queries nor keys here
+                p = p.masked_fill(missing[start:stop].to(p.device)[:, None], 0.0)
+            if cstore.text_image is not None:
+                cstore.text_image[:, start:stop] += p[..., img].mean(1).to(self.device)
+            if cstore.text_text is not None:
+                part = p.index_select(-1, cols.to(p.device))
+                if missing is not None:
+                    part = part.masked_fill(missing.to(part.device), 0.0)
+                cstore.text_text[:, start:stop] += part.mean(1).to(self.device)

@@ -118,6 +118,11 @@ class CrossAttentionStore:
     per_step: list[torch.Tensor] | None = None
     step_tokens: int = 0  # token rows kept per step (start token + prompt tokens + end token)
     last_step: int = -1  # the step the newest per-step entry belongs to
+    # joint layers, when trace(relations=...) asks for them: the kept text tokens as *queries*, head
+    # means summed over steps; text -> image: shape (n_images, tokens, h*w); text -> text: shape
+    # (n_images, tokens, tokens), both over the same token columns as ``sums``
+    text_image: torch.Tensor | None = None
+    text_text: torch.Tensor | None = None
 
     def add(self, start: int, stop: int, probs: torch.Tensor, step: int = 0) -> None:
         """Add probabilities (n_images, heads, stop - start, tokens) of ``step`` for query rows [start, stop)."""
@@ -155,7 +160,7 @@ class Generation:
     streams: list[dict[str, Any]] = field(default_factory=list)
 
     def nbytes(self, kind: str = "all") -> int:
-        """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps" or "all")."""
+        """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps", "text" or "all")."""
         total = 0
         if kind in ("self", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.self_attention.values())
@@ -166,6 +171,13 @@ class Generation:
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.cross_attention.values())
         if kind in ("cross_steps", "all"):
             total += sum(t.numel() * t.element_size() for s in self.cross_attention.values() for t in s.per_step or [])
+        if kind in ("text", "all"):
+            total += sum(
+                t.numel() * t.element_size()
+                for s in self.cross_attention.values()
+                for t in (s.text_image, s.text_text)
+                if t is not None
+            )
         return total
 
     def check_finite(self) -> None:
@@ -388,7 +400,16 @@ class Generation:
                 )
             stores = [s for s in stores if s.layer in set(names)]
         if steps is None:
-            return [CrossAttentionLayer(s.layer, s.size, s.sums[image_idx]) for s in stores]
+            return [
+                CrossAttentionLayer(
+                    s.layer,
+                    s.size,
+                    s.sums[image_idx],
+                    None if s.text_image is None else s.text_image[image_idx],
+                    None if s.text_text is None else s.text_text[image_idx],
+                )
+                for s in stores
+            ]
         wanted = {int(t) for t in steps}
         positions = [i for i, t in enumerate(self.steps_captured) if t in wanted]
         if any(s.per_step is None for s in stores):

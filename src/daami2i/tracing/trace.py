@@ -84,6 +84,24 @@ def _steps_text(steps: list[int] | None) -> str:
     return "[" + (", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")) + "]"
 
 
+RELATIONS = ("image->text", "image->image", "text->image", "text->text")
+
+
+def _check_relations(relations: Iterable[str] | None) -> set[str]:
+    """The relations asked for (default: image->text and image->image), each one of :data:`RELATIONS`."""
+    if relations is None:
+        return {"image->text", "image->image"}
+    got = [relations] if isinstance(relations, str) else list(relations)
+    bad = [r for r in got if r not in RELATIONS]
+    if bad or not got:
+        raise ConfigError(
+            f"relations must be a non-empty list of {list(RELATIONS)} (query->key: image->text is the word maps, "
+            f"image->image self-attention, text->image where a word's query looks, text->text among the "
+            f"prompt's tokens); got {relations!r}"
+        )
+    return set(got)
+
+
 def _check_steps(steps: Any) -> list[int]:
     """``steps`` as a list of non-negative step indices, or a ConfigError saying what was wrong."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
@@ -165,6 +183,12 @@ class Trace:
         keep_heads: also keep self-attention per layer and head (UNets), so that
             ``compute_global_heat_map(head_idx=..., layer_idx=...)`` can select daam-i2i's entries;
             one (N x N) map per layer and kept head, so it multiplies the self-attention store.
+        relations: which query->key relations to keep (default ``["image->text", "image->image"]``:
+            word maps and self-attention). Joint-attention models (SD3, Flux, Chroma, Flux.2, Qwen-Image,
+            Z-Image, Lumina 2) also have ``"text->image"`` (where a word's query looks in the image,
+            :meth:`GlobalHeatMap.compute_text_query_heat_map`) and ``"text->text"`` (among the prompt's
+            tokens, :meth:`GlobalHeatMap.text_to_text`), one (tokens x N) / (tokens x tokens) head-mean
+            sum per joint layer; chosen before the run, so nothing unrequested is stored.
         low_memory, load_heads, save_heads, data_dir, track_all: daam-i2i's positional options.
             ``low_memory`` captures the first transformer of each UNet block only and
             ``track_all=True`` every resolution (``self_factors="all"``). ``load_heads`` /
@@ -196,6 +220,7 @@ class Trace:
         cross_steps: bool = False,
         max_store_mb: float | None = None,
         keep_heads: bool = False,
+        relations: Iterable[str] | None = None,
     ) -> None:
         self.pipe = pipe
         if load_heads or save_heads:
@@ -247,6 +272,10 @@ class Trace:
                 "low_memory and keep_heads are daam-i2i's UNet options; for SD3 / Flux pick layers with "
                 "self_layers=[...] / cross_layers=[...] (see trc.attention_layers)"
             )
+        wanted = _check_relations(relations)
+        if relations is not None:  # relations name what is kept; self_attention / cross_attention follow
+            self_attention = self_attention and "image->image" in wanted
+            cross_attention = cross_attention and bool(wanted - {"image->image"})
         self_sites = [s for s in self.sites if s.kind in ("self", "joint")]
         if not self_sites:
             raise ConfigError(f"{type(self.unet).__name__} has no attention layers to trace")
@@ -259,6 +288,14 @@ class Trace:
         self.selected = list({s.name: s for s in self_selected + self._cross_sites}.values())
         if not self.selected:
             raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
+        self.text_relations = frozenset(wanted & {"text->image", "text->text"})
+        if self.text_relations and not any(s.kind == "joint" for s in self._cross_sites):
+            raise ConfigError(
+                f"relations {sorted(self.text_relations)} need text tokens that are queries, which only joint "
+                f"attention has (SD3, Flux, Chroma, Flux.2, Qwen-Image, Z-Image, Lumina 2); the "
+                f"{type(self.unet).__name__}'s text tokens are keys only (cross-attention): its relations are "
+                "'image->text' and 'image->image'"
+            )
         self._self_factors = sorted({s.factor for s in self_selected})
         self.config: dict[str, Any] = {  # recorded with each generation (experiment manifests)
             "self_layers": [s.name for s in self_selected],
@@ -268,6 +305,11 @@ class Trace:
             "steps": None if steps is None or callable(steps) else sorted(int(t) for t in steps),
             "cross_steps": self.cross_steps,
             "keep_heads": self.keep_heads,
+            "relations": sorted(
+                ({"image->image"} if self_selected else set())
+                | ({"image->text"} if self._cross_sites else set())
+                | self.text_relations
+            ),
         }
         if callable(steps):
             self._step_ok: Callable[[int], bool] = steps
@@ -634,6 +676,7 @@ class Trace:
             text_varies=self.adapter.text_length_varies,
             self_layers=self._self_names,
             cross_layers=self._cross_names,
+            text_relations=self.text_relations,
         )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
@@ -787,7 +830,7 @@ class Trace:
         n_steps: int | None = None,
         step_tokens: int = 77,
     ) -> dict[str, int]:
-        """Bytes this trace's stores take for one generation: ``{"self", "cross", "cross_steps", "total"}``.
+        """Bytes this trace's stores take for one generation: ``{"self", "cross", "cross_steps", "text", "total"}``.
 
         ``latent_size`` is (height, width) of the latent (the image size divided by the VAE's 8);
         ``n_steps`` (captured steps) only matters with ``cross_steps=True``.
@@ -796,7 +839,7 @@ class Trace:
         >>> trace(tiny_sd_pipeline()).estimate_nbytes((64, 64))["self"] == 4096 * 4096 * 4
         True
         """
-        out = {"self": 0, "cross": 0, "cross_steps": 0}
+        out = {"self": 0, "cross": 0, "cross_steps": 0, "text": 0}
         adapter, halves = self.adapter, 2 if self.halves == "both" else 1
         steps = n_steps if n_steps is not None else adapter.default_steps
         for f in self._self_factors:  # one (N x N) head-mean sum per resolution
@@ -813,6 +856,16 @@ class Trace:
             out["cross"] += per * n_tokens
             if self.cross_steps:
                 out["cross_steps"] += per * step_tokens * steps
+            if site.kind == "joint":  # the text tokens as queries: over the image, over the text
+                out["text"] += (
+                    n_images
+                    * 4
+                    * n_tokens
+                    * (
+                        (h * w if "text->image" in self.text_relations else 0)
+                        + (n_tokens if "text->text" in self.text_relations else 0)
+                    )
+                )
         out["total"] = sum(out.values())
         return out
 
