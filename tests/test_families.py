@@ -290,3 +290,34 @@ def test_a_prompt_the_encoder_never_saw_is_not_labelled(pipes):
         ghm.compute_word_heat_map("cat")
     assert trc.last_generation.streams[0]["tokens"] == [None]
     assert trc.last_generation.nbytes("cross") > 0
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_text_relations_on_every_joint_family(pipes, family):
+    """Every family with joint layers keeps the text-query relations when asked (their values are
+    checked against the recorded softmax in test_relations.py): probabilities that, over the image
+    keys and the kept text keys, sum to at most one per query, sized as estimated; a family without
+    joint layers refuses them."""
+    pipe = pipes[family][0]
+    denoiser, adapter = adapter_for(pipe)
+    joint = any(s.kind == "joint" for s in adapter.find_sites(denoiser))
+    relations = ["image->text", "image->image", "text->image", "text->text"]
+    if not joint:
+        with pytest.raises(daami2i.ConfigError, match="joint"):
+            daami2i.trace(pipe, relations=relations)
+        return
+    with daami2i.trace(pipe, relations=relations) as trc:
+        pipe(prompt="a red cat", **generation_kwargs(family, num_inference_steps=1, height=64, width=64))
+    gen = trc.last_generation
+    stores = list(gen.cross_attention.values())
+    assert stores and all(s.text_image is not None and s.text_text is not None for s in stores)
+    for s in stores:
+        mass = s.text_image.sum(-1) + s.text_text.sum(-1)  # (n_images, tokens): one step, head means
+        assert float(s.text_image.min()) >= 0 and float(mass.max()) <= 1 + 1e-5, family
+        assert float(mass.max()) > 0, family
+    ghm = trc.compute_global_heat_map()
+    assert float(ghm.compute_text_query_heat_map("cat").value.max()) > 0
+    tokens, matrix = ghm.text_to_text()
+    assert matrix.shape == (len(tokens), len(tokens)) and tokens
+    need = trc.estimate_nbytes(gen.latent_size, gen.n_images, n_tokens=stores[0].sums.shape[-1])
+    assert need["text"] == gen.nbytes("text") > 0
