@@ -57,7 +57,9 @@ def llama_tokenizer(vocab_size: int = 4000) -> Any:
     backend.add_special_tokens(LLAMA_SPECIAL)
     bos = backend.token_to_id(LLAMA_SPECIAL[0])
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{LLAMA_SPECIAL[0]} $A", pair=f"{LLAMA_SPECIAL[0]} $A {LLAMA_SPECIAL[0]} $B", special_tokens=[(LLAMA_SPECIAL[0], bos)]
+        single=f"{LLAMA_SPECIAL[0]} $A",
+        pair=f"{LLAMA_SPECIAL[0]} $A {LLAMA_SPECIAL[0]} $B",
+        special_tokens=[(LLAMA_SPECIAL[0], bos)],
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=LLAMA_SPECIAL[0], eos_token=LLAMA_SPECIAL[1])
     tok.model_max_length = 131072
