@@ -155,6 +155,26 @@ MODELS = [
         ),
         1024, 2, 300,
     ),
+    (
+        "hidream", "HiDream-I1-Full", "HiDreamImageTransformer2DModel",
+        dict(
+            patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+            attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+            llama_layers=[*range(32), *[31] * 16],
+        ),
+        1024, 50, 128 + 2 * 128,  # T5 128, Llama-3.1 last layer 128, the block's own Llama layer 128
+    ),
+    (
+        "hidream", "HiDream-I1-Dev", "HiDreamImageTransformer2DModel",
+        dict(
+            patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+            attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+            llama_layers=[*range(32), *[31] * 16],
+        ),
+        1024, 28, 128 + 2 * 128,  # guidance-distilled: one pass (guidance_scale 0)
+    ),
 ]  # fmt: skip
 
 
@@ -186,8 +206,11 @@ def table(prompt_tokens: int = 20) -> list[dict]:
         assert trc.adapter.name == family, (model, trc.adapter.name)
         scale = VAE_SCALE.get(family, 8)  # every other VAE here scales by 8
         latent = (size // scale, size // scale)
-        # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end
-        kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1)}.get(family, prompt_tokens + 1)
+        # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end;
+        # HiDream: T5 tokens + end, then the Llama tokens + end twice (its last layer, each block's own)
+        kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1), "hidream": 3 * (prompt_tokens + 1)}.get(
+            family, prompt_tokens + 1
+        )
         store = trc.estimate_nbytes(latent, 1, kept, steps)
         qk = 0
         for site in trc.selected:
