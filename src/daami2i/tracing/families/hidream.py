@@ -60,7 +60,12 @@ class HiDreamCall(DenoiserCall):
 
 def text_lengths(pipe: Any, n_text: int) -> tuple[int, int]:
     """(T5 positions, Llama positions per segment) of a text part of ``n_text`` keys: the pipeline pads
-    both encoders to ``min(max_sequence_length, model_max_length)``, the Llama one twice."""
+    both encoders to ``min(max_sequence_length, model_max_length)``, the Llama one twice.
+
+    >>> from daami2i.testing import tiny_hidream_pipeline
+    >>> text_lengths(tiny_hidream_pipeline(), 3 * 128)  # the default max_sequence_length
+    (128, 128)
+    """
     t5_max = int(getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", n_text) or n_text)
     llama_max = int(getattr(getattr(pipe, "tokenizer_4", None), "model_max_length", n_text) or n_text)
     for m in range(1, n_text + 1):
