@@ -152,7 +152,8 @@ def tiny_qwenimage_pipeline(seed: int = 0, num_layers: int = 2, kind: QwenKind =
     >>> edit = tiny_qwenimage_pipeline(kind="edit")
     >>> type(edit).__name__, edit.vae_scale_factor
     ('QwenImageEditPipeline', 16)
-    >>> edit(image=Image.new("RGB", (96, 64)), prompt="a cat", num_inference_steps=2, height=64, width=96).images[0].size
+    >>> out = edit(image=Image.new("RGB", (96, 64)), prompt="a cat", num_inference_steps=2, height=64, width=96)
+    >>> out.images[0].size
     (96, 64)
     """
     from diffusers import (

@@ -5,8 +5,10 @@ after QK-norm and rotary embeddings; text padding masked there by a boolean (B, 
 The text keys are Qwen2.5-VL's last hidden states of the prompt formatted into the pipeline's chat
 template, with the template's first ``prompt_template_encode_start_idx`` positions (its system
 prefix) dropped: the stream takes its labels from the ids the text encoder received. Latents are
-packed 2x2 into tokens; ``img_shapes`` gives each item's token grid (Edit: the reference image's
-grid follows the output's; those tokens are keys, not output). True classifier-free guidance runs
+packed 2x2 into tokens; ``img_shapes`` gives each item's token grid (Edit and Edit Plus: the
+reference images' grids follow the output's; those tokens are keys, not output, and their vision
+tokens sit in the prompt's template before the prompt, in the kept positions: the labels come from
+the received ids all the same). True classifier-free guidance runs
 the negative prompt as a second transformer call on the same latents in each step (``cache_context``
 "cond" then "uncond"); its text may have another length.
 
@@ -62,8 +64,8 @@ class _SameInput(PassTracker):
 class QwenImageAdapter(MMDiTAdapter):
     name = "qwenimage"
     pipelines = (
-        "Qwen-Image (a QwenImageTransformer2DModel `transformer`: QwenImagePipeline; QwenImageEditPipeline's "
-        "reference tokens are read as keys, untested)"
+        "Qwen-Image (a QwenImageTransformer2DModel `transformer`: QwenImagePipeline, QwenImageEditPipeline and "
+        "QwenImageEditPlusPipeline, whose reference images' tokens are keys after the output's)"
     )
     model_class = "QwenImageTransformer2DModel"
     text_first = True
@@ -127,6 +129,12 @@ class QwenImageAdapter(MMDiTAdapter):
         return [Stream("qwen", "tokenizer", "prompt", 0, None, 0, encoder="text_encoder", dropped=dropped)]
 
     def prepare_real(self, pipe: Any, denoiser: Any, request: RealRequest) -> RealRun:
+        if type(pipe).__name__.startswith("QwenImageEdit") or getattr(pipe, "processor", None) is not None:
+            raise TraceError(
+                f"daami2i.trace_image does not attribute real images with an edit pipeline ({type(pipe).__name__}: "
+                "its reference image joins the text encoder's prompt and the transformer's keys); trace the edit "
+                "itself with daami2i.trace, or a QwenImagePipeline with the same transformer"
+            )
         device, dtype = denoiser.device, denoiser.dtype
         vae = pipe.vae
         pixels = pipe.image_processor.preprocess(request.image, height=request.height, width=request.width)
