@@ -293,7 +293,7 @@ def test_labels_are_the_ids_the_encoder_received(klein):
 @pytest.mark.parametrize("halves", ["cond", "uncond", "both"])
 def test_guidance_passes_are_never_averaged(klein, halves):
     """With guidance the transformer runs twice per step, the prompt first (cache_context "cond"),
-    then the empty prompt ("uncond"): each pass is captured alone, or both with halves="both"."""
+    then the empty prompt ("uncond"): each pass is captured alone, or both with halves="both" (their mean)."""
     trc, book, ids = run(klein, "a red cat", dict(halves=halves), max_sequence_length=32)
     gen = trc.last_generation
     assert gen.steps_captured == [0, 1] and gen.steps_run == 2 and not gen.cfg
@@ -301,11 +301,12 @@ def test_guidance_passes_are_never_averaged(klein, halves):
     assert ids[1][0].tolist()[: len(empty)] == empty and ids[0][0].tolist()[: len(empty)] != empty
     calls = {"cond": {0, 2}, "uncond": {1, 3}, "both": {0, 1, 2, 3}}[halves]
     self_ref, maps_ref = dense(trc, book, [0], calls=calls)
+    if halves == "both":  # the two passes' mean, as a batch's halves are averaged
+        self_ref, maps_ref = self_ref / 2, maps_ref / 2
     ghm = trc.compute_global_heat_map()
     wp = torch.zeros(96)
     wp[[3, 40]] = 1
     ours = ghm.compute_pixel_heat_map([3, 40]).value
-    # halves="both": the two passes' sum (each call adds to the store; a batch's halves are averaged instead)
     assert_close(ours, column_query(self_ref, wp, (8, 12)))
     other, _ = dense(trc, book, [0], calls={0, 2} if halves != "cond" else {1, 3})
     assert not torch.allclose(ours, column_query(other, wp, (8, 12)), atol=1e-4)

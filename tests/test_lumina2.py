@@ -275,19 +275,20 @@ def test_images_per_prompt(pipe):
 
 @pytest.mark.parametrize("halves", ["uncond", "both"])
 def test_guidance_passes(pipe, halves):
-    """The negative prompt's calls (1 and 3) are the uncond half; "both" adds them to the prompt's.
+    """The negative prompt's calls (1 and 3) are the uncond half; "both" averages them with the prompt's.
     The negative caption ("" after <bos>) is shorter than the prompt's columns: no such key, zero."""
     trc, book, ids = run(pipe, "a red cat", dict(halves=halves), negative_prompt="")
     gen = trc.last_generation
     assert gen.steps_captured == [0, 1] and not gen.cfg
     calls = {1, 3} if halves == "uncond" else {0, 1, 2, 3}
     self_ref, maps_ref = dense(trc, book, 0, calls)
-    ghm = check_queries(pipe, trc, self_ref, None, 0, ids[0][0].tolist(), "cat")
+    weight = 0.5 if halves == "both" else 1.0  # "both": the two passes' mean, as a batch's halves
+    ghm = check_queries(pipe, trc, self_ref * weight, None, 0, ids[0][0].tolist(), "cat")
     neg = book["layers.0.attn"][1][0].shape[-1] - N
     assert neg < prompt_start(pipe)  # the negative pass has no key at the prompt's columns
     rows = word_rows(pipe, ids[0][0].tolist(), "cat")
     cond_maps = dense(trc, book, 0, {0, 2})[1]
-    expected = torch.zeros(GRID) if halves == "uncond" else cond_maps[rows].mean(0)
+    expected = torch.zeros(GRID) if halves == "uncond" else cond_maps[rows].mean(0) * weight
     assert_close(ghm.compute_word_heat_map("cat").value, expected)
 
 

@@ -253,7 +253,7 @@ def key_positions_with(tok, row, prompt, word, drop):
 @pytest.mark.parametrize("halves", ["cond", "uncond", "both"])
 def test_true_cfg_passes_are_captured_apart(qwen, halves):
     """True CFG calls the transformer twice per step (prompt, then the negative prompt, whose text is
-    longer here): "cond" is the prompt's calls alone, "uncond" the negative prompt's, "both" their sum."""
+    longer here): "cond" is the prompt's calls alone, "uncond" the negative prompt's, "both" their mean."""
     prompt = "a red cat"
     trc, book, ids = run(qwen, prompt, dict(halves=halves), **NEG)
     gen = trc.last_generation
@@ -263,6 +263,8 @@ def test_true_cfg_passes_are_captured_apart(qwen, halves):
     assert len({book[trc._cross_sites[0].name][i].shape[-1] for i in range(4)}) == 2  # two text lengths
     n_cols = len(trc._text_columns)
     self_ref, maps_ref = dense(trc, book, 0, calls, n_cols=max(trc._text_columns.tolist()) + 1)
+    if halves == "both":  # the two passes' mean, as a batch's halves are averaged
+        self_ref, maps_ref = self_ref / 2, maps_ref / 2
     rows = key_positions(qwen, ids[0][0], prompt, "cat")  # the prompt's columns, in every kept pass
     ghm = check_queries(trc, self_ref, maps_ref[rows].mean(0), 0, "cat")
     assert len(lengths) == (2 if halves == "both" else 1) and n_cols == 4

@@ -145,6 +145,7 @@ class Recorder:
         self_layers: set[str] | None = None,
         cross_layers: set[str] | None = None,
         text_relations: frozenset[str] = frozenset(),
+        pass_weight: float = 1.0,
     ) -> None:
         self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
@@ -154,6 +155,9 @@ class Recorder:
         self.text_varies = text_varies  # each call's text length is its own (n_text: the first call's)
         self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
         self.text_relations = text_relations  # joint layers: "text->image" / "text->text" kept
+        # each call's weight: 1/2 when guidance passes are separate calls and both are kept, so that
+        # they average as the halves of a batch do
+        self.pass_weight = float(pass_weight)
 
     @torch.no_grad()
     def record(self, call: AttentionCall, step: int) -> None:
@@ -193,6 +197,8 @@ class Recorder:
                 store.per_head = {}
             for start, stop, p in chunks:
                 p = p.view(n_img, n_halves * heads, stop - start, n_k)
+                if self.pass_weight != 1.0:
+                    p.mul_(self.pass_weight)
                 if self.keep_heads:
                     store.add_heads(call.layer, start, stop, p)
                 if p.device == store.sums.device:
@@ -215,6 +221,8 @@ class Recorder:
             gen.cross_attention[call.layer] = cstore
         for start, stop, p in chunks:
             p = p.view(n_img, n_halves, heads, stop - start, n_k).mean(1)
+            if self.pass_weight != 1.0:
+                p = p * self.pass_weight
             if cols is not None:
                 p = p.index_select(-1, cols.to(p.device))
             cstore.add(start, stop, p.to(self.device), step=step)
@@ -277,6 +285,8 @@ class Recorder:
             gen.cross_attention[call.layer] = cstore
         for start, stop, p in probs_chunks(q_img, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel):
             p = p.view(n_img, n_halves * heads, stop - start, s_k)
+            if self.pass_weight != 1.0:
+                p.mul_(self.pass_weight)  # the chunk's own buffer
             if store is not None:
                 part = p[..., img]
                 if part.device == store.sums.device:
@@ -314,6 +324,8 @@ class Recorder:
             bias = bias.index_select(2, cols.to(bias.device))
         for start, stop, p in probs_chunks(q_txt, k, call.scale, bias, self.chunk_bytes, self.scratch, call.kernel):
             p = p.view(n_img, n_halves * heads, stop - start, p.shape[-1])
+            if self.pass_weight != 1.0:
+                p.mul_(self.pass_weight)
             if missing is not None:  # kept columns past this call's text: neither queries nor keys here
                 p = p.masked_fill(missing[start:stop].to(p.device)[:, None], 0.0)
             if cstore.text_image is not None:

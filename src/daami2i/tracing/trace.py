@@ -677,6 +677,7 @@ class Trace:
             self_layers=self._self_names,
             cross_layers=self._cross_names,
             text_relations=self.text_relations,
+            pass_weight=0.5 if self._passes() and self.halves == "both" else 1.0,
         )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
