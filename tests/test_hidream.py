@@ -161,12 +161,12 @@ def positions(tok, ids: list[int], word: str) -> list[int]:
     return sorted(found)
 
 
-def word_rows(pipe, ids, item: int, word: str, call_idx: int = 0) -> dict[str, list[int]]:
+def word_rows(pipe, ids, item: int, word: str, call_idx: int = 0, length: int = L) -> dict[str, list[int]]:
     """Per stream, the text positions (of the whole text part) of ``word``, found in the ids the T5 and
     the Llama encoders received for batch item ``item`` of their ``call_idx``-th call."""
     t5 = positions(pipe.tokenizer_3, ids["text_encoder_3"][call_idx][item].tolist(), word)
     llama = positions(pipe.tokenizer_4, ids["text_encoder_4"][call_idx][item].tolist(), word)
-    return {"t5": t5, "llama": [L + p for p in llama], "llama_block": [2 * L + p for p in llama]}
+    return {"t5": t5, "llama": [length + p for p in llama], "llama_block": [2 * length + p for p in llama]}
 
 
 def check(pipe, trc, book, ids, image_idx, word, rows, call_idx=0, item=None, grid=GRID, pad=PAD):
@@ -436,3 +436,27 @@ def test_bad_input_is_a_daami2i_error(hidream):
     with pytest.raises(daami2i.TraceError, match="no T5 length"):
         with daami2i.trace(hidream):
             hidream.transformer(x[:1], torch.tensor([500.0]), t5[:1], llama[:, :1], torch.zeros(1, 32))
+
+
+def test_a_prompt_longer_than_the_window_keeps_what_the_encoders_saw(hidream):
+    """max_sequence_length=8: T5 sees 7 pieces and its end token, Llama its start token and 7 pieces;
+    each stream is labelled with the prefix its encoder received, warned about, and a word past the
+    window of every stream is a QueryError."""
+    prompt = "a red cat on a blue chair near the old green door"
+    with pytest.warns(UserWarning, match="window"):
+        trc, book, ids = run(hidream, prompt, max_sequence_length=8)
+    gen = trc.last_generation
+    t5_ids, llama_ids = ids["text_encoder_3"][0][0].tolist(), ids["text_encoder_4"][0][0].tolist()
+    assert len(t5_ids) == len(llama_ids) == 8 and t5_ids[-1] == hidream.tokenizer_3.eos_token_id
+    t5_spec, llama_spec = gen.streams[:2]  # tokens: the whole prompt's; rows: the 7 the encoders saw
+    assert t5_spec["tokens"][0][:7] == hidream.tokenizer_3.convert_ids_to_tokens(t5_ids[:7])
+    assert llama_spec["tokens"][0][:7] == hidream.tokenizer_4.convert_ids_to_tokens(llama_ids[1:])
+    assert [s["stop_row"] - s["first_row"] for s in gen.streams] == [7, 7, 7]
+    assert trc._text_columns.tolist() == [*range(7), *range(9, 16), *range(17, 24)]
+    ghm = trc.compute_global_heat_map()
+    assert "cat" in ghm.words and "door" not in ghm.words
+    _, maps_ref = dense(book, [1])
+    for name, rows in word_rows(hidream, ids, 0, "cat", length=8).items():  # the streams' offsets at 8
+        assert_close(ghm.compute_word_heat_map("cat", stream=name).value, maps_ref[rows].mean(0))
+    with pytest.raises(daami2i.QueryError):
+        ghm.compute_word_heat_map("door")
