@@ -110,6 +110,26 @@ MODELS = [
         1024, 50, 20 + 5,  # the prompt's tokens and the chat template's end (the system prefix is dropped)
     ),
     (
+        "qwenimage", "Qwen-Image-Edit", "QwenImageTransformer2DModel",
+        dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+        ),
+        # beside the output's tokens: the kept text (vision start, 37x37 merged vision tokens of the
+        # ~1024 px reference image, vision end, the prompt, the template's end) and 64x64 reference tokens
+        1024, 50, (1 + 1369 + 1 + 20 + 5) + 4096,
+    ),
+    (
+        "qwenimage", "Qwen-Image-Edit-2509 (Edit Plus)", "QwenImageTransformer2DModel",
+        dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+        ),
+        # one reference image: "Picture 1: " (about 4 tokens), its 14x14 vision tokens (384 px), the prompt,
+        # the end; 64x64 reference tokens
+        1024, 50, (4 + 1 + 196 + 1 + 20 + 5) + 4096,
+    ),
+    (
         "zimage", "Z-Image-Turbo", "ZImageTransformer2DModel",
         dict(
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
