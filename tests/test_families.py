@@ -321,3 +321,21 @@ def test_text_relations_on_every_joint_family(pipes, family):
     assert matrix.shape == (len(tokens), len(tokens)) and tokens
     need = trc.estimate_nbytes(gen.latent_size, gen.n_images, n_tokens=stores[0].sums.shape[-1])
     assert need["text"] == gen.nbytes("text") > 0
+
+
+def test_a_generation_from_embeddings_alone_is_a_generation_of_its_own(pipes):
+    """Z-Image skips its prompt method (encode_prompt) when given prompt_embeds alone: the trace then
+    sees the new generation where the pipeline sets its timesteps, so two such calls in one trace
+    are two generations, not one summed into the other."""
+    pipe = pipes["zimage"][0]
+    pos, neg = pipe.encode_prompt(prompt="a red cat", negative_prompt="", device="cpu")
+    kw = generation_kwargs("zimage", num_inference_steps=1, height=64, width=64)
+    with daami2i.trace(pipe, keep="all") as trc:
+        pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw)
+        for _ in range(2):
+            pipe(prompt_embeds=pos, negative_prompt_embeds=neg, generator=torch.Generator().manual_seed(0), **kw)
+    assert [g.steps_run for g in trc.generations] == [1, 1, 1]
+    first, second, third = (g.self_attention[1].sums for g in trc.generations)
+    torch.testing.assert_close(second, first)  # the same prompt's states: the same maps, not a sum
+    torch.testing.assert_close(third, first)
+    assert trc.generations[1].image_prompts == [None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import json
@@ -434,6 +435,7 @@ class Trace:
                 return check(*args, **kwargs)
 
             self._patch(self.pipe, method, check_inputs)
+            self._watch_timesteps()
             self._hook_encoders()
             if self.adapter.guidance_from_encode_prompt:
                 self._patch_encode_prompt()
@@ -455,6 +457,25 @@ class Trace:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+    def _watch_timesteps(self) -> None:
+        """A generation also starts where the pipeline sets its scheduler's timesteps after the
+        denoiser ran: a pipeline that skips the prompt method when given ``prompt_embeds`` (Z-Image's
+        ``encode_prompt``) must not add its second generation to the first."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        set_timesteps = getattr(scheduler, "set_timesteps", None)
+        if not callable(set_timesteps):
+            return
+
+        @functools.wraps(set_timesteps)  # its signature too: diffusers inspects it (sigmas=, timesteps=)
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            gen = self._current
+            if gen is not None and gen.latent_size is not None and self._cfg_override is None:
+                self._stream_prompts = {}
+                self._begin(None)  # the prompts of this call are unknown (given as embeddings)
+            return set_timesteps(*args, **kwargs)
+
+        self._patch(scheduler, "set_timesteps", watched)
 
     def _hook_encoders(self) -> None:
         """Record the input ids each text encoder of the pipeline receives (streams with
