@@ -14,6 +14,7 @@ import daami2i
 from daami2i.testing import (
     tiny_chroma_pipeline,
     tiny_flux2_pipeline,
+    tiny_hidream_pipeline,
     tiny_flux_pipeline,
     tiny_lumina2_pipeline,
     tiny_pixart_pipeline,
@@ -54,6 +55,8 @@ FAMILIES: dict[str, Family] = {
     # the default text length: Lumina's system prompt alone takes about 60 tiny-Gemma tokens
     "lumina2": Family((tiny_lumina2_pipeline,)),
     "sana": Family((tiny_sana_pipeline,), {**T5_32, "use_resolution_binning": False}),
+    # HiDream rescales every size to its area (the tiny pipeline's 80x80 px): 64x96 stays, 64x64 is 80x80
+    "hidream": Family((tiny_hidream_pipeline,), T5_32),
 }
 NAMES = sorted(FAMILIES)
 
@@ -171,7 +174,7 @@ def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
 
             return keep
 
-        for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
             encoder = getattr(pipe, attr, None)
             if encoder is None:
                 continue
