@@ -18,6 +18,7 @@ from .words import (
     CrossAttentionLayer,
     TokenStream,
     aggregate_layers,
+    decode_tokens,
     split_words,
     text_rows,
     token_rows,
@@ -754,9 +755,10 @@ class GlobalHeatMap:
         return WordHeatMap(torch.stack(maps).mean(0).cpu(), word, word_idx)
 
     def text_to_text(self, stream: str | None = None) -> tuple[list[str], torch.Tensor]:
-        """Text -> text: the prompt's tokens the encoder saw (of the first stream, or ``stream``) and
-        their attention among each other, a (tokens, tokens) matrix whose row i is where token i's
-        query looks (the mean over captured joint layers, summed over steps; needs
+        """Text -> text: the prompt's tokens the encoder saw (of the first stream, or ``stream``; each
+        decoded to its text, ``"red"`` for ``"Ġred"``) and their attention among each other, a
+        (tokens, tokens) matrix whose row i is where token i's query looks (the mean over captured
+        joint layers, summed over steps; needs
         ``trace(relations=[..., "text->text"])``). Entries cover these tokens' keys only, so a row
         sums to less than one (the image and the other text keys take the rest)."""
         layers = self._text_layers("text->text")
@@ -773,7 +775,8 @@ class GlobalHeatMap:
             assert c.text_text is not None
             t = c.text_text.cpu()
             mats.append(t.index_select(0, idx).index_select(1, idx))
-        return list(st.seen_tokens or []), torch.stack(mats).mean(0)
+        labels = [decode_tokens(st.tokenizer, [t]).strip() or t for t in st.seen_tokens or []]
+        return labels, torch.stack(mats).mean(0)
 
     def compute_word_heat_map(
         self, word: str, word_idx: int | None = None, offset_idx: int = 0, stream: str | None = None

@@ -293,7 +293,7 @@ class Trace:
         if self.text_relations and not any(s.kind == "joint" for s in self._cross_sites):
             raise ConfigError(
                 f"relations {sorted(self.text_relations)} need text tokens that are queries, which only joint "
-                f"attention has (SD3, Flux, Chroma, Flux.2, Qwen-Image, Z-Image, Lumina 2); the "
+                f"attention has (SD3, Flux, Chroma, Flux.2, Qwen-Image, Z-Image, Lumina 2, HiDream); the "
                 f"{type(self.unet).__name__}'s text tokens are keys only (cross-attention): its relations are "
                 "'image->text' and 'image->image'"
             )
