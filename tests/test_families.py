@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 import daami2i
 from daami2i.testing import (
     tiny_chroma_pipeline,
     tiny_flux2_pipeline,
-    tiny_hidream_pipeline,
     tiny_flux_pipeline,
+    tiny_hidream_pipeline,
     tiny_lumina2_pipeline,
     tiny_pixart_pipeline,
     tiny_qwenimage_pipeline,
@@ -37,6 +38,7 @@ class Family:
     kwargs: dict[str, Any] = field(default_factory=dict)
     denoiser: str = "transformer"  # the pipeline attribute holding the denoiser
     explorer: bool = True  # exercised by the explorer test here (the UNet's is tested in test_explorer)
+    per_maker: tuple[dict[str, Any], ...] = ()  # further options of the i-th maker's pipeline (an input image)
 
 
 T5_32 = {"max_sequence_length": 32}
@@ -51,7 +53,10 @@ FAMILIES: dict[str, Family] = {
     # PixArt: generate at the size asked for (not at the nearest aspect-ratio bin), no caption cleaner
     "pixart": Family((tiny_pixart_pipeline,), {**T5_32, "use_resolution_binning": False, "clean_caption": False}),
     "zimage": Family((tiny_zimage_pipeline,)),
-    "qwenimage": Family((tiny_qwenimage_pipeline,)),
+    "qwenimage": Family(
+        (tiny_qwenimage_pipeline, lambda: tiny_qwenimage_pipeline(kind="edit")),
+        per_maker=({}, {"image": Image.new("RGB", (64, 48), (200, 40, 40))}),  # Edit: the image to edit
+    ),
     # the default text length: Lumina's system prompt alone takes about 60 tiny-Gemma tokens
     "lumina2": Family((tiny_lumina2_pipeline,)),
     "sana": Family((tiny_sana_pipeline,), {**T5_32, "use_resolution_binning": False}),
@@ -71,8 +76,10 @@ def processors(denoiser: Any) -> dict[str, Any]:
     return {n: m.processor for n, m in denoiser.named_modules() if callable(getattr(m, "set_processor", None))}
 
 
-def generation_kwargs(family: str, **kw: Any) -> dict[str, Any]:
-    return {**FAMILIES[family].kwargs, **kw}
+def generation_kwargs(family: str, maker: int = 0, **kw: Any) -> dict[str, Any]:
+    fam = FAMILIES[family]
+    extra = fam.per_maker[maker] if maker < len(fam.per_maker) else {}
+    return {**fam.kwargs, **extra, **kw}
 
 
 def test_each_pipeline_is_claimed_by_its_own_adapter(pipes):
@@ -163,7 +170,7 @@ def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
     """The tokens daami2i labels a stream's key rows with are the ids that stream's text encoder was
     given (hooked here), at the positions the stream declares: a template, a dropped prefix, a
     lowercasing or a truncation the pipeline applies cannot shift them unnoticed."""
-    for pipe in pipes[family]:
+    for i, pipe in enumerate(pipes[family]):
         seen: dict[str, list[int]] = {}
         handles = []
 
@@ -179,7 +186,7 @@ def test_word_labels_are_the_ids_the_encoder_received(pipes, family):
             if encoder is None:
                 continue
             handles.append(encoder.register_forward_pre_hook(recorder(attr), with_kwargs=True))
-        kw = generation_kwargs(family, num_inference_steps=1, height=64, width=64)
+        kw = generation_kwargs(family, i, num_inference_steps=1, height=64, width=64)
         try:
             with daami2i.trace(pipe) as trc:
                 pipe(prompt="A Red cat on the café chair", **kw)
@@ -219,9 +226,9 @@ def test_every_family_leaves_images_and_pipeline_as_they_were(pipes, family):
         m for n, m in sys.modules.items() if n.startswith("diffusers.models.transformers.") and m is not None
     ]
     names = ("F", "dispatch_attention_fn")
-    for pipe in pipes[family]:
+    for i, pipe in enumerate(pipes[family]):
         denoiser = getattr(pipe, FAMILIES[family].denoiser)
-        kw = generation_kwargs(family, num_inference_steps=2, height=64, width=96, output_type="np")
+        kw = generation_kwargs(family, i, num_inference_steps=2, height=64, width=96, output_type="np")
         before = processors(denoiser)
         globals_before = [{a: vars(m).get(a) for a in names} for m in watched]
         hooks = len(denoiser._forward_pre_hooks)
