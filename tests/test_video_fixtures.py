@@ -344,3 +344,52 @@ def test_cogvideox_tokens_are_frame_major(cogvideox: Any, cogvideox15: Any) -> N
         for f, y, x in [(0, 0, 0), (1, 3, 0), (2, 1, 5), (3, 3, 4)]:
             token = (f // pt) * rows * cols + (y // 2) * cols + x // 2
             assert changed_tokens(inputs, latents, (0, f, 1, y, x)) == [token]
+
+
+# -------------------------------------------------------------------------------------- AnimateDiff
+
+
+@pytest.fixture(scope="module")
+def animatediff() -> Any:
+    from daami2i.testing.animatediff import tiny_animatediff_pipeline
+
+    return tiny_animatediff_pipeline()
+
+
+def test_animatediff_frames_and_attention_calls(animatediff: Any) -> None:
+    pipe, steps, frames = animatediff, 2, 4
+    out = pipe(prompt="a red fox", num_frames=frames, height=64, width=96, num_inference_steps=steps, output_type="np")
+    assert out.frames[0].shape == (frames, 64, 96, 3)  # no temporal compression: a latent frame per frame
+    assert np.isfinite(out.frames).all() and out.frames.std() > 0
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    with recording(pipe.unet, sample_key="sample") as calls:
+        pipe(
+            prompt="a red fox",
+            negative_prompt="",
+            num_frames=frames,
+            height=64,
+            width=96,
+            num_inference_steps=steps,
+            output_type="latent",
+        )
+    report("animatediff", calls, steps)
+    # guidance: one UNet call per step with the batch [uncond, cond] of (B, C, F, H, W) latents
+    assert len(calls) == steps and all(c.batch == 2 for c in calls)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("a red fox", "cpu", 1, True, "")
+    for call in calls:
+        # the pipeline repeats each prompt per frame before the UNet: [uncond x F, cond x F]
+        expected = torch.cat([uncond, cond]).repeat_interleave(frames, dim=0)
+        assert call.context is not None and torch.allclose(call.context, expected, atol=1e-5)
+        spatial = [a for a in call.attention if ".attentions." in a.name]
+        motion = [a for a in call.attention if ".motion_modules." in a.name]
+        assert len(spatial) + len(motion) == len(call.attention)
+        # spatial layers (3 resolutions: latent 8x12, 4x6, 2x3): batch (B * F), frames of an item together
+        for a in spatial:
+            assert a.hidden[0] == 2 * frames and a.hidden[1] in (8 * 12, 4 * 6, 2 * 3)
+            assert a.encoder == (None if a.name.endswith("attn1") else (2 * frames, 77, 32))
+        # motion modules: attn1 and attn2 are both temporal self-attention, batch (B * H * W), sequence F
+        for a in motion:
+            assert a.encoder is None and a.hidden[1] == frames
+            assert a.hidden[0] in (2 * 8 * 12, 2 * 4 * 6, 2 * 2 * 3)
+        assert len(spatial) == 14 and len(motion) == 20  # 7 spatial layers, 10 motion modules, 2 calls each
