@@ -153,6 +153,8 @@ class Recorder:
         self.text_columns, self.n_text, self.text_first = text_columns, n_text, text_first
         self.n_reference = n_reference  # reference-image tokens after the output image's (Flux Kontext)
         self.text_varies = text_varies  # each call's text length is its own (n_text: the first call's)
+        # the last kept text column, read once here: per call it would be a host synchronisation
+        self._last_text_col = int(text_columns.max()) if text_columns is not None and text_columns.numel() else -1
         self.self_layers, self.cross_layers = self_layers or set(), cross_layers or set()
         self.text_relations = text_relations  # joint layers: "text->image" / "text->text" kept
         # each call's weight: 1/2 when guidance passes are separate calls and both are kept, so that
@@ -251,7 +253,7 @@ class Recorder:
                 "not one daami2i understands"
             )
         missing = None  # kept text columns past this call's text (text_varies): read as zero
-        if cols is not None and self.text_varies and text_cols.numel() and int(text_cols.max()) >= t:
+        if cols is not None and self.text_varies and self._last_text_col >= t:
             missing = text_cols >= t
             cols = cols.masked_fill(missing, 0)
         n_img, n_halves = self.rows.shape
