@@ -196,6 +196,32 @@ class FamilyAdapter:
         raise NotImplementedError
 
 
+class PatchedAdapter(FamilyAdapter):
+    """A transformer on one grid of ``patch_size`` x ``patch_size`` patches of a (B, C, H, W) latent
+    (SD3, PixArt, Sana, Lumina 2, HiDream): its geometry and every layer's grid."""
+
+    model_label: ClassVar[str] = "diffusion"  # how errors name the model
+
+    def geometry(
+        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
+    ) -> tuple[Size, Size]:
+        return patch_geometry(denoiser, call, self.model_label)
+
+    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
+        p = int(denoiser.config.patch_size)
+        return latent_size[0] // p, latent_size[1] // p
+
+
+class JointLayerOrder(FamilyAdapter):
+    """The predecessors' ``layer_idx`` counts the joint layers in module order, whatever the kind
+    (a joint layer serves word maps and self-attention alike), labelled by their module names."""
+
+    def predecessor_order(
+        self, sites: list[AttentionSite], kind: str, low_memory: bool
+    ) -> list[tuple[str, AttentionSite]]:
+        return [(s.name, s) for s in sites if s.kind == "joint"]
+
+
 def transformer_of(pipe: Any, class_name: str) -> Any | None:
     """The pipeline's ``transformer`` when it is a ``class_name`` (or a subclass) and there is no UNet."""
     transformer = getattr(pipe, "transformer", None)

@@ -38,7 +38,8 @@ from ...errors import TraceError
 from .base import (
     AttentionSite,
     DenoiserCall,
-    FamilyAdapter,
+    JointLayerOrder,
+    PatchedAdapter,
     RealRequest,
     RealRun,
     Size,
@@ -79,7 +80,7 @@ def text_lengths(pipe: Any, n_text: int) -> tuple[int, int]:
     )
 
 
-class HiDreamAdapter(FamilyAdapter):
+class HiDreamAdapter(JointLayerOrder, PatchedAdapter):
     name = "hidream"
     pipelines = "HiDream-I1 (a HiDreamImageTransformer2DModel `transformer`: HiDreamImagePipeline)"
     reads_attention_function = True
@@ -99,11 +100,6 @@ class HiDreamAdapter(FamilyAdapter):
             if block in ("double_stream_blocks", "single_stream_blocks"):
                 sites.append(AttentionSite(name, module, "joint", block.split("_", 1)[0], 1))
         return sites
-
-    def predecessor_order(
-        self, sites: list[AttentionSite], kind: str, low_memory: bool
-    ) -> list[tuple[str, AttentionSite]]:
-        return [(s.name, s) for s in sites if s.kind == "joint"]
 
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         """``transformer(hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3,
@@ -150,10 +146,6 @@ class HiDreamAdapter(FamilyAdapter):
         if not isinstance(call, HiDreamCall) or not call.padding:
             raise TraceError("HiDream's image padding is known only after the adapter's geometry of the call")
         return call.padding[0]
-
-    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
-        p = int(denoiser.config.patch_size)
-        return latent_size[0] // p, latent_size[1] // p
 
     def default_latent(self, denoiser: Any) -> Size:
         """``max_resolution`` is the latent of the pipeline's default area (128 for 1024 px)."""

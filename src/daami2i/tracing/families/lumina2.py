@@ -36,13 +36,13 @@ from ...storage.recorder import AttentionCall
 from .base import (
     AttentionSite,
     DenoiserCall,
-    FamilyAdapter,
+    JointLayerOrder,
     PassTracker,
+    PatchedAdapter,
     RealRequest,
     RealRun,
     Size,
     Stream,
-    patch_geometry,
     timestep_value,
     transformer_of,
 )
@@ -93,8 +93,9 @@ def _joint_layout(mask: torch.Tensor) -> Callable[[AttentionCall], AttentionCall
     return rewrite
 
 
-class Lumina2Adapter(FamilyAdapter):
+class Lumina2Adapter(JointLayerOrder, PatchedAdapter):
     name = "lumina2"
+    model_label = "Lumina 2"
     pipelines = "Lumina 2 (a Lumina2Transformer2DModel `transformer`: Lumina2Pipeline)"
     reads_attention_function = True
     text_first = True
@@ -120,12 +121,6 @@ class Lumina2Adapter(FamilyAdapter):
                 sites.append(AttentionSite(name, module, "joint", "layers", 1))
         return sites
 
-    def predecessor_order(
-        self, sites: list[AttentionSite], kind: str, low_memory: bool
-    ) -> list[tuple[str, AttentionSite]]:
-        """The joint layers in module order (they serve both kinds), labelled by their module names."""
-        return [(s.name, s) for s in sites if s.kind == "joint"]
-
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         def arg(name: str, i: int) -> Any:
             return kwargs[name] if name in kwargs else args[i] if len(args) > i else None
@@ -149,15 +144,6 @@ class Lumina2Adapter(FamilyAdapter):
 
     def new_pass_tracker(self) -> PassTracker:
         return _SameLatents()  # both guidance calls of a step get the very same latents tensor
-
-    def geometry(
-        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
-    ) -> tuple[Size, Size]:
-        return patch_geometry(denoiser, call, "Lumina 2")
-
-    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
-        p = int(denoiser.config.patch_size)
-        return latent_size[0] // p, latent_size[1] // p
 
     def default_latent(self, denoiser: Any) -> Size:
         side = int(getattr(denoiser.config, "sample_size", 128) or 128)

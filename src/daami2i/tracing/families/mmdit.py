@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, timestep_value, transformer_of
+from .base import AttentionSite, DenoiserCall, JointLayerOrder, timestep_value, transformer_of
 
 
 def find_joint_sites(transformer: Any) -> list[AttentionSite]:
@@ -33,7 +33,7 @@ def find_joint_sites(transformer: Any) -> list[AttentionSite]:
     return sites
 
 
-class MMDiTAdapter(FamilyAdapter):
+class MMDiTAdapter(JointLayerOrder):
     """Joint-attention transformers called as ``transformer(hidden_states, encoder_hidden_states, ...)``."""
 
     model_class: str  # the transformer class this family handles
@@ -46,12 +46,6 @@ class MMDiTAdapter(FamilyAdapter):
 
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
         return find_joint_sites(denoiser)
-
-    def predecessor_order(
-        self, sites: list[AttentionSite], kind: str, low_memory: bool
-    ) -> list[tuple[str, AttentionSite]]:
-        """The joint layers in module order (they serve both kinds), labelled by their module names."""
-        return [(s.name, s) for s in sites if s.kind == "joint"]
 
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         sample = args[0] if args else kwargs.get("hidden_states")

@@ -13,19 +13,18 @@ import torch
 from .base import (
     AttentionSite,
     DenoiserCall,
-    FamilyAdapter,
+    PatchedAdapter,
     RealRequest,
     RealRun,
-    Size,
     Stream,
-    patch_geometry,
     timestep_value,
     transformer_of,
 )
 
 
-class PixArtAdapter(FamilyAdapter):
+class PixArtAdapter(PatchedAdapter):
     name = "pixart"
+    model_label = "PixArt"
     pipelines = (
         "PixArt-Σ / PixArt-α (a PixArtTransformer2DModel `transformer`: PixArtSigmaPipeline, PixArtAlphaPipeline)"
     )
@@ -50,15 +49,6 @@ class PixArtAdapter(FamilyAdapter):
         sample = args[0] if args else kwargs.get("hidden_states")
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         return DenoiserCall(sample, context, timestep_value(kwargs.get("timestep")))
-
-    def geometry(
-        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
-    ) -> tuple[Size, Size]:
-        return patch_geometry(denoiser, call, "PixArt")
-
-    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
-        p = int(denoiser.config.patch_size)
-        return latent_size[0] // p, latent_size[1] // p
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         return [Stream("t5", "tokenizer", "prompt", 0, None, 0, lowercase=True, encoder="text_encoder")]

@@ -31,12 +31,10 @@ from ...errors import TraceError
 from .base import (
     AttentionSite,
     DenoiserCall,
-    FamilyAdapter,
+    PatchedAdapter,
     RealRequest,
     RealRun,
-    Size,
     Stream,
-    patch_geometry,
     timestep_value,
     transformer_of,
 )
@@ -45,8 +43,9 @@ from .base import (
 LINEAR_PROCESSOR = "SanaLinearAttnProcessor2_0"
 
 
-class SanaAdapter(FamilyAdapter):
+class SanaAdapter(PatchedAdapter):
     name = "sana"
+    model_label = "Sana"
     pipelines = (
         "Sana / Sana Sprint (a SanaTransformer2DModel `transformer`: SanaPipeline, SanaSprintPipeline; "
         "linear self-attention read as relu(q) relu(k)^T, row-normalised)"
@@ -91,15 +90,6 @@ class SanaAdapter(FamilyAdapter):
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
         return DenoiserCall(sample, context, timestep_value(t))
-
-    def geometry(
-        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
-    ) -> tuple[Size, Size]:
-        return patch_geometry(denoiser, call, "Sana")
-
-    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
-        p = int(denoiser.config.patch_size)
-        return latent_size[0] // p, latent_size[1] // p
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         return [Stream("gemma", "tokenizer", "prompt", 0, None, 0, lowercase=True, encoder="text_encoder")]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import DenoiserCall, PassTracker, RealRequest, RealRun, Size, Stream, patch_geometry
+from .base import DenoiserCall, PassTracker, PatchedAdapter, RealRequest, RealRun, Size, Stream
 from .mmdit import MMDiTAdapter
 
 
@@ -23,22 +23,14 @@ class _SameTimestep(PassTracker):
         return repeat
 
 
-class SD3Adapter(MMDiTAdapter):
+class SD3Adapter(MMDiTAdapter, PatchedAdapter):
     name = "sd3"
+    model_label = "SD3"
     pipelines = "SD3 / SD3.5 (an SD3Transformer2DModel `transformer`: StableDiffusion3Pipeline and its img2img)"
     model_class = "SD3Transformer2DModel"
 
     def new_pass_tracker(self) -> PassTracker:
         return _SameTimestep()
-
-    def geometry(
-        self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
-    ) -> tuple[Size, Size]:
-        return patch_geometry(denoiser, call, "SD3")
-
-    def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
-        p = int(denoiser.config.patch_size)
-        return latent_size[0] // p, latent_size[1] // p
 
     def default_latent(self, denoiser: Any) -> Size:
         side = int(getattr(denoiser.config, "sample_size", 128) or 128)

@@ -31,7 +31,7 @@ from ...errors import TraceError
 from .base import (
     AttentionSite,
     DenoiserCall,
-    FamilyAdapter,
+    JointLayerOrder,
     PassTracker,
     RealRequest,
     RealRun,
@@ -76,7 +76,7 @@ class _SteadyBatch(PassTracker):
         return False
 
 
-class ZImageAdapter(FamilyAdapter):
+class ZImageAdapter(JointLayerOrder):
     name = "zimage"
     pipelines = (
         "Z-Image (a ZImageTransformer2DModel `transformer`: ZImagePipeline, ZImageImg2ImgPipeline; "
@@ -100,11 +100,6 @@ class ZImageAdapter(FamilyAdapter):
             if name.startswith("layers.") and name.endswith(".attention") and hasattr(module, "set_processor"):
                 sites.append(AttentionSite(name, module, "joint", "main", 1))
         return sites
-
-    def predecessor_order(
-        self, sites: list[AttentionSite], kind: str, low_memory: bool
-    ) -> list[tuple[str, AttentionSite]]:
-        return [(s.name, s) for s in sites if s.kind == "joint"]
 
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         """``transformer(x, t, cap_feats, ...)``: the latents stacked to (B, C, H, W), the captions as
