@@ -195,6 +195,15 @@ MODELS = [
         ),
         1024, 28, 128 + 2 * 128,  # guidance-distilled: one pass (guidance_scale 0)
     ),
+    (
+        "wan", "Wan2.1-T2V-1.3B", "WanTransformer3DModel",
+        dict(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+        ),
+        (81, 480, 832), 50, 512,  # (frames, height, width): 21 latent frames of 60 x 104, stacked
+    ),
 ]  # fmt: skip
 
 
@@ -225,7 +234,11 @@ def table(prompt_tokens: int = 20) -> list[dict]:
         trc = daami2i.trace(_pipe(family, denoiser))
         assert trc.adapter.name == family, (model, trc.adapter.name)
         scale = VAE_SCALE.get(family, 8)  # every other VAE here scales by 8
-        latent = (size // scale, size // scale)
+        if isinstance(size, tuple):  # video (frames, height, width): latent frames (time by 4) stacked
+            frames, height, width = size
+            latent = (((frames - 1) // 4 + 1) * (height // scale), width // scale)
+        else:
+            latent = (size // scale, size // scale)
         # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end;
         # HiDream: T5 tokens + end, then the Llama tokens + end twice (its last layer, each block's own)
         kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1), "hidream": 3 * (prompt_tokens + 1)}.get(
@@ -268,8 +281,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         h, w = r["grid"]
+        size = "x".join(str(v) for v in r["size"][1:] + r["size"][:1]) if isinstance(r["size"], tuple) else r["size"]
         print(
-            f"| {r['family']} | {r['model']} | {r['size']} px, {r['steps']} | {r['layers']} | {h}x{w} | "
+            f"| {r['family']} | {r['model']} | {size} px, {r['steps']} | {r['layers']} | {h}x{w} | "
             f"{r['store_mib']:.0f} MiB ({r['self_mib']:.0f} + {r['words_mib']:.0f}) | "
             f"{r['qk_every_step_gib']:.1f} GiB |"
         )

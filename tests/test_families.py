@@ -24,6 +24,7 @@ from daami2i.testing import (
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_wan_pipeline,
     tiny_zimage_pipeline,
 )
 from daami2i.tracing.families import ADAPTERS, adapter_for
@@ -39,6 +40,7 @@ class Family:
     denoiser: str = "transformer"  # the pipeline attribute holding the denoiser
     explorer: bool = True  # exercised by the explorer test here (the UNet's is tested in test_explorer)
     per_maker: tuple[dict[str, Any], ...] = ()  # further options of the i-th maker's pipeline (an input image)
+    frames: int = 1  # video: the latent frames of a generation, traced stacked top to bottom
 
 
 T5_32 = {"max_sequence_length": 32}
@@ -62,6 +64,8 @@ FAMILIES: dict[str, Family] = {
     "sana": Family((tiny_sana_pipeline,), {**T5_32, "use_resolution_binning": False}),
     # HiDream rescales every size to its area (the tiny pipeline's 80x80 px): 64x96 stays, 64x64 is 80x80
     "hidream": Family((tiny_hidream_pipeline,), T5_32),
+    # video: 5 frames are 2 latent frames (the VAE's time compression 4), stacked
+    "wan": Family((tiny_wan_pipeline,), {**T5_32, "num_frames": 5}, explorer=False, frames=2),
 }
 NAMES = sorted(FAMILIES)
 
@@ -114,9 +118,10 @@ def test_geometry_is_what_the_denoiser_ran(pipes, family):
     with daami2i.trace(pipe) as trc:
         pipe(prompt="a red cat", **kw)
     gen = trc.last_generation
-    assert gen.image_size == (64, 96)
-    scale = pipe.vae_scale_factor
-    assert gen.latent_size == (64 // scale, 96 // scale)
+    frames = FAMILIES[family].frames
+    assert gen.image_size == (64 * frames, 96)
+    scale = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial  # video pipelines: spatial
+    assert gen.latent_size == (64 // scale * frames, 96 // scale)
     h, w = gen.grid_size
     assert trc.latent_hw == h * w
     for store in gen.self_attention.values():  # the stores were sized from the same geometry
@@ -232,9 +237,10 @@ def test_every_family_leaves_images_and_pipeline_as_they_were(pipes, family):
         before = processors(denoiser)
         globals_before = [{a: vars(m).get(a) for a in names} for m in watched]
         hooks = len(denoiser._forward_pre_hooks)
-        plain = pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        out = "frames" if FAMILIES[family].frames > 1 else "images"
+        plain = getattr(pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw), out)
         with daami2i.trace(pipe):
-            traced = pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+            traced = getattr(pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw), out)
         assert np.array_equal(plain, traced), family
         with pytest.raises(RuntimeError, match="boom"):
             with daami2i.trace(pipe):

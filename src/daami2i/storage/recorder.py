@@ -146,6 +146,7 @@ class Recorder:
         cross_layers: set[str] | None = None,
         text_relations: frozenset[str] = frozenset(),
         pass_weight: float = 1.0,
+        word_heads: bool = True,
     ) -> None:
         self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
@@ -160,6 +161,7 @@ class Recorder:
         # each call's weight: 1/2 when guidance passes are separate calls and both are kept, so that
         # they average as the halves of a batch do
         self.pass_weight = float(pass_weight)
+        self.word_heads = word_heads  # separate cross-attention keeps each head (DAAM), else their mean
 
     @torch.no_grad()
     def record(self, call: AttentionCall, step: int) -> None:
@@ -216,13 +218,15 @@ class Recorder:
                 call.layer,
                 call.factor,
                 size,
-                torch.zeros(n_img, heads, n_q, n_kept, device=self.device),
+                torch.zeros(n_img, heads if self.word_heads else 1, n_q, n_kept, device=self.device),
                 per_step=[] if self.cross_steps else None,
                 step_tokens=min(self.step_tokens, n_kept),
             )
             gen.cross_attention[call.layer] = cstore
         for start, stop, p in chunks:
             p = p.view(n_img, n_halves, heads, stop - start, n_k).mean(1)
+            if not self.word_heads:
+                p = p.mean(1, keepdim=True)
             if self.pass_weight != 1.0:
                 p = p * self.pass_weight
             if cols is not None:

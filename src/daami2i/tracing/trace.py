@@ -625,7 +625,7 @@ class Trace:
     def _setup_generation(
         self, gen: Generation, call: DenoiserCall, n_tokens: int, kwargs: dict[str, Any] | None = None
     ) -> None:
-        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        scale = int(getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", 8))
         sample = call.sample
         gen.grid_size, gen.latent_size = self.adapter.geometry(self.unet, call, kwargs or {}, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
@@ -699,6 +699,7 @@ class Trace:
             cross_layers=self._cross_names,
             text_relations=self.text_relations,
             pass_weight=0.5 if self._passes() and self.halves == "both" else 1.0,
+            word_heads=self.adapter.word_heads_kept,
         )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)

@@ -21,6 +21,7 @@ from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
@@ -35,6 +36,7 @@ ADAPTERS: list[FamilyAdapter] = [
     Lumina2Adapter(),
     SanaAdapter(),
     HiDreamAdapter(),
+    WanAdapter(),
 ]
 
 
@@ -74,6 +76,7 @@ __all__ = [
     "SanaAdapter",
     "Stream",
     "UNetAdapter",
+    "WanAdapter",
     "ZImageAdapter",
     "adapter_for",
     "size_at",

@@ -1,0 +1,161 @@
+"""Wan 2.1 text-to-video, the first video family: its video tokens are traced as the latent frames
+stacked top to bottom. Every query equals a dense reference from probabilities recorded by explicit
+attention (RMS-normed, rotary-embedded q and k, written out here) in a separate identical run; the
+conditional pass is the prompt's call, never the negative prompt's, nor averaged with it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+import daami2i
+from daami2i.testing import tiny_wan_pipeline
+from reference import column_query, dense_cross, dense_self, row_query
+
+KW = dict(num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16)
+GRID = (3 * 2, 3)  # 3 latent frames of 2 x 3 tokens, stacked
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) rotated pairwise by the model's (1, S, 1, D) cos / sin tables, from the formula."""
+    c, s = cos[..., 0::2].double(), sin[..., 1::2].double()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+class WanRecorder:
+    """Records a layer's softmax probabilities (B, H, N, keys) in float64, then lets the original
+    processor compute the output (the recorded run is bit-identical to a plain one)."""
+
+    def __init__(self, name: str, book: dict, original) -> None:
+        self.name, self.book, self.original = name, book, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        with torch.no_grad():
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            q = attn.norm_q(attn.to_q(hidden_states)).unflatten(-1, (attn.heads, -1)).double()
+            k = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1)).double()
+            if rotary_emb is not None:
+                q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            self.book[self.name].append(torch.softmax(scores, dim=-1))
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+@contextmanager
+def recording(transformer):
+    book: dict = defaultdict(list)
+    mods = {n: m for n, m in transformer.named_modules() if n.startswith("blocks.") and n[-5:] in ("attn1", "attn2")}
+    originals = {n: m.processor for n, m in mods.items()}
+    for n, m in mods.items():
+        m.set_processor(WanRecorder(n, book, originals[n]))
+    try:
+        yield book
+    finally:
+        for n, m in mods.items():
+            m.set_processor(originals[n])
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tiny_wan_pipeline()
+
+
+def call(pipe, prompt, **kw):
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), output_type="np", **{**KW, **kw}).frames
+
+
+def run(pipe, prompt, trace_kwargs=None, **kw):
+    plain = call(pipe, prompt, **kw)
+    with recording(pipe.transformer) as book:
+        recorded = call(pipe, prompt, **kw)
+    with daami2i.trace(pipe, **(trace_kwargs or {})) as trc:
+        traced = call(pipe, prompt, **kw)
+    assert np.array_equal(plain, recorded), "the reference recorder changed the video"
+    assert np.array_equal(plain, traced), "tracing changed the video"
+    return trc, dict(book)
+
+
+def assert_close(ours, ref):
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-6, rtol=1e-4)
+
+
+def references(trc, book, calls):
+    """Dense self-attention (N x N) and token maps (T, rows, cols) of the chosen calls of each layer."""
+    picked = {n: [p for i, p in enumerate(ps) if i in calls] for n, ps in book.items()}
+    selfs = [(s.name, 1) for s in trc.sites if s.kind == "self"]
+    crosses = [(s.name, 1) for s in trc.sites if s.kind == "cross"]
+    # the reference helpers take the token grid as the "latent" of factor-1 layers (patches already cut)
+    return dense_self(picked, selfs, GRID, GRID, [0]), dense_cross(picked, crosses, GRID, GRID, [0])
+
+
+def positions(tokens, pieces):
+    n = len(pieces)
+    return [i + j for i in range(len(tokens) - n + 1) if tokens[i : i + n] == pieces for j in range(n)]
+
+
+@pytest.mark.parametrize("halves", ["cond", "uncond", "both"])
+def test_every_query_matches_the_recorded_attention(wan, halves):
+    prompt = "a red fox runs on snow"
+    trc, book = run(wan, prompt, dict(halves=halves), negative_prompt="a blurry dog")
+    gen = trc.last_generation
+    assert gen.grid_size == GRID and gen.image_size == (3 * 32, 48) and gen.steps_captured == [0, 1]
+    assert len(book["blocks.0.attn1"]) == 4  # two steps, each the prompt's call then the negative prompt's
+    calls = {"cond": {0, 2}, "uncond": {1, 3}, "both": {0, 1, 2, 3}}[halves]
+    self_ref, maps = references(trc, book, calls)
+    if halves == "both":  # the passes' mean, as the halves of a batch
+        self_ref = self_ref / 2
+        maps = maps / 2
+    ghm = trc.compute_global_heat_map()
+    n = GRID[0] * GRID[1]
+    w = torch.zeros(n)
+    w[[0, 7, n - 1]] = 1
+    assert_close(ghm.compute_pixel_heat_map([0, 7, n - 1]).value, column_query(self_ref, w, GRID))
+    assert_close(ghm.compute_pixel_heat_map([0, 7, n - 1], direction="attends_to").value, row_query(self_ref, w, GRID))
+    box = torch.zeros(GRID)
+    box[2:4, 0:2] = 1  # the second latent frame's left 2 x 2 tokens
+    assert_close(ghm.compute_bbox_heat_map(0, 2, 1, 3).value, column_query(self_ref, box, GRID))
+    if halves == "uncond":
+        return  # the prompt's words are not the negative prompt's keys
+    tok = wan.tokenizer
+    rows = positions(tok.tokenize(prompt), tok.tokenize("fox"))
+    assert rows
+    wm = ghm.compute_word_heat_map("fox")
+    assert_close(wm.value, maps[rows].mean(0))
+    assert_close(ghm.compute_guided_heat_map(wm).value, column_query(self_ref, maps[rows].mean(0), GRID))
+    if halves == "cond":  # never the negative prompt's call
+        other, _ = references(trc, book, {1, 3})
+        assert not torch.allclose(ghm.compute_pixel_heat_map([0]).value, column_query(other, torch.eye(n)[0], GRID))
+
+
+def test_store_estimate_and_experiment(wan, tmp_path):
+    trc, _ = run(wan, "a red fox")
+    gen = trc.last_generation
+    tokens = next(iter(gen.cross_attention.values())).sums.shape[-1]
+    need = trc.estimate_nbytes(gen.latent_size, gen.n_images, n_tokens=tokens)
+    assert need["self"] == gen.nbytes("self") and need["cross"] == gen.nbytes("cross")
+    trc.to_experiment(tmp_path / "exp")
+    again = daami2i.load_experiment(tmp_path / "exp").compute_global_heat_map()
+    assert_close(
+        again.compute_word_heat_map("fox").value, trc.compute_global_heat_map().compute_word_heat_map("fox").value
+    )
+
+
+def test_wan_2_2_and_image_to_video_are_refused_clearly(wan):
+    class Two:
+        transformer = wan.transformer
+        transformer_2 = wan.transformer
+        unet = None
+
+    with pytest.raises(daami2i.TraceError, match="transformer_2"):
+        daami2i.trace(Two())
+    with pytest.raises(daami2i.TraceError, match="real video"):
+        daami2i.trace_image(wan, np.zeros((32, 48, 3), dtype=np.uint8), "a fox")
