@@ -625,7 +625,8 @@ class Trace:
     def _setup_generation(
         self, gen: Generation, call: DenoiserCall, n_tokens: int, kwargs: dict[str, Any] | None = None
     ) -> None:
-        scale = int(getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", 8))
+        spatial: Any = getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", 8)
+        scale = int(spatial)  # video pipelines name it vae_scale_factor_spatial
         sample = call.sample
         gen.grid_size, gen.latent_size = self.adapter.geometry(self.unet, call, kwargs or {}, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
