@@ -159,3 +159,19 @@ def test_wan_2_2_and_image_to_video_are_refused_clearly(wan):
         daami2i.trace(Two())
     with pytest.raises(daami2i.TraceError, match="real video"):
         daami2i.trace_image(wan, np.zeros((32, 48, 3), dtype=np.uint8), "a fox")
+
+
+def test_cli_generate_refuses_a_video_pipeline_clearly(wan, tmp_path):
+    """`daami2i generate` writes images: on a video pipeline it stops before sampling, says why and
+    what to do, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    wan.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["generate", "a red fox", "-m", str(tmp_path / "model"), "--steps", "1", "--height", "32", "--width", "48"]
+    res = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "video pipeline (WanPipeline)" in res.output and "daami2i.trace(pipe)" in res.output
+    assert not out.exists()

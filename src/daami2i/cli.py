@@ -292,6 +292,19 @@ def _check_generate_options(
         )
 
 
+def _check_image_pipeline(pipe: Any, model: str) -> None:
+    """``generate`` writes an image and its overlays: a video pipeline gets a clear error before it runs."""
+    from .tracing.trace import denoiser_of
+
+    if denoiser_of(pipe)[1].name in ("wan",):
+        raise CliError(
+            f"{model} is a video pipeline ({type(pipe).__name__}): `daami2i generate` writes images; trace "
+            "videos from Python for now (with daami2i.trace(pipe) as trc: pipe(prompt=...)), see the README's "
+            "'Newer families'",
+            EXIT_USAGE,
+        )
+
+
 def _image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, int]:
     """Both sides for the pipeline (diffusers ignores a width given without a height): the missing one is
     the model's default size."""
@@ -406,6 +419,7 @@ def generate(
     guidance = guidance if guidance is not None else default_guidance
     with _staged(out, overwrite) as stage:
         pipe = _load_pipeline(model, dev)
+        _check_image_pipeline(pipe, model)
         pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
         size = _image_size(pipe, height, width)
         with trace(pipe, cross_steps=cross_steps) as trc:
