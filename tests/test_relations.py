@@ -155,3 +155,18 @@ def test_relations_are_checked():
         daami2i.trace(pipe, relations=[])
     trc = daami2i.trace(pipe, relations=["image->image"])
     assert trc.config["relations"] == ["image->image"] and not trc._cross_sites
+
+
+def test_info_lists_the_relations_and_their_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    pipe = MAKERS["flux"]()
+    trc, _ = recorded(pipe, "a red cat", relations=ALL)
+    trc.to_experiment(tmp_path / "exp")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "exp")])
+    assert res.exit_code == 0, res.output
+    assert "relations   image->image, image->text, text->image, text->text" in res.output
+    mib = trc.last_generation.nbytes("text") / 2**20
+    assert f"text queries {mib:.1f} MiB" in res.output

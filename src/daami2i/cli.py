@@ -652,9 +652,12 @@ def info(experiment: Path = typer.Argument(..., help="An experiment folder.")) -
     for f, layers in sorted(factors.items()):
         per_step = any(g.cross_attention[n].per_step for n in layers)
         lines.append(f"cross-attn  factor {f}: {len(layers)} layer(s){', per step' if per_step else ''}")
+    relations = g.config.get("relations") if isinstance(g.config, dict) else None
+    if relations:
+        lines.append(f"relations   {', '.join(str(r) for r in relations)}")
     lines.append(
         f"stores      self {mib.get('self', 0):.1f} MiB, cross {mib.get('cross', 0):.1f} MiB, "
-        f"per-step cross {mib.get('cross_steps', 0):.1f} MiB"
+        f"per-step cross {mib.get('cross_steps', 0):.1f} MiB, text queries {mib.get('text', 0):.1f} MiB"
     )
     typer.echo("\n".join(lines))
 
