@@ -265,3 +265,29 @@ def diffused_reference(query, g0, iterations, threshold, check, ours_at):
         cut += g.numel()
         m = query(torch.where(keep, g, torch.zeros_like(g)))
     return m, near, cut
+
+
+def triangle(image_size) -> list[list[float]]:
+    """A polygon in image pixels whose edges cut cells at odd fractions (no edge on a cell border)."""
+    H, W = image_size
+    return [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
+
+
+def check_region_queries(ghm, self_ref, grid, image_size, close, pixels=None, box=None) -> None:
+    """The self-attention region queries of ``ghm`` against the dense (N x N) ``self_ref``: a pixel
+    list in both directions, a box (``(x1, y1, x2, y2)``, corners inclusive; by default a wide band
+    of the upper half) and :func:`triangle`, each compared with ``close(ours, reference)``."""
+    h, w = grid
+    n = h * w
+    pixels = [0, 5, n // 2, n - 1] if pixels is None else list(pixels)
+    wp = torch.zeros(n)
+    wp[pixels] = 1
+    close(ghm.compute_pixel_heat_map(pixels).value, column_query(self_ref, wp, grid))
+    close(ghm.compute_pixel_heat_map(pixels, direction="attends_to").value, row_query(self_ref, wp, grid))
+    x1, y1, x2, y2 = (1, 2, w - 2, h // 2) if box is None else box
+    wb = torch.zeros(grid)
+    wb[y1 : y2 + 1, x1 : x2 + 1] = 1
+    close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
+    tri = triangle(image_size)
+    cover = block_mean(inside_polygon(tri, image_size), grid)
+    close(ghm.compute_contour_heat_map(tri, *image_size).value, column_query(self_ref, cover, grid))

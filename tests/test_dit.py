@@ -14,12 +14,10 @@ import daami2i
 from daami2i.testing import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 from reference import (
     batch_rows,
-    block_mean,
+    check_region_queries,
     column_query,
     diffused_reference,
-    inside_polygon,
     joint_recording,
-    row_query,
 )
 
 ATOL = 1e-5
@@ -149,21 +147,8 @@ def word_reference(pipe, maps_ref, prompt, word):
 def check_queries(pipe, trc, self_ref, maps_ref, image_idx, prompt, word):
     gen = trc.last_generation
     grid = gen.grid_size
-    n = grid[0] * grid[1]
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    ids = [0, 5, n // 2, n - 1]
-    wp = torch.zeros(n)
-    wp[ids] = 1
-    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, grid))
-    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, grid))
-    x1, y1, x2, y2 = 1, 2, grid[1] - 2, grid[0] // 2
-    wb = torch.zeros(grid)
-    wb[y1 : y2 + 1, x1 : x2 + 1] = 1  # inclusive corners
-    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), grid)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    check_region_queries(ghm, self_ref, grid, gen.image_size, assert_close)
     if maps_ref is None:
         return ghm
     word_ref = word_reference(pipe, maps_ref, prompt, word)

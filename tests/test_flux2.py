@@ -17,7 +17,12 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_flux2_pipeline
-from reference import block_mean, column_query, diffused_reference, inside_polygon, rotary, row_query
+from reference import (
+    check_region_queries,
+    column_query,
+    diffused_reference,
+    rotary,
+)
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -217,21 +222,8 @@ def check_queries(pipe, trc, self_ref, maps_ref, image_idx, received, prompt, wo
     in the ids the encoder received for that image."""
     gen = trc.last_generation
     grid = gen.grid_size
-    n = grid[0] * grid[1]
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    ids = [0, 5, n // 2, n - 1]
-    wp = torch.zeros(n)
-    wp[ids] = 1
-    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, grid))
-    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, grid))
-    x1, y1, x2, y2 = 1, 2, grid[1] - 2, grid[0] // 2
-    wb = torch.zeros(grid)
-    wb[y1 : y2 + 1, x1 : x2 + 1] = 1  # inclusive corners
-    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), grid)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    check_region_queries(ghm, self_ref, grid, gen.image_size, assert_close)
     rows = prompt_positions(pipe.tokenizer, received, prompt, word)
     assert rows and min(rows) > 0  # after the chat template's "<|im_start|>user\n"
     word_ref = maps_ref[rows].mean(0)

@@ -17,7 +17,7 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_hidream_pipeline
-from reference import block_mean, column_query, dense_cross, dense_self, inside_polygon, row_query
+from reference import check_region_queries, column_query, dense_cross, dense_self
 
 L = 16  # max_sequence_length: T5 and each Llama segment have 16 positions, the text part 48
 KW = dict(height=64, width=96, num_inference_steps=2, max_sequence_length=L)
@@ -177,18 +177,7 @@ def check(pipe, trc, book, ids, image_idx, word, rows, call_idx=0, item=None, gr
     n = grid[0] * grid[1]
     self_ref, maps_ref = dense(book, rows, n, pad, grid)
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    pts = [0, 7, n // 2, n - 1]
-    w = torch.zeros(n)
-    w[pts] = 1
-    assert_close(ghm.compute_pixel_heat_map(pts).value, column_query(self_ref, w, grid))
-    assert_close(ghm.compute_pixel_heat_map(pts, direction="attends_to").value, row_query(self_ref, w, grid))
-    box = torch.zeros(grid)
-    box[1:3, 1:4] = 1
-    assert_close(ghm.compute_bbox_heat_map(1, 1, 3, 2).value, column_query(self_ref, box, grid))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), grid)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    check_region_queries(ghm, self_ref, grid, gen.image_size, assert_close, [0, 7, n // 2, n - 1], (1, 1, 3, 2))
     per_stream = {
         name: maps_ref[r].mean(0)
         for name, r in word_rows(pipe, ids, image_idx if item is None else item, word, call_idx).items()

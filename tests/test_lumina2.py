@@ -18,7 +18,7 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_lumina2_pipeline
-from reference import block_mean, column_query, diffused_reference, inside_polygon, row_query
+from reference import check_region_queries, column_query, diffused_reference
 
 SIZE = dict(height=128, width=192)  # latent 16x24, an 8x12 grid of 2x2 patches
 GRID = (8, 12)
@@ -167,19 +167,7 @@ def word_rows(pipe, ids_row: list[int], word: str) -> list[int]:
 
 def check_queries(pipe, trc, self_ref, maps_ref, image_idx, ids_row, word):
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    ids = [0, 5, N // 2, N - 1]
-    wp = torch.zeros(N)
-    wp[ids] = 1
-    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, GRID))
-    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, GRID))
-    x1, y1, x2, y2 = 1, 2, GRID[1] - 2, GRID[0] // 2
-    wb = torch.zeros(GRID)
-    wb[y1 : y2 + 1, x1 : x2 + 1] = 1
-    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, GRID))
-    H, W = trc.last_generation.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), GRID)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, GRID))
+    check_region_queries(ghm, self_ref, GRID, trc.last_generation.image_size, assert_close)
     if maps_ref is None:
         return ghm
     rows = word_rows(pipe, ids_row, word)

@@ -16,7 +16,7 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_qwenimage_pipeline
-from reference import block_mean, column_query, inside_polygon, rotary, row_query
+from reference import check_region_queries, column_query, rotary
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -165,21 +165,8 @@ def key_positions(pipe, ids_row, prompt, word):
 def check_queries(trc, self_ref, word_ref, image_idx, word):
     gen = trc.last_generation
     grid = gen.grid_size
-    n = grid[0] * grid[1]
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    ids = [0, 5, n // 2, n - 1]
-    wp = torch.zeros(n)
-    wp[ids] = 1
-    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, wp, grid))
-    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, wp, grid))
-    x1, y1, x2, y2 = 1, 2, grid[1] - 2, grid[0] // 2
-    wb = torch.zeros(grid)
-    wb[y1 : y2 + 1, x1 : x2 + 1] = 1  # inclusive corners
-    assert_close(ghm.compute_bbox_heat_map(x1, y1, x2, y2).value, column_query(self_ref, wb, grid))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), grid)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    check_region_queries(ghm, self_ref, grid, gen.image_size, assert_close)
     if word is None:
         return ghm
     wm = ghm.compute_word_heat_map(word)

@@ -20,12 +20,10 @@ from daami2i.storage.recorder import probs_chunks
 from daami2i.testing import tiny_sana_pipeline
 from reference import (
     batch_rows,
-    block_mean,
+    check_region_queries,
     column_query,
     dense_cross,
     dense_self,
-    inside_polygon,
-    row_query,
 )
 
 KW = dict(max_sequence_length=32, use_resolution_binning=False, height=256, width=384)
@@ -147,18 +145,7 @@ def check(trc, book, image_idx, word, row, halves="cond", steps=None):
     self_ref = dense_self(book, selfs, grid, grid, rows, steps)
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
     n = grid[0] * grid[1]
-    ids = [0, 7, n // 2, n - 1]
-    w = torch.zeros(n)
-    w[ids] = 1
-    assert_close(ghm.compute_pixel_heat_map(ids).value, column_query(self_ref, w, grid))
-    assert_close(ghm.compute_pixel_heat_map(ids, direction="attends_to").value, row_query(self_ref, w, grid))
-    box = torch.zeros(grid)
-    box[1:4, 2:6] = 1
-    assert_close(ghm.compute_bbox_heat_map(2, 1, 5, 3).value, column_query(self_ref, box, grid))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), grid)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, grid))
+    check_region_queries(ghm, self_ref, grid, gen.image_size, assert_close, [0, 7, n // 2, n - 1], (2, 1, 5, 3))
     if word is None:
         return ghm, self_ref
     maps = dense_cross(book, cross, grid, grid, rows, steps)  # (all L key columns, h, w)

@@ -18,7 +18,7 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_zimage_pipeline
-from reference import block_mean, column_query, dense_cross, dense_self, inside_polygon, row_query
+from reference import check_region_queries, column_query, dense_cross, dense_self
 
 KW = dict(height=64, width=80, num_inference_steps=2)
 GRID, N, PAD = (8, 10), 80, 16  # 64x80 px -> 16x20 latent -> 8x10 tokens, padded to 96
@@ -155,18 +155,7 @@ def check(pipe, trc, book, ids, image_idx, word, rows, encoder_call=0, prompt_it
     assert gen.grid_size == GRID and gen.image_size == (64, 80)
     self_ref, maps_ref = dense(book, rows)
     ghm = trc.compute_global_heat_map(image_idx=image_idx)
-    pts = [0, 7, N // 2, N - 1]
-    w = torch.zeros(N)
-    w[pts] = 1
-    assert_close(ghm.compute_pixel_heat_map(pts).value, column_query(self_ref, w, GRID))
-    assert_close(ghm.compute_pixel_heat_map(pts, direction="attends_to").value, row_query(self_ref, w, GRID))
-    box = torch.zeros(GRID)
-    box[2:5, 1:8] = 1
-    assert_close(ghm.compute_bbox_heat_map(1, 2, 7, 4).value, column_query(self_ref, box, GRID))
-    H, W = gen.image_size
-    tri = [[0, H * 0.6 + 0.37], [W * 0.5 + 0.21, H * 0.2 + 0.13], [W, H * 0.6 + 0.37], [W, H * 0.8 + 0.11]]
-    cover = block_mean(inside_polygon(tri, (H, W)), GRID)
-    assert_close(ghm.compute_contour_heat_map(tri, H, W).value, column_query(self_ref, cover, GRID))
+    check_region_queries(ghm, self_ref, GRID, gen.image_size, assert_close, [0, 7, N // 2, N - 1], (1, 2, 7, 4))
     got = received(ids, encoder_call, image_idx if prompt_item is None else prompt_item)
     pos = word_positions(pipe.tokenizer, got, word)
     assert pipe.tokenizer.decode([got[p] for p in pos]).strip() == word
