@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import QueryError, TraceError
+from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
@@ -158,6 +159,8 @@ class Generation:
     # joint models (SD3, Flux): text streams, each {"name", "tokenizer" (pipeline attribute),
     # "first_row", "stop_row" (rows of the stored text keys), "tokens" (per image)}; empty for UNets
     streams: list[dict[str, Any]] = field(default_factory=list)
+    # video: how the stacked grid (frames * rows, columns) splits into frames; None for images
+    frames: FrameLayout | None = None
 
     def nbytes(self, kind: str = "all") -> int:
         """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps", "text" or "all")."""

@@ -630,6 +630,7 @@ class Trace:
         sample = call.sample
         gen.grid_size, gen.latent_size = self.adapter.geometry(self.unet, call, kwargs or {}, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)
+        gen.frames = self.adapter.frame_layout(self.pipe, self.unet, call, gen.grid_size)
         batch = int(sample.shape[0])
         if self._cfg_override is not None:
             gen.cfg = self._cfg_override

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ...errors import TraceError
+from ...heatmaps.frames import FrameLayout
 
 Size = tuple[int, int]  # (height, width)
 
@@ -155,6 +156,11 @@ class FamilyAdapter:
     ) -> tuple[Size, Size]:
         """(token grid, latent size) of one denoiser call; ``grid_factor`` is the finest self-attention factor."""
         raise NotImplementedError
+
+    def frame_layout(self, pipe: Any, denoiser: Any, call: DenoiserCall, grid: Size) -> FrameLayout | None:
+        """Video families: how the stacked token ``grid`` (frames * rows, columns) splits into token
+        frames and which token frame each decoded video frame comes from; None for images."""
+        return None
 
     def reference_tokens(self, call: DenoiserCall, grid: Size) -> int:
         """Image tokens after the output grid's in a joint sequence that are not the output (Flux

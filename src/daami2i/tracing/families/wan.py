@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ...errors import TraceError
+from ...heatmaps.frames import FrameLayout
 from .base import (
     AttentionSite,
     DenoiserCall,
@@ -96,6 +97,12 @@ class WanAdapter(FamilyAdapter):
         pt, ph, pw = (int(v) for v in denoiser.config.patch_size)
         latent = (f // pt * h, w)  # the latent frames stacked top to bottom
         return self.layer_grid(denoiser, latent, 1), latent
+
+    def frame_layout(self, pipe: Any, denoiser: Any, call: DenoiserCall, grid: Size) -> FrameLayout:
+        latent_frames = int(call.sample.shape[2])
+        pt = int(denoiser.config.patch_size[0])
+        temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
+        return FrameLayout.causal(latent_frames, grid[0] // -(-latent_frames // pt), temporal, pt)
 
     def layer_grid(self, denoiser: Any, latent_size: Size, factor: int) -> Size:
         _, ph, pw = (int(v) for v in denoiser.config.patch_size)
