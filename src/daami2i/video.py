@@ -1,0 +1,408 @@
+"""Video output on plain arrays: write frames (MP4, GIF, PNG folder), heat-map overlays per frame,
+and instance tracks linked over frames.
+
+Everything here works on arrays, not on traces: frames are a list of PIL images, a uint8 array
+``(T, H, W, 3)`` or a float array in [0, 1]; maps are ``(T, H, W)`` in [0, 1] (what a frame-aware
+heat map's ``expand_as`` gives). The heavy parts are imported lazily: MP4 and GIF need imageio with
+its ffmpeg plugin (``pip install 'daami2i[video]'``: ``imageio``, ``imageio-ffmpeg``, which ships its
+own ffmpeg binary), overlays need matplotlib's colour maps, tracks need OpenCV (and use scipy's
+optimal assignment when scipy is installed). A PNG folder needs only Pillow.
+
+>>> import numpy as np
+>>> frames = np.zeros((3, 8, 8, 3), np.uint8)
+>>> maps = np.zeros((3, 8, 8)); maps[:, 2:5, 2:5] = 1.0
+>>> overlay_frames(frames, maps, alpha=0.5, cmap="gray")[0, 3, 3].tolist()
+[128, 128, 128]
+>>> masks = maps > 0.5
+>>> np.unique(track_instances(masks)).tolist()
+[0, 1]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import Daami2iError
+
+SUFFIXES = (".mp4", ".gif")
+MAX_SIDE = 16384  # pixels per side of a frame (ffmpeg's and Pillow's practical limit)
+
+
+class VideoError(Daami2iError, ValueError):
+    """Frames, maps or masks that cannot be written, overlaid or tracked (shape, range, count, path)."""
+
+
+def _imageio() -> Any:
+    try:
+        import imageio.v3 as iio
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VideoError("MP4 and GIF output need imageio: pip install 'daami2i[video]'") from exc
+    return iio
+
+
+def _ffmpeg_plugin() -> None:
+    try:
+        import imageio_ffmpeg  # noqa: F401  (imageio's FFMPEG plugin runs its bundled binary)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VideoError(
+            "MP4 output needs imageio's ffmpeg plugin: pip install 'daami2i[video]' (imageio-ffmpeg, which ships "
+            "its own ffmpeg binary)"
+        ) from exc
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _frame_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    """One frame (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of uint8 or floats in [0, 1] -> uint8 (H, W, 3)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise VideoError(f"{where} has shape {arr.shape}: a frame is (height, width) or (height, width, 1 / 3 / 4)")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
+        raise VideoError(f"{where} is {arr.dtype}: frames are uint8 (0..255) or floats in [0, 1]")
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise VideoError(f"{where} holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise VideoError(
+                f"{where} holds floats in [{lo:g}, {hi:g}]: float frames must lie in [0, 1] (divide uint8-range "
+                "values by 255, or pass a uint8 array)"
+            )
+        out = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise VideoError(f"{where} is {arr.dtype}: frames are uint8 (0..255) or floats in [0, 1]")
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    elif out.shape[-1] == 4:  # alpha is dropped: no video format here keeps it
+        out = out[..., :3]
+    if not (0 < out.shape[0] <= MAX_SIDE and 0 < out.shape[1] <= MAX_SIDE):
+        raise VideoError(f"{where} is {out.shape[0]}x{out.shape[1]}: each side must be 1..{MAX_SIDE} pixels")
+    return out
+
+
+def as_frames(frames: Any) -> np.ndarray:
+    """Frames as one uint8 array (T, H, W, 3).
+
+    ``frames``: a list of PIL images / arrays / tensors, or an array (T, H, W, 3) (also 1 or 4
+    channels, or (T, H, W) grey), uint8 or float in [0, 1]; alpha is dropped. An empty list, frames
+    of different sizes, or values out of range are a :class:`VideoError`.
+
+    >>> as_frames(np.ones((2, 4, 6))).shape
+    (2, 4, 6, 3)
+    """
+    if isinstance(frames, (str, bytes, os.PathLike)):
+        raise VideoError(f"frames must be images or an array, got the path {frames!r}")
+    if hasattr(frames, "detach") or isinstance(frames, np.ndarray):
+        arr = _to_numpy(frames)
+        if arr.ndim not in (3, 4):
+            raise VideoError(
+                f"frames have shape {arr.shape}: expected (frames, height, width[, channels]) or a list of images"
+            )
+        items: Sequence[Any] = list(arr)
+    else:
+        try:
+            items = list(frames)
+        except TypeError:
+            raise VideoError(f"frames must be a list of images or an array, got {type(frames).__name__}") from None
+    if not items:
+        raise VideoError("no frames to write: the frame list is empty")
+    out: list[np.ndarray] = []
+    for i, item in enumerate(items):
+        if hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
+            arr = np.asarray(item.convert("RGB"))
+        else:
+            arr = _to_numpy(item)
+        f = _frame_uint8(arr, f"frame {i}")
+        if out and f.shape != out[0].shape:
+            raise VideoError(
+                f"frame {i} is {f.shape[0]}x{f.shape[1]} but frame 0 is {out[0].shape[0]}x{out[0].shape[1]}: every "
+                "frame of a video must have the same size"
+            )
+        out.append(f)
+    return np.stack(out)  # (T, H, W, 3)
+
+
+def _kind(path: Path, raw: str) -> str:
+    if raw.endswith(("/", os.sep)) or path.is_dir() or path.suffix == "":
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise VideoError(
+            f"cannot write a video to {raw!r}: unknown suffix {path.suffix!r} (use .mp4, .gif, or a folder path "
+            "without a suffix for one PNG per frame)"
+        )
+    return suffix[1:]
+
+
+def pad_even(frames: np.ndarray) -> np.ndarray:
+    """Frames (T, H, W, 3) with odd sides padded to even by repeating the last row / column.
+
+    >>> pad_even(np.zeros((1, 3, 4, 3), np.uint8)).shape
+    (1, 4, 4, 3)
+    """
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def write_video(
+    frames: Any,
+    path: str | os.PathLike[str],
+    fps: float = 8,
+    *,
+    quality: float = 8.0,
+    pad_odd: bool = True,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``frames`` to ``path``; returns the path written.
+
+    - ``.mp4``: H.264 (libx264, yuv420p, imageio's FFMPEG plugin) at ``fps``; ``quality`` 0..10
+      (imageio's scale, 10 best). H.264 in yuv420p needs even sides: with ``pad_odd`` (default) an
+      odd height or width is padded by one repeated row / column at the bottom / right (so the
+      decoded video is that one pixel larger); ``pad_odd=False`` makes an odd side an error. Frames
+      are never rescaled.
+    - ``.gif``: through imageio's pillow plugin, looping forever, each frame shown ``1000 / fps`` ms
+      (GIF stores hundredths of a second). Up to 256 colours per frame, exact for frames that have
+      that few; Pillow merges consecutive identical frames into one shown for their summed duration.
+    - a folder (a path without a suffix, ending in "/", or an existing folder): one PNG per frame,
+      ``frame_00000.png`` ..., exact; needs only Pillow.
+
+    >>> import tempfile
+    >>> out = write_video(np.zeros((2, 4, 4, 3), np.uint8), Path(tempfile.mkdtemp()) / "frames")
+    >>> sorted(p.name for p in out.iterdir())
+    ['frame_00000.png', 'frame_00001.png']
+    """
+    raw = os.fspath(path)
+    if not raw:
+        raise VideoError("the video path is empty")
+    target = Path(raw)
+    kind = _kind(target, raw)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or not 0 < fps <= 240:
+        raise VideoError(f"fps must be a number in (0, 240], got {fps!r}")
+    arr = as_frames(frames)  # (T, H, W, 3) uint8
+    if kind != "folder" and target.exists() and not overwrite:
+        raise VideoError(f"{target} exists (pass overwrite=True to replace it)")
+    if not target.parent.exists() and kind != "folder":
+        target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        from PIL import Image
+
+        if target.exists() and not target.is_dir():
+            raise VideoError(f"{target} is a file, not a folder for per-frame PNGs")
+        target.mkdir(parents=True, exist_ok=True)
+        if not overwrite and any(target.glob("frame_*.png")):
+            raise VideoError(f"{target} already holds frame_*.png files (pass overwrite=True to replace them)")
+        for i, frame in enumerate(arr):
+            Image.fromarray(frame).save(target / f"frame_{i:05d}.png")
+        return target
+    iio = _imageio()
+    if kind == "gif":
+        duration = 1000.0 / float(fps)  # ms per frame
+        iio.imwrite(target, arr, plugin="pillow", extension=".gif", duration=duration, loop=0)
+        return target
+    _ffmpeg_plugin()
+    if not 0 <= float(quality) <= 10:
+        raise VideoError(f"quality must be in [0, 10] (imageio's scale, 10 best), got {quality!r}")
+    _, h, w, _ = arr.shape
+    if h % 2 or w % 2:
+        if not pad_odd:
+            raise VideoError(
+                f"the frames are {h}x{w}: H.264 (yuv420p) needs an even height and width; pass pad_odd=True to pad "
+                "one repeated row / column, or crop the frames"
+            )
+        arr = pad_even(arr)
+    iio.imwrite(
+        target,
+        arr,
+        plugin="FFMPEG",
+        extension=".mp4",
+        fps=float(fps),
+        codec="libx264",
+        pixelformat="yuv420p",
+        quality=float(quality),
+        macro_block_size=1,  # never rescale: the sides are even already
+        ffmpeg_log_level="error",
+    )
+    return target
+
+
+def _colormap(cmap: str) -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VideoError("overlays use matplotlib's colour maps: pip install 'daami2i[video]'") from exc
+    try:
+        return matplotlib.colormaps[cmap]
+    except KeyError:
+        raise VideoError(f"unknown colour map {cmap!r} (matplotlib's names, e.g. 'jet', 'viridis', 'gray')") from None
+
+
+def overlay_frames(
+    frames: Any,
+    maps: Any,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    normalize: bool = False,
+) -> np.ndarray:
+    """``maps`` (T, H, W) coloured with ``cmap`` over ``frames`` -> uint8 (T, H, W, 3).
+
+    The colouring is :func:`daami2i.viz.plot_overlay`'s (matplotlib's ``imshow`` of the map with
+    ``cmap`` at ``alpha`` over the image): ``round((1 - alpha) * frame + alpha * 255 * cmap(value))``,
+    with the colour map's 256-entry table. The colour scale is [0, 1] for every frame (plot_overlay's
+    ``color_normalize=False``), so colours mean the same in every frame; ``normalize=True`` stretches
+    the whole video's minimum..maximum to [0, 1] first (one scale for all frames, never per frame).
+    Maps must be at the frames' size (a heat map's ``expand_as(frames)``); a different frame count
+    or size is a :class:`VideoError`.
+
+    >>> out = overlay_frames(np.zeros((1, 2, 2, 3), np.uint8), np.ones((1, 2, 2)), alpha=1.0)
+    >>> out[0, 0, 0].tolist()  # jet at 1 is dark red
+    [128, 0, 0]
+    """
+    rgb = as_frames(frames).astype(np.float32)  # (T, H, W, 3)
+    values = _to_numpy(maps).astype(np.float32)
+    if values.ndim == 2:
+        values = values[None]
+    if values.ndim != 3:
+        raise VideoError(f"maps have shape {values.shape}: expected (frames, height, width)")
+    if values.shape[0] != rgb.shape[0]:
+        raise VideoError(f"{values.shape[0]} map(s) for {rgb.shape[0]} frame(s): give one map per frame")
+    if values.shape[1:] != rgb.shape[1:3]:
+        raise VideoError(
+            f"the maps are {values.shape[1]}x{values.shape[2]} but the frames {rgb.shape[1]}x{rgb.shape[2]}: expand "
+            "them to the frames first (heat_map.expand_as(frames))"
+        )
+    if not np.isfinite(values).all():
+        raise VideoError("the maps hold NaN or infinite values")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise VideoError(f"alpha must be in [0, 1], got {alpha!r}")
+    if normalize:
+        lo, hi = float(values.min()), float(values.max())
+        values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    colours = _colormap(cmap)(np.clip(values, 0.0, 1.0))[..., :3].astype(np.float32) * 255.0  # (T, H, W, 3)
+    out = (1.0 - float(alpha)) * rgb + float(alpha) * colours
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _components(mask: np.ndarray, min_area: int, connectivity: int) -> list[np.ndarray]:
+    """Connected components (OpenCV) of one binary mask (H, W) with at least ``min_area`` pixels, in
+    OpenCV's label order (raster order of each component's first pixel)."""
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VideoError("tracks need OpenCV: pip install 'daami2i[datasets]' (opencv-python-headless)") from exc
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
+    return [labels == k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
+
+
+def _iou_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """IoU of every mask of ``a`` with every mask of ``b``: (len(a), len(b))."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    fa = np.stack([m.reshape(-1) for m in a]).astype(np.float32)  # (A, H*W)
+    fb = np.stack([m.reshape(-1) for m in b]).astype(np.float32)  # (B, H*W)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def _assign(iou: np.ndarray, threshold: float, optimal: bool | None) -> list[tuple[int, int]]:
+    """Pairs (row, column) of ``iou`` matched one to one, each with IoU >= threshold (and > 0).
+
+    Optimal (maximum total IoU, scipy's ``linear_sum_assignment``) when scipy is installed or
+    ``optimal=True``; greedy (highest IoU first) when scipy is missing or ``optimal=False``.
+    """
+    if iou.size == 0:
+        return []
+    if optimal is not False:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            if optimal:
+                raise VideoError("optimal assignment needs scipy: pip install scipy (or pass optimal=False)") from None
+        else:
+            rows, cols = linear_sum_assignment(iou, maximize=True)
+            ok = [iou[r, c] >= threshold and iou[r, c] > 0 for r, c in zip(rows, cols, strict=True)]
+            return [(int(r), int(c)) for r, c, keep in zip(rows, cols, ok, strict=True) if keep]
+    pairs: list[tuple[int, int]] = []
+    used_r: set[int] = set()
+    used_c: set[int] = set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        r, c = divmod(int(flat), iou.shape[1])
+        if iou[r, c] < threshold or iou[r, c] <= 0:
+            break
+        if r not in used_r and c not in used_c:
+            pairs.append((r, c))
+            used_r.add(r)
+            used_c.add(c)
+    return pairs
+
+
+def track_instances(
+    masks: Any,
+    min_area: int = 1,
+    iou: float = 0.1,
+    max_gap: int = 0,
+    connectivity: int = 8,
+    optimal: bool | None = None,
+) -> np.ndarray:
+    """Per-frame binary masks (T, H, W) -> int32 track labels (T, H, W); 0 is background.
+
+    Each frame's connected components (OpenCV, ``connectivity`` 4 or 8) of at least ``min_area``
+    pixels are linked to the tracks seen in the previous frame (or up to ``max_gap`` frames before
+    it: a track missing for at most ``max_gap`` frames can resume, compared by its last mask) by
+    mask IoU: a one-to-one assignment maximising the total IoU (scipy's ``linear_sum_assignment``;
+    greedy, highest IoU first, when scipy is not installed or ``optimal=False``), each link needing
+    IoU >= ``iou``. A component that matches nothing starts a new track; track ids count from 1 in
+    order of first appearance. Components that touch are one component: objects that merge share
+    one label while they touch (the larger overlap keeps the track) and a part that splits off
+    starts a new track.
+
+    >>> m = np.zeros((3, 6, 6), bool); m[:, 1:3, 0:2] = True; m[2, 4:6, 4:6] = True
+    >>> track_instances(m)[2].tolist()[4]
+    [0, 0, 0, 0, 2, 2]
+    """
+    arr = _to_numpy(masks)
+    if arr.ndim != 3:
+        raise VideoError(f"masks have shape {arr.shape}: expected (frames, height, width) binary masks")
+    if arr.shape[0] == 0:
+        raise VideoError("no masks to track: zero frames")
+    if arr.dtype != np.bool_:
+        if not np.isin(arr, (0, 1)).all():
+            raise VideoError("masks must be binary (bool or 0 / 1); threshold the maps first")
+        arr = arr.astype(bool)
+    if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
+        raise VideoError(f"min_area must be an integer >= 1 (pixels), got {min_area!r}")
+    if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not 0.0 <= float(iou) <= 1.0:
+        raise VideoError(f"iou must be in [0, 1], got {iou!r}")
+    if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 0:
+        raise VideoError(f"max_gap must be an integer >= 0 (frames), got {max_gap!r}")
+    if connectivity not in (4, 8):
+        raise VideoError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    labels = np.zeros(arr.shape, dtype=np.int32)  # (T, H, W)
+    last: dict[int, tuple[int, np.ndarray]] = {}  # track id -> (frame last seen, its mask there)
+    next_id = 1
+    for t in range(arr.shape[0]):
+        comps = _components(arr[t], min_area, connectivity)
+        live = [k for k, (seen, _) in last.items() if t - seen <= max_gap + 1]
+        pairs = _assign(_iou_matrix(comps, [last[k][1] for k in live]), float(iou), optimal)
+        owner = {r: live[c] for r, c in pairs}
+        for r, comp in enumerate(comps):
+            if r not in owner:
+                owner[r] = next_id
+                next_id += 1
+            labels[t][comp] = owner[r]
+            last[owner[r]] = (t, comp)
+    return labels
