@@ -12,6 +12,7 @@ from typing import Any
 from ...errors import UnsupportedPipelineError
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
 from .chroma import ChromaAdapter
+from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
@@ -37,6 +38,7 @@ ADAPTERS: list[FamilyAdapter] = [
     SanaAdapter(),
     HiDreamAdapter(),
     WanAdapter(),
+    CogVideoXAdapter(),
 ]
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "ADAPTERS",
     "AttentionSite",
     "ChromaAdapter",
+    "CogVideoXAdapter",
     "DenoiserCall",
     "FamilyAdapter",
     "Flux2Adapter",
