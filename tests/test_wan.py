@@ -14,7 +14,7 @@ import torch
 
 import daami2i
 from daami2i.testing import tiny_wan_pipeline
-from reference import column_query, dense_cross, dense_self, row_query
+from reference import block_mean, column_query, dense_cross, dense_self, inside_polygon, row_query, triangle
 
 KW = dict(num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16)
 GRID = (3 * 2, 3)  # 3 latent frames of 2 x 3 tokens, stacked
@@ -115,25 +115,63 @@ def test_every_query_matches_the_recorded_attention(wan, halves):
         self_ref = self_ref / 2
         maps = maps / 2
     ghm = trc.compute_global_heat_map()
-    n = GRID[0] * GRID[1]
+    assert ghm.frame_size == (2, 3) and ghm.frames.source == (0, 1, 1, 1, 1, 2, 2, 2, 2)
+    n, per = GRID[0] * GRID[1], 6  # stacked tokens, tokens of one frame
+    # pixel ids of one frame's grid, in the token frame of video frame 5 (latent frame 2)
     w = torch.zeros(n)
-    w[[0, 7, n - 1]] = 1
-    assert_close(ghm.compute_pixel_heat_map([0, 7, n - 1]).value, column_query(self_ref, w, GRID))
-    assert_close(ghm.compute_pixel_heat_map([0, 7, n - 1], direction="attends_to").value, row_query(self_ref, w, GRID))
+    w[[2 * per + 0, 2 * per + 4]] = 1
+    assert_close(ghm.compute_pixel_heat_map([0, 4], frame=5).value, column_query(self_ref, w, GRID))
+    assert_close(ghm.compute_pixel_heat_map([0, 4], "attends_to", frame=-1).value, row_query(self_ref, w, GRID))
+    w = torch.zeros(n)
+    w[[1, per + 1, 2 * per + 1]] = 1  # frame=None: the same pixel in every frame
+    assert_close(ghm.compute_pixel_heat_map(1).value, column_query(self_ref, w, GRID))
     box = torch.zeros(GRID)
-    box[2:4, 0:2] = 1  # the second latent frame's left 2 x 2 tokens
-    assert_close(ghm.compute_bbox_heat_map(0, 2, 1, 3).value, column_query(self_ref, box, GRID))
+    box[2:4, 0:2] = 1  # video frames 1-4 come from latent frame 1: its left 2 x 2 tokens
+    for frame in (1, 4, range(2, 4)):
+        assert_close(ghm.compute_bbox_heat_map(0, 0, 1, 1, frame=frame).value, column_query(self_ref, box, GRID))
+    box[4:6, 0:2] = 1  # a frame range spanning latent frames 1 and 2
+    assert_close(ghm.compute_bbox_heat_map(0, 0, 1, 1, frame=range(3, 9)).value, column_query(self_ref, box, GRID))
+    tri = triangle((32, 48))  # a polygon in the pixels of video frame 0
+    cover = torch.zeros(GRID)
+    cover[0:2] = block_mean(inside_polygon(tri, (32, 48)), (2, 3))
+    assert_close(ghm.compute_contour_heat_map(tri, 32, 48, frame=0).value, column_query(self_ref, cover, GRID))
+    pm = ghm.compute_pixel_heat_map(0, frame=0)
+    assert pm.heatmap.shape == (3, 2, 3) and torch.equal(pm.heatmap[2], pm.value[4:6])
+    assert torch.equal(pm.frame(6).value, pm.value[4:6])  # video frame 6 shows latent frame 2
+    with pytest.raises(daami2i.QueryError, match="outside this video's 9 frames"):
+        ghm.compute_bbox_heat_map(0, 0, 1, 1, frame=9)
+    with pytest.raises(daami2i.QueryError, match="pixel ids must lie in"):
+        ghm.compute_pixel_heat_map(7, frame=0)  # a stacked id is not an id of one frame
     if halves == "uncond":
         return  # the prompt's words are not the negative prompt's keys
     tok = wan.tokenizer
     rows = positions(tok.tokenize(prompt), tok.tokenize("fox"))
     assert rows
     wm = ghm.compute_word_heat_map("fox")
-    assert_close(wm.value, maps[rows].mean(0))
-    assert_close(ghm.compute_guided_heat_map(wm).value, column_query(self_ref, maps[rows].mean(0), GRID))
+    ref = maps[rows].mean(0)  # (stacked rows, cols)
+    assert_close(wm.value, ref)
+    assert wm.heatmap.shape == (3, 2, 3)
+    assert_close(ghm.compute_guided_heat_map(wm).value, column_query(self_ref, ref, GRID))
+    assert_close(ghm.compute_guided_heat_map(wm.heatmap).value, column_query(self_ref, ref, GRID))
+    only = ref.clone()
+    only[:2] = 0
+    only[4:] = 0  # frame=2: the guide's weight in latent frame 1 only
+    assert_close(ghm.compute_guided_heat_map(wm, frame=2).value, column_query(self_ref, only, GRID))
+    # the video frames' maps: each latent frame resized on its own, repeated for its video frames,
+    # normalised over the whole video
+    video = call(wan, prompt, negative_prompt="a blurry dog")[0]
+    up = torch.nn.functional.interpolate(ref.view(3, 1, 2, 3), size=(32, 48), mode="bicubic", align_corners=False)
+    up = up[[0, 1, 1, 1, 1, 2, 2, 2, 2], 0]
+    up = (up - up.min()) / (up.max() - up.min())
+    assert_close(wm.expand_as(video), up)
+    assert wm.expand_as(video, threshold=0.5).sum() == (up > 0.5).sum()
+    with pytest.raises(daami2i.QueryError, match="video of 9 frames, but 4 frames"):
+        wm.expand_as(video[:4])
     if halves == "cond":  # never the negative prompt's call
         other, _ = references(trc, book, {1, 3})
-        assert not torch.allclose(ghm.compute_pixel_heat_map([0]).value, column_query(other, torch.eye(n)[0], GRID))
+        w = torch.zeros(n)
+        w[0] = 1
+        assert not torch.allclose(ghm.compute_pixel_heat_map(0, frame=0).value, column_query(other, w, GRID))
 
 
 def test_store_estimate_and_experiment(wan, tmp_path):
@@ -144,9 +182,21 @@ def test_store_estimate_and_experiment(wan, tmp_path):
     assert need["self"] == gen.nbytes("self") and need["cross"] == gen.nbytes("cross")
     trc.to_experiment(tmp_path / "exp")
     again = daami2i.load_experiment(tmp_path / "exp").compute_global_heat_map()
+    ghm = trc.compute_global_heat_map()
+    assert again.frames == gen.frames and again.frame_size == (2, 3)
+    assert_close(again.compute_word_heat_map("fox").value, ghm.compute_word_heat_map("fox").value)
     assert_close(
-        again.compute_word_heat_map("fox").value, trc.compute_global_heat_map().compute_word_heat_map("fox").value
+        again.compute_bbox_heat_map(0, 0, 1, 1, frame=3).value, ghm.compute_bbox_heat_map(0, 0, 1, 1, frame=3).value
     )
+    # a manifest whose frame layout does not fit its grid, or is not a layout, is refused by name
+    manifest = tmp_path / "exp" / "manifest.json"
+    text = manifest.read_text()
+    for bad in ('"rows": 3', '"source": "0,1"'):
+        manifest.write_text(
+            text.replace('"rows": 2', bad, 1) if "rows" in bad else text.replace('"source": [', f'{bad}, "x": [', 1)
+        )
+        with pytest.raises(daami2i.ExperimentError, match="generation.frames"):
+            daami2i.load_experiment(tmp_path / "exp")
 
 
 def test_wan_2_2_and_image_to_video_are_refused_clearly(wan):

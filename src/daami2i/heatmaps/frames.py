@@ -90,7 +90,9 @@ class FrameLayout:
             raise QueryError(f"frame must be an integer video frame in [0, {n - 1}], got {frame!r}")
         f = int(frame.__index__())
         if not -n <= f < n:
-            raise QueryError(f"frame {f} is outside this video's {n} frames (expected 0..{n - 1}, or negative from the end)")
+            raise QueryError(
+                f"frame {f} is outside this video's {n} frames (expected 0..{n - 1}, or negative from the end)"
+            )
         return self.source[f]
 
     def token_frames_of(self, frame: Any) -> list[int]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import QueryError
 from . import regions, selfattn, syntax
+from .frames import FrameLayout
 from .selfattn import Direction, SelfAttentionLevel
 from .words import (
     CrossAttentionLayer,
@@ -33,6 +34,32 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Size = tuple[int, int]
+
+
+def video_size_of(frames: Any) -> tuple[int, Size]:
+    """(frame count, (height, width)) of a video: a list of PIL images or (H, W[, C]) arrays, a (T, H, W,
+    C) / (T, H, W) array or tensor (diffusers' ``output_type="np"`` / ``"pt"``: (T, H, W, C) / (T, C, H,
+    W)), or a (frames, height, width) tuple."""
+    if isinstance(frames, (tuple, list)) and len(frames) == 3 and all(isinstance(v, (int, np.integer)) for v in frames):
+        return int(frames[0]), (int(frames[1]), int(frames[2]))
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise QueryError("expected the video's frames, got an empty list")
+        sizes = {image_size_of(f) for f in frames}
+        if len(sizes) != 1:
+            raise QueryError(f"the video's frames differ in size: {sorted(sizes)[:4]}")
+        return len(frames), sizes.pop()
+    if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 4:
+        t, a, b, c = (int(v) for v in frames.shape)
+        if isinstance(frames, torch.Tensor) and a in (1, 3, 4) and c not in (1, 3, 4):
+            return t, (b, c)  # (T, C, H, W)
+        return t, (a, b)  # (T, H, W, C)
+    if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 3 and frames.shape[-1] not in (3, 4):
+        return int(frames.shape[0]), (int(frames.shape[1]), int(frames.shape[2]))
+    raise QueryError(
+        "expected a video: a list of frames, a (frames, H, W[, C]) array or tensor, or a (frames, height, "
+        f"width) tuple; got {type(frames).__name__} of shape {tuple(getattr(frames, 'shape', ()))}"
+    )
 
 
 def image_size_of(image: Any) -> Size:
@@ -146,17 +173,40 @@ def _prompt_tokens(tokenizer: Any, prompt: Any) -> list[str] | None:
 class HeatMap:
     """A heat map on the latent grid.
 
-    ``value`` (alias ``heatmap``) is the raw (h, w) float32 map; :meth:`expand_as` resizes it to an
-    image for display.
+    ``value`` is the raw (h, w) float32 map; :meth:`expand_as` resizes it to an image for display. A
+    video's map (``frames`` set) holds its token frames stacked top to bottom: ``value`` is (frames * h,
+    w), ``heatmap`` (frames, h, w), :meth:`frame` one video frame's map and :meth:`expand_as` the
+    video's (num_frames, H, W).
     """
 
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value.detach().to("cpu", torch.float32)  # shape: (h, w)
+    def __init__(self, value: torch.Tensor, frames: FrameLayout | None = None) -> None:
+        self.value = value.detach().to("cpu", torch.float32)  # shape: (h, w); video: (frames * h, w)
+        self.frames = frames
 
     @property
     def heatmap(self) -> torch.Tensor:
-        """The raw (h, w) map (DAAM's name for :attr:`value`)."""
-        return self.value
+        """The raw map (DAAM's name for :attr:`value`): (h, w), or (frames, h, w) for a video."""
+        if self.frames is None:
+            return self.value
+        return self.value.view(self.frames.token_frames, self.frames.rows, self.value.shape[1])
+
+    def frame(self, frame: int) -> HeatMap:
+        """The map of video frame ``frame`` (that of the token frame it comes from) as an image map.
+
+        >>> from daami2i.heatmaps.frames import FrameLayout
+        >>> video = HeatMap(torch.arange(8.0).view(4, 2), FrameLayout.causal(2, rows=2, temporal=4))
+        >>> video.heatmap.shape, video.frame(0).value.tolist(), video.frame(3).value.tolist()
+        (torch.Size([2, 2, 2]), [[0.0, 1.0], [2.0, 3.0]], [[4.0, 5.0], [6.0, 7.0]])
+        """
+        if self.frames is None:
+            if frame in (0, -1):
+                return self
+            raise QueryError(f"this map is of an image (one frame), so frame must be 0, got {frame!r}")
+        import copy
+
+        out = copy.copy(self)
+        out.value, out.frames = self.heatmap[self.frames.token_frame(frame)].clone(), None
+        return out
 
     @property
     def size(self) -> Size:
@@ -178,6 +228,8 @@ class HeatMap:
         """
         if threshold is not None:
             regions.check_fraction(threshold)  # before any work
+        if self.frames is not None:
+            return self._expand_video(image, absolute, threshold, plot, **plot_kwargs)
         h, w = image_size_of(image)
         im = F.interpolate(self.value[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
         if not absolute:
@@ -187,6 +239,36 @@ class HeatMap:
             im = (im > regions.check_fraction(threshold)).float()
         if plot:
             self.plot_overlay(image, absolute=absolute, threshold=threshold, **plot_kwargs)
+        return im
+
+    def _expand_video(
+        self, video: Any, absolute: bool, threshold: float | None, plot: bool, **plot_kwargs: Any
+    ) -> torch.Tensor:
+        """A video map at the video's size: each token frame resized bicubically on its own, then
+        repeated for the video frames it becomes, (num_frames, H, W); normalised over the whole video."""
+        assert self.frames is not None
+        if plot:
+            raise QueryError("plot=True draws one image: expand the video map, then plot a frame (map.frame(t))")
+        if (
+            isinstance(video, (tuple, list))
+            and len(video) == 2
+            and all(isinstance(v, (int, np.integer)) for v in video)
+        ):
+            n, (h, w) = self.frames.video_frames, (int(video[0]), int(video[1]))
+        else:
+            n, (h, w) = video_size_of(video)
+        if n != self.frames.video_frames:
+            raise QueryError(
+                f"this map is of a video of {self.frames.video_frames} frames, but {n} frames were given: pass the "
+                "frames this generation made (or a (height, width) size)"
+            )
+        per = F.interpolate(self.heatmap[:, None], size=(h, w), mode="bicubic", align_corners=False)[:, 0]
+        im = per[torch.tensor(self.frames.source)]  # shape: (num_frames, H, W)
+        if not absolute:
+            lo, span = im.min(), im.max() - im.min()
+            im = (im - lo) / span if float(span) > 0 else torch.zeros_like(im)
+        if threshold is not None:
+            im = (im > regions.check_fraction(threshold)).float()
         return im
 
     def plot_overlay(
@@ -210,6 +292,8 @@ class HeatMap:
         """
         from ..viz import plot_overlay
 
+        if self.frames is not None:
+            raise QueryError("this is a video's map: plot one frame of it, map.frame(t).plot_overlay(frames[t])")
         if isinstance(out_file, tuple):  # daam-i2i: plot_overlay(image, figsize)
             out_file, figsize = None, out_file
         elif out_file is not None and not isinstance(out_file, (str, Path)) and hasattr(out_file, "imshow"):
@@ -239,6 +323,8 @@ class HeatMap:
         return float((a * b).sum() / (a.sum() + 1e-8))
 
     def __repr__(self) -> str:
+        if self.frames is not None:
+            return f"{type(self).__name__}(frames={self.frames.token_frames}, size={tuple(self.heatmap.shape[1:])})"
         return f"{type(self).__name__}(size={self.size})"
 
     def _repr_png_(self) -> bytes | None:
@@ -257,8 +343,9 @@ class PixelHeatMap(HeatMap):
         weights: torch.Tensor | None = None,
         direction: Direction = "attended_by",
         region: dict[str, Any] | None = None,
+        frames: FrameLayout | None = None,
     ) -> None:
-        super().__init__(value)
+        super().__init__(value, frames)
         self.weights = weights  # shape: (h, w), the region weight map that produced this map (None: unknown)
         self.direction = direction
         self.region = region or {"kind": "weights"}  # what the region was, for plots
@@ -268,12 +355,20 @@ class PixelHeatMap(HeatMap):
 class WordHeatMap(HeatMap):
     """A DAAM word map: where one word of the prompt acts in the image."""
 
-    def __init__(self, value: torch.Tensor, word: str | None = None, word_idx: int | None = None) -> None:
-        super().__init__(value)
+    def __init__(
+        self,
+        value: torch.Tensor,
+        word: str | None = None,
+        word_idx: int | None = None,
+        frames: FrameLayout | None = None,
+    ) -> None:
+        super().__init__(value, frames)
         self.word = word
         self.word_idx = word_idx
 
     def __repr__(self) -> str:
+        if self.frames is not None:
+            return f"WordHeatMap(word={self.word!r}, frames={self.frames.token_frames}, size={tuple(self.heatmap.shape[1:])})"
         return f"WordHeatMap(word={self.word!r}, size={self.size})"
 
 
@@ -284,6 +379,11 @@ class GlobalHeatMap:
     latent coordinates ``(x1, y1, x2, y2)`` with x the column, both corners inclusive (daam-i2i's
     meaning; ``half_open=True`` for Python-slice boxes); contours are
     ``[x, y]`` points in image pixels.
+
+    A video's heat map (``frames``, a :class:`~daami2i.heatmaps.frames.FrameLayout`) lives on its
+    token frames stacked top to bottom (``grid_size`` is (frames * h, w)); pixel ids, boxes and
+    contours then refer to one frame's grid (``frame_size``, (h, w)) and ``frame=`` says which video
+    frame(s) they are in (None: the same region in every frame); maps come back with every frame.
     """
 
     def __init__(
@@ -299,6 +399,7 @@ class GlobalHeatMap:
         streams: Sequence[TokenStream] | None = None,
         normalize: bool = False,
         self_note: str | None = None,
+        frames: FrameLayout | None = None,
     ) -> None:
         if isinstance(grid_size, torch.Tensor):  # daam-i2i: GlobalHeatMap(heat_maps (K, h, w), latent_hw)
             grid_size, self_levels, cross_layers = _from_pixel_maps(grid_size, self_levels)
@@ -313,6 +414,12 @@ class GlobalHeatMap:
                 "or DAAM's (tokenizer, prompt, heat_maps); most code gets one from trc.compute_global_heat_map()"
             )
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        if frames is not None and frames.token_frames * frames.rows != self.grid_size[0]:
+            raise QueryError(
+                f"a frame layout of {frames.token_frames} frames of {frames.rows} rows does not fit the grid "
+                f"{self.grid_size}"
+            )
+        self.frames = frames  # video: how the stacked grid splits into frames; None for an image
         self.normalize = bool(normalize)  # DAAM: word maps divided by the sum over the prompt's token maps
         self.self_note = self_note  # why self-attention is missing (a head / layer selection), if it is
         self._pixel_maps: torch.Tensor | None = None  # daam-i2i's heat_maps, built on first use
@@ -345,7 +452,72 @@ class GlobalHeatMap:
         self, weights: torch.Tensor, direction: Direction | None, region: dict[str, Any] | None = None
     ) -> PixelHeatMap:
         d = selfattn.check_direction(direction or self.direction)
-        return PixelHeatMap(selfattn.query(self._levels(), weights, self.grid_size, d), weights, d, region)
+        value = selfattn.query(self._levels(), weights, self.grid_size, d)
+        return PixelHeatMap(value, weights, d, region, self.frames)
+
+    # -- video frames ---------------------------------------------------------------------------
+    @property
+    def frame_size(self) -> Size:
+        """(height, width) of one frame's grid: ``grid_size`` for an image, (h, w) of a token frame for a video."""
+        if self.frames is None:
+            return self.grid_size
+        return self.frames.rows, self.grid_size[1]
+
+    def _token_frames(self, frame: Any) -> list[int]:
+        """The token frames ``frame`` selects (see the class docstring); an image has one."""
+        if self.frames is None:
+            if frame is None or (
+                not isinstance(frame, bool) and isinstance(frame, (int, np.integer)) and frame in (0, -1)
+            ):
+                return [0]
+            raise QueryError(f"frame= is for videos; this heat map is of an image (one frame), got frame={frame!r}")
+        return self.frames.token_frames_of(frame)
+
+    def _place(self, weights: torch.Tensor, frame: Any) -> torch.Tensor:
+        """One frame's (h, w) region weights put into the selected frames of the stacked grid."""
+        chosen = self._token_frames(frame)
+        if self.frames is None:
+            return weights
+        rows = self.frames.rows
+        out = torch.zeros(self.grid_size, dtype=weights.dtype)
+        for t in chosen:
+            out[t * rows : (t + 1) * rows] = weights
+        return out
+
+    def _guide(self, guide: Any, frame: Any = None) -> torch.Tensor:
+        """A guide as weights on the stacked grid. A video takes a video map, a (token frames, h, w) or
+        (video frames, h, w) tensor (video frames averaged per token frame), the stacked (frames * h, w)
+        grid, or one frame's (h, w) map placed in the frames ``frame`` selects; ``frame`` restricts a
+        whole-video guide to those frames."""
+        if self.frames is None:
+            self._token_frames(frame)
+            return regions.guide_weights(guide, self.grid_size)
+        lay, (rows, w) = self.frames, self.frame_size
+        value = guide.value if isinstance(guide, HeatMap) else guide
+        try:
+            g = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise QueryError(f"a guide must be a heat map or a tensor, got {type(guide).__name__}") from exc
+        if g.dim() == 2 and tuple(g.shape) == (rows, w) and rows != self.grid_size[0]:
+            return regions.guide_weights(self._place(g, frame), self.grid_size)
+        if g.dim() == 3 and tuple(g.shape[1:]) == (rows, w):
+            if g.shape[0] == lay.video_frames and g.shape[0] != lay.token_frames:
+                src = torch.tensor(lay.source)
+                g = torch.stack([g[src == t].mean(0) for t in range(lay.token_frames)])
+            elif g.shape[0] != lay.token_frames:
+                raise QueryError(
+                    f"a video guide must have {lay.token_frames} token frames or {lay.video_frames} video frames of "
+                    f"{(rows, w)}, got {tuple(g.shape)}"
+                )
+            g = g.reshape(self.grid_size)
+        elif g.dim() == 3:
+            raise QueryError(
+                f"a video guide must be (frames, {rows}, {w}) (token or video frames), got {tuple(g.shape)}"
+            )
+        if frame is not None and tuple(g.shape) == self.grid_size:
+            keep = self._place(torch.ones(rows, w), frame)
+            g = g * keep
+        return regions.guide_weights(g, self.grid_size)
 
     # -- daam-i2i's view: one map per latent pixel ----------------------------------------------
     @property
@@ -425,15 +597,18 @@ class GlobalHeatMap:
             if cv2.pointPolygonTest(scaled, (float(i), float(j)), False) == 1.0
         ]
 
-    def compute_region_heat_map(self, weights: Any, direction: Direction | None = None) -> PixelHeatMap:
+    def compute_region_heat_map(
+        self, weights: Any, direction: Direction | None = None, *, frame: Any = None
+    ) -> PixelHeatMap:
         """The primitive behind every self-attention query: columns weighted by ``weights / sum``."""
-        return self._region(regions.guide_weights(weights, self.grid_size), direction)
+        return self._region(self._guide(weights, frame), direction)
 
     def compute_pixel_heat_map(
-        self, latent_pixels: Sequence[int] | int, direction: Direction | None = None
+        self, latent_pixels: Sequence[int] | int, direction: Direction | None = None, *, frame: Any = None
     ) -> PixelHeatMap:
-        """Mean self-attention map of a list of row-major latent pixel ids (or one id)."""
-        w = regions.pixel_weights(latent_pixels, self.grid_size)
+        """Mean self-attention map of a list of row-major latent pixel ids (or one id); a video's ids are
+        of one frame's grid, in the video frame(s) ``frame``."""
+        w = self._place(regions.pixel_weights(latent_pixels, self.frame_size), frame)
         return self._region(w, direction, {"kind": "pixels"})
 
     def compute_bbox_heat_map(
@@ -445,14 +620,18 @@ class GlobalHeatMap:
         direction: Direction | None = None,
         *,
         half_open: bool = False,
+        frame: Any = None,
     ) -> PixelHeatMap:
         """Mean self-attention map of the latent box columns x1..x2, rows y1..y2 (both included, as in
         daam-i2i; a corner one past the last column / row is clipped). ``half_open=True``: columns
-        [x1, x2), rows [y1, y2), like Python slices."""
+        [x1, x2), rows [y1, y2), like Python slices. A video's box is in one frame's grid, in the video
+        frame(s) ``frame``."""
         # "box": the covered cells' edges, half-open (what a plot draws); "corners": as the caller gave them
-        cells = regions.box_cells(x1, y1, x2, y2, self.grid_size, half_open)
-        w = regions.box_weights(*cells, self.grid_size, half_open=True)
+        cells = regions.box_cells(x1, y1, x2, y2, self.frame_size, half_open)
+        w = self._place(regions.box_weights(*cells, self.frame_size, half_open=True), frame)
         region = {"kind": "box", "box": cells, "corners": (x1, y1, x2, y2), "half_open": half_open}
+        if self.frames is not None:
+            region["frames"] = self._token_frames(frame)
         return self._region(w, direction, region)
 
     def compute_contour_heat_map(
@@ -462,10 +641,12 @@ class GlobalHeatMap:
         image_w: int,
         guide_heatmap: Any = None,
         direction: Direction | None = None,
+        *,
+        frame: Any = None,
     ) -> PixelHeatMap:
         """Self-attention map of the area inside a polygon given in image pixels, ``[[x, y], ...]`` or
-        daam-i2i's flat ``[x1, y1, x2, y2, ...]``."""
-        return self.compute_segmentation_heat_map([pts], image_h, image_w, guide_heatmap, direction)
+        daam-i2i's flat ``[x1, y1, x2, y2, ...]`` (a video's: of one frame, in the frame(s) ``frame``)."""
+        return self.compute_segmentation_heat_map([pts], image_h, image_w, guide_heatmap, direction, frame=frame)
 
     def compute_segmentation_heat_map(
         self,
@@ -474,12 +655,14 @@ class GlobalHeatMap:
         image_w: int,
         guide_heatmap: Any = None,
         direction: Direction | None = None,
+        *,
+        frame: Any = None,
     ) -> PixelHeatMap:
         """Self-attention map of the union of several polygons (each ``[[x, y], ...]`` or flat), in image
-        pixels, optionally weighted by a guide."""
-        w = regions.polygon_weights(segments, (image_h, image_w), self.grid_size)
+        pixels, optionally weighted by a guide (a video's polygons: of one frame, in the frame(s) ``frame``)."""
+        w = self._place(regions.polygon_weights(segments, (image_h, image_w), self.frame_size), frame)
         if guide_heatmap is not None:
-            w = w * regions.guide_weights(guide_heatmap, self.grid_size)
+            w = w * self._guide(guide_heatmap)
             if float(w.sum()) <= 0:
                 raise QueryError("the guide is zero everywhere inside the contour(s): nothing to weight")
         region = {
@@ -489,9 +672,12 @@ class GlobalHeatMap:
         }
         return self._region(w, direction, region)
 
-    def compute_guided_heat_map(self, guide_heatmap: Any, direction: Direction | None = None) -> PixelHeatMap:
-        """Self-attention columns weighted by a guide map on the grid (e.g. a word map)."""
-        return self._region(regions.guide_weights(guide_heatmap, self.grid_size), direction, {"kind": "guide"})
+    def compute_guided_heat_map(
+        self, guide_heatmap: Any, direction: Direction | None = None, *, frame: Any = None
+    ) -> PixelHeatMap:
+        """Self-attention columns weighted by a guide map on the grid (e.g. a word map; for a video, see
+        the class docstring: ``frame`` keeps the guide's weight in those video frames only)."""
+        return self._region(self._guide(guide_heatmap, frame), direction, {"kind": "guide"})
 
     def compute_grown_heat_map(
         self,
@@ -504,10 +690,10 @@ class GlobalHeatMap:
         min-max normalised and cut below the fraction ``threshold``, guides the next round, so the
         region grows through self-attention where the map is strong. (daam-i2i's fixed, absolute cut is
         :meth:`compute_pixel_diffused_heat_map` / :meth:`compute_diffused_heat_map`.)"""
-        g = regions.guide_weights(guide_heatmap, self.grid_size)
+        g = self._guide(guide_heatmap)
         d = selfattn.check_direction(direction or self.direction)
         m = selfattn.diffuse(self._levels(), g, self.grid_size, iterations, threshold, d)
-        return PixelHeatMap(m, g, d)
+        return PixelHeatMap(m, g, d, frames=self.frames)
 
     def compute_pixel_grown_heat_map(
         self,
@@ -515,12 +701,15 @@ class GlobalHeatMap:
         iterations: int = 20,
         threshold: float = 0.4,
         direction: Direction | None = None,
+        *,
+        frame: Any = None,
     ) -> PixelHeatMap:
-        """:meth:`compute_grown_heat_map` starting from a list of latent pixel ids."""
-        g = regions.pixel_weights(pix_ids, self.grid_size)
+        """:meth:`compute_grown_heat_map` starting from a list of latent pixel ids (a video's: of one
+        frame's grid, in the frame(s) ``frame``)."""
+        g = self._place(regions.pixel_weights(pix_ids, self.frame_size), frame)
         d = selfattn.check_direction(direction or self.direction)
         m = selfattn.diffuse(self._levels(), g, self.grid_size, iterations, threshold, d)
-        return PixelHeatMap(m, g, d)
+        return PixelHeatMap(m, g, d, frames=self.frames)
 
     def compute_all_grown_heat_maps(
         self,
@@ -554,6 +743,7 @@ class GlobalHeatMap:
         direction: Direction | None = None,
         iterations: int | None = None,
         threshold: float | None = None,
+        frame: Any = None,
     ) -> PixelHeatMap:
         """daam-i2i's diffused map of latent pixel(s): the pixel map, cut, then ``n_iter`` rounds of
         guided maps, each cut again (``cut``: values below ``min(map) + thresh`` set to 0; ``thresh``
@@ -570,10 +760,10 @@ class GlobalHeatMap:
             )
             return self.compute_pixel_grown_heat_map(latent_pixel_id, it, th, direction)
         _check_method(method)
-        g = regions.pixel_weights(latent_pixel_id, self.grid_size)
+        g = self._place(regions.pixel_weights(latent_pixel_id, self.frame_size), frame)
         d = selfattn.check_direction(direction or self.direction)
         rounds = selfattn.diffuse_absolute(self._levels(), g, self.grid_size, n_iter, thresh, d)
-        out = PixelHeatMap(rounds[-1], g, d, {"kind": "pixels"})
+        out = PixelHeatMap(rounds[-1], g, d, {"kind": "pixels"}, self.frames)
         out.intermediates = rounds
         if plot_intermediate:
             from ..viz import plot_rounds
@@ -625,6 +815,7 @@ class GlobalHeatMap:
             direction=d,
             streams=self.streams,
             normalize=self.normalize,
+            frames=self.frames,
         )
         out._row_cache = self._row_cache
         out._pixel_maps = maps.cpu()
@@ -752,7 +943,7 @@ class GlobalHeatMap:
                     m = F.interpolate(m[None, None], size=self.grid_size, mode="bilinear", align_corners=False)[0, 0]
                 per_layer.append(m)
             maps.append(torch.stack(per_layer).mean(0))
-        return WordHeatMap(torch.stack(maps).mean(0).cpu(), word, word_idx)
+        return WordHeatMap(torch.stack(maps).mean(0).cpu(), word, word_idx, self.frames)
 
     def text_to_text(self, stream: str | None = None) -> tuple[list[str], torch.Tensor]:
         """Text -> text: the prompt's tokens the encoder saw (of the first stream, or ``stream``; each
@@ -790,7 +981,7 @@ class GlobalHeatMap:
         if not self.cross_layers:
             aggregate_layers(self.cross_layers, self.grid_size)  # raises the explanatory error
         maps = [self._token_rows(rows).mean(0) for _st, rows in self._word_rows(word, word_idx, offset_idx, stream)]
-        return WordHeatMap(torch.stack(maps).mean(0), word, word_idx)
+        return WordHeatMap(torch.stack(maps).mean(0), word, word_idx, self.frames)
 
     def parsed_heat_maps(self, doc: Any = None, nlp: Any = None) -> Iterator[syntax.ParsedHeatMap]:
         """DAAM's ``parsed_heat_maps``: the word map of each spaCy token of the prompt that is found

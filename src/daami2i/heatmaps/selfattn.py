@@ -38,6 +38,7 @@ class SelfAttentionLevel:
     size: Size  # (h, w) of this resolution
     sums: torch.Tensor  # shape: (h*w, h*w) float32, [query, key], summed over layers and steps
     n_layers: int
+    frames: int = 1  # video: h is this many frames stacked top to bottom, resampled frame by frame
 
 
 def check_direction(direction: str) -> Direction:
@@ -126,10 +127,10 @@ def _query(
     n_layers = 0
     for level, rows in zip(levels, oriented, strict=True):
         h, w = level.size
-        gr = adjoint(g, level.size).reshape(g.shape[0], h * w)  # (B, N_r)
+        gr = adjoint(g, level.size, level.frames).reshape(g.shape[0], h * w)  # (B, N_r)
         # column direction: m[q] = sum_k A[q, k] g[k]  ->  m = g @ A^T ; rows: m[k] = sum_q g[q] A[q, k]
         m = _weighted_rows(gr, rows, tiles)
-        total += upsample(m.view(-1, h, w), grid)
+        total += upsample(m.view(-1, h, w), grid, level.frames)
         n_layers += level.n_layers
     total /= n_layers
     return total

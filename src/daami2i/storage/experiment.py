@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..errors import ExperimentError, QueryError
+from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.selfattn import Direction
 from ..heatmaps.words import tokenize_prompt
@@ -146,6 +147,7 @@ def save_experiment(
             "steps_captured": gen.steps_captured,
             "config": gen.config,
             "streams": gen.streams,
+            "frames": gen.frames.to_dict() if gen.frames is not None else None,
         },
         "self_attention": [
             {"factor": f, "size": list(st.size), "layers": st.layers} for f, st in gen.self_attention.items()
@@ -487,9 +489,21 @@ def _generation(manifest: dict[str, Any], check: _Checker) -> Generation:
     config = check.mapping(key("config", {}), "generation.config")
     if "direction" in config:
         check.text(config["direction"], "generation.config.direction", _DIRECTIONS)
+    grid_size = check.size(key("grid_size"), "generation.grid_size")
+    frames = None
+    if key("frames", None) is not None:
+        try:
+            frames = FrameLayout.from_dict(key("frames"))
+        except QueryError as err:
+            raise check.error("generation.frames", "a frame layout (token_frames, rows, source)", str(err)) from None
+        if grid_size is not None and frames.token_frames * frames.rows != grid_size[0]:
+            raise check.error(
+                "generation.frames", f"token frames x rows equal to the grid's {grid_size[0]} rows", key("frames")
+            )
     return Generation(
         index=check.integer(key("index"), "generation.index"),
-        grid_size=check.size(key("grid_size"), "generation.grid_size"),  # type: ignore[arg-type]
+        grid_size=grid_size,  # type: ignore[arg-type]
+        frames=frames,
         prompts=prompts,
         latent_size=check.size(key("latent_size"), "generation.latent_size", optional=True),
         image_size=check.size(key("image_size"), "generation.image_size", optional=True),

@@ -282,6 +282,7 @@ class Generation:
                 streams=streams,
                 normalize=normalize,
                 self_note=note,
+                frames=self.frames,
             )
         tokens = self.image_tokens[image_idx] if self.image_tokens else None
         text = self.image_prompts[image_idx] if self.image_prompts else None
@@ -300,6 +301,7 @@ class Generation:
             direction=direction,
             normalize=normalize,
             self_note=note,
+            frames=self.frames,
         )
 
     def _self_note(
@@ -361,7 +363,7 @@ class Generation:
                 sums, n = torch.stack(parts).sum(0), len(parts)
             if normalize:  # daam-i2i: G / (sum over keys of G + 1e-6), G = sums / n
                 sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
-            out.append(SelfAttentionLevel(s.size, sums, n))
+            out.append(SelfAttentionLevel(s.size, sums, n, self.frames.token_frames if self.frames else 1))
         return out
 
     def cross_layers(
