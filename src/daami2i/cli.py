@@ -296,7 +296,7 @@ def _check_image_pipeline(pipe: Any, model: str) -> None:
     """``generate`` writes an image and its overlays: a video pipeline gets a clear error before it runs."""
     from .tracing.trace import denoiser_of
 
-    if denoiser_of(pipe)[1].name in ("wan",):
+    if denoiser_of(pipe)[1].name in ("wan", "cogvideox"):
         raise CliError(
             f"{model} is a video pipeline ({type(pipe).__name__}): `daami2i generate` writes images; trace "
             "videos from Python for now (with daami2i.trace(pipe) as trc: pipe(prompt=...)), see the README's "

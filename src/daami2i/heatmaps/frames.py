@@ -47,7 +47,7 @@ class FrameLayout:
             raise QueryError(
                 f"FrameLayout.source must hold token frames in [0, {self.token_frames - 1}], got {list(src)[:20]}"
             )
-        if any(b < a for a, b in zip(src, src[1:])):
+        if any(b < a for a, b in zip(src, src[1:], strict=False)):
             raise QueryError(f"FrameLayout.source must not go back in time, got {list(src)[:20]}")
 
     @classmethod
@@ -68,7 +68,10 @@ class FrameLayout:
         for i, latent in enumerate(kept):
             source += [latent // patch_t] * (1 if i == 0 else temporal)
         token_frames = -(-latent_frames // patch_t)
-        note = f"causal VAE: {temporal} video frames per latent frame after the first; {patch_t} latent frame(s) per token frame"
+        note = (
+            f"causal VAE: {temporal} video frames per latent frame after the first; "
+            f"{patch_t} latent frame(s) per token frame"
+        )
         if dropped:
             note += f"; the first {dropped} latent frame(s) are not decoded"
         return cls(token_frames, rows, tuple(source), note)
