@@ -368,7 +368,8 @@ class WordHeatMap(HeatMap):
 
     def __repr__(self) -> str:
         if self.frames is not None:
-            return f"WordHeatMap(word={self.word!r}, frames={self.frames.token_frames}, size={tuple(self.heatmap.shape[1:])})"
+            size = tuple(self.heatmap.shape[1:])
+            return f"WordHeatMap(word={self.word!r}, frames={self.frames.token_frames}, size={size})"
         return f"WordHeatMap(word={self.word!r}, size={self.size})"
 
 
