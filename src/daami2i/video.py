@@ -271,8 +271,8 @@ def overlay_frames(
     >>> out[0, 0, 0].tolist()  # jet at 1 is dark red
     [128, 0, 0]
     """
-    rgb = as_frames(frames).astype(np.float32)  # (T, H, W, 3)
-    values = _to_numpy(maps).astype(np.float32)
+    rgb = as_frames(frames)  # (T, H, W, 3) uint8
+    values = _to_numpy(maps).astype(np.float64)
     if values.ndim == 2:
         values = values[None]
     if values.ndim != 3:
@@ -291,9 +291,13 @@ def overlay_frames(
     if normalize:
         lo, hi = float(values.min()), float(values.max())
         values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    colours = _colormap(cmap)(np.clip(values, 0.0, 1.0))[..., :3].astype(np.float32) * 255.0  # (T, H, W, 3)
-    out = (1.0 - float(alpha)) * rgb + float(alpha) * colours
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    lut = _colormap(cmap)
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    for t in range(rgb.shape[0]):  # frame by frame: float64 of one frame at a time
+        colours = lut(np.clip(values[t], 0.0, 1.0))[..., :3] * 255.0  # (H, W, 3)
+        blend = (1.0 - float(alpha)) * rgb[t] + float(alpha) * colours
+        out[t] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
+    return out
 
 
 def _components(mask: np.ndarray, min_area: int, connectivity: int) -> list[np.ndarray]:
