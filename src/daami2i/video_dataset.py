@@ -485,21 +485,22 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
     frame_of: dict[tuple[int, int], dict[str, Any]] = {}
     for img in images.values():
         where = f"{coco_path}, image {img['id']}"
-        vid, t = img.get("video_id"), img.get("frame_id")
-        if vid not in sizes:
-            raise VideoDatasetError(f"{where}: video_id {vid!r} is not one of the videos")
-        length, h, w = sizes[vid]
-        if not _int(t, 0, length - 1):
-            raise VideoDatasetError(f"{where}: frame_id {t!r} is not in 0..{length - 1} of video {vid}")
-        if (vid, t) in frame_of:
-            raise VideoDatasetError(f"{where}: frame {t} of video {vid} is listed twice")
+        video: Any = img.get("video_id")
+        frame: Any = img.get("frame_id")
+        if video not in sizes:
+            raise VideoDatasetError(f"{where}: video_id {video!r} is not one of the videos")
+        length, h, w = sizes[video]
+        if not _int(frame, 0, length - 1):
+            raise VideoDatasetError(f"{where}: frame_id {frame!r} is not in 0..{length - 1} of video {video}")
+        if (video, frame) in frame_of:
+            raise VideoDatasetError(f"{where}: frame {frame} of video {video} is listed twice")
         if (img.get("height"), img.get("width")) != (h, w):
             raise VideoDatasetError(f"{where}: it is {img.get('height')}x{img.get('width')}, its video {h}x{w}")
-        if img.get("file_name") != videos[vid]["file_names"][t]:
+        if img.get("file_name") != videos[video]["file_names"][frame]:
             raise VideoDatasetError(
-                f"{where}: file {img.get('file_name')!r:.80} is not frame {t} of video {vid} in {ytvis_path}"
+                f"{where}: file {img.get('file_name')!r:.80} is not frame {frame} of video {video} in {ytvis_path}"
             )
-        frame_of[(vid, t)] = img
+        frame_of[(video, frame)] = img
     for vid, (length, _, _) in sizes.items():
         missing = [t for t in range(length) if (vid, t) not in frame_of]
         if missing:
@@ -510,7 +511,9 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
         if a.get("video_id") not in sizes or a.get("category_id") not in cats:
             raise VideoDatasetError(f"{where}: its video_id or category_id is not in the file")
         length, h, w = sizes[a["video_id"]]
-        segs, areas, boxes = a.get("segmentations"), a.get("areas"), a.get("bboxes")
+        segs: Any = a.get("segmentations")
+        areas: Any = a.get("areas")
+        boxes: Any = a.get("bboxes")
         if not all(isinstance(x, list) and len(x) == length for x in (segs, areas, boxes)):
             raise VideoDatasetError(
                 f"{where}: segmentations, areas and bboxes must each list its video's {length} frames"
@@ -527,21 +530,21 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
     seen: set[tuple[int, int]] = set()
     for ann in _unique_ids(coco["annotations"], "annotation", coco_path).values():
         where = f"{coco_path}, annotation {ann['id']}"
-        img = images.get(ann.get("image_id"))  # type: ignore[arg-type]
-        if img is None:
+        image = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+        if image is None:
             raise VideoDatasetError(f"{where}: image_id {ann.get('image_id')!r} is not one of the images")
         track = tracks.get(ann.get("track_id"))  # type: ignore[arg-type]
-        if track is None or track["video_id"] != img["video_id"] or track["category_id"] != ann.get("category_id"):
+        if track is None or track["video_id"] != image["video_id"] or track["category_id"] != ann.get("category_id"):
             raise VideoDatasetError(
-                f"{where}: track_id {ann.get('track_id')!r} is not a track of video {img['video_id']} with category "
+                f"{where}: track_id {ann.get('track_id')!r} is not a track of video {image['video_id']} with category "
                 f"{ann.get('category_id')!r} in {ytvis_path}"
             )
-        if ann.get("video_id") != img["video_id"] or (track["id"], img["frame_id"]) in seen:
+        if ann.get("video_id") != image["video_id"] or (track["id"], image["frame_id"]) in seen:
             raise VideoDatasetError(f"{where}: its video_id differs from its image's, or its track has two masks there")
-        seen.add((track["id"], img["frame_id"]))
-        size = (img["height"], img["width"])
+        seen.add((track["id"], image["frame_id"]))
+        size = (image["height"], image["width"])
         drawn = _check_rle(ann.get("segmentation"), size, where)
-        if ann.get("area") != drawn or ann.get("segmentation") != track["segmentations"][img["frame_id"]]:
+        if ann.get("area") != drawn or ann.get("segmentation") != track["segmentations"][image["frame_id"]]:
             raise VideoDatasetError(f"{where}: its mask or area differs from track {track['id']}'s in {ytvis_path}")
         _check_box(ann.get("bbox"), size, where)
     if len(seen) != sum(s is not None for a in tracks.values() for s in a["segmentations"]):
