@@ -204,6 +204,33 @@ MODELS = [
         ),
         (81, 480, 832), 50, 512,  # (frames, height, width): 21 latent frames of 60 x 104, stacked
     ),
+    (
+        "cogvideox", "CogVideoX-2b", "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=30,
+            text_embed_dim=4096, time_embed_dim=512, sample_height=60, sample_width=90, sample_frames=49,
+            max_text_seq_length=226, use_rotary_positional_embeddings=False,
+        ),
+        (49, 480, 720), 50, 226,  # 13 latent frames of 60 x 90, stacked
+    ),
+    (
+        "cogvideox", "CogVideoX-5b", "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
+            text_embed_dim=4096, time_embed_dim=512, sample_height=60, sample_width=90, sample_frames=49,
+            max_text_seq_length=226, use_rotary_positional_embeddings=True,
+        ),
+        (49, 480, 720), 50, 226,
+    ),
+    (
+        "cogvideox", "CogVideoX1.5-5B", "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
+            text_embed_dim=4096, time_embed_dim=512, sample_height=300, sample_width=300, sample_frames=81,
+            patch_size_t=2, patch_bias=False, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+        ),
+        (81, 768, 1360), 50, 226,  # 21 latent frames padded to 22, in pairs: 11 token frames of 96 x 170
+    ),
 ]  # fmt: skip
 
 
@@ -236,7 +263,8 @@ def table(prompt_tokens: int = 20) -> list[dict]:
         scale = VAE_SCALE.get(family, 8)  # every other VAE here scales by 8
         if isinstance(size, tuple):  # video (frames, height, width): latent frames (time by 4) stacked
             frames, height, width = size
-            latent = (((frames - 1) // 4 + 1) * (height // scale), width // scale)
+            pt = getattr(denoiser.config, "patch_size_t", None) or 1  # CogVideoX 1.5 patches pairs of frames
+            latent = (-(-((frames - 1) // 4 + 1) // pt) * (height // scale), width // scale)
         else:
             latent = (size // scale, size // scale)
         # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end;
