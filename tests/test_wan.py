@@ -225,3 +225,75 @@ def test_cli_generate_refuses_a_video_pipeline_clearly(wan, tmp_path):
     assert res.exit_code == 2, res.output
     assert "video pipeline (WanPipeline)" in res.output and "daami2i.trace(pipe)" in res.output
     assert not out.exists()
+
+
+def cells(grid, frames, pool):
+    """The (tokens x cells) membership matrix P^T of p x p cells of each frame, written out by loops."""
+    rows, cols = grid[0] // frames, grid[1]
+    hc, wc = -(-rows // pool), -(-cols // pool)
+    m = torch.zeros(grid[0] * cols, frames * hc * wc, dtype=torch.float64)
+    for f in range(frames):
+        for y in range(rows):
+            for x in range(cols):
+                m[(f * rows + y) * cols + x, (f * hc + y // pool) * wc + x // pool] = 1
+    return m
+
+
+def test_pooled_store_holds_the_exact_cell_means(wan, tmp_path):
+    """trace(self_pool=2): the store is D^-1 P S P^T D^-1 of the dense sum S (2 x 2 cells of each 2 x 3
+    frame: a full cell and a narrower one); a query of whole cells returns the cell means of the
+    full-resolution query, and any other region follows the same matrices."""
+    prompt = "a red fox runs on snow"
+    trc, book = run(wan, prompt, dict(self_pool=2), negative_prompt="a blurry dog")
+    gen = trc.last_generation
+    store = gen.self_attention[1]
+    assert store.pool == 2 and store.size == (3, 2) and store.sums.shape == (1, 6, 6)
+    self_ref, _ = references(trc, book, {0, 2})
+    pt = cells(GRID, 3, 2)  # (18 tokens, 6 cells)
+    d_inv = torch.diag(1 / pt.sum(0))
+    pooled = d_inv @ pt.T @ self_ref.double() @ pt @ d_inv
+    assert_close(store.sums[0] / len(store.layers), pooled)  # the reference is the mean over the 2 layers
+    need = trc.estimate_nbytes(gen.latent_size, 1, n_tokens=store_tokens(gen), frames=3)
+    assert need["self"] == gen.nbytes("self") == 6 * 6 * 4
+    ghm = trc.compute_global_heat_map()
+    box = torch.zeros(GRID)
+    box[2:4, 0:2] = 1  # the whole first cell of latent frame 1
+    full = column_query(self_ref, box, GRID).double().flatten()
+    cell_means = pt @ d_inv @ pt.T @ full
+    assert_close(ghm.compute_bbox_heat_map(0, 0, 1, 1, frame=1).value.flatten(), cell_means)
+    # a pixel cuts its cell: its weight counts as spread over the cell, U A U^T g / sum(g)
+    g = torch.zeros(18, dtype=torch.float64)
+    g[2 * 6 + 4] = 1  # row 1, column 1 of latent frame 2
+    want = pt @ pooled @ pt.T @ g  # attended_by: m = A x, as column_query's dense @ g
+    assert_close(ghm.compute_pixel_heat_map(4, frame=8).value.flatten(), want)
+    want = pt @ pooled.T @ pt.T @ g
+    assert_close(ghm.compute_pixel_heat_map(4, "attends_to", frame=8).value.flatten(), want)
+    with pytest.raises(daami2i.ConfigError, match="self_pool must be"):
+        daami2i.trace(wan, self_pool=0)
+    # a word map (full resolution) guides the pooled store; an experiment keeps the cells
+    fox = ghm.compute_word_heat_map("fox")
+    want = pt @ pooled @ pt.T @ (fox.value.flatten().double() / fox.value.sum())
+    assert_close(ghm.compute_guided_heat_map(fox).value.flatten(), want)
+    trc.to_experiment(tmp_path / "exp")
+    again = daami2i.load_experiment(tmp_path / "exp")
+    assert again.generation.self_attention[1].pool == 2
+    assert_close(again.compute_global_heat_map().compute_guided_heat_map(fox).value.flatten(), want)
+
+
+def store_tokens(gen):
+    return next(iter(gen.cross_attention.values())).sums.shape[-1]
+
+
+def test_auto_pool_fits_wan_default_video_in_a_gigabyte(wan):
+    """The bar: Wan 2.1 1.3B at 480 x 832, 81 frames (21 latent frames of 30 x 52 tokens): the
+    default store, with word maps of every frame, is at most 1 GiB; auto pooling chooses 2 x 2 cells."""
+    from daami2i.tracing.families import adapter_for
+    from daami2i.tracing.trace import cells_of
+
+    trc = daami2i.trace(wan)
+    need = trc.estimate_nbytes((21 * 60, 104), 1, n_tokens=20, frames=21)
+    assert trc._pool_for((21 * 30, 52), 21, 1) == 2 and cells_of((21 * 30, 52), 21, 2) == (21 * 15, 26)
+    assert need["self"] == (21 * 15 * 26) ** 2 * 4  # 256 MiB
+    assert adapter_for(wan)[1].name == "wan"
+    assert need["total"] <= 2**30
+    assert daami2i.trace(wan, self_pool=1).estimate_nbytes((21 * 60, 104), 1, 20, frames=21)["self"] == 32760**2 * 4

@@ -69,3 +69,51 @@ def adjoint(g: torch.Tensor, size: tuple[int, int], frames: int = 1) -> torch.Te
     mh = bicubic_matrix(size[0], hh, g.device)
     mw = bicubic_matrix(size[1], ww, g.device)
     return mh.T @ g @ mw
+
+
+# -- pooled cells: a video's self-attention kept per p x p block of each frame -----------------
+def cells_of(grid: tuple[int, int], frames: int, pool: int) -> tuple[int, int]:
+    """(frames * ceil(h / pool), ceil(w / pool)): the cell grid of a stacked grid of ``frames``
+    frames of (h, w) tokens (``grid`` = (frames * h, w)), each frame cut into ``pool`` x ``pool``
+    cells (the last row / column of cells may be narrower).
+
+    >>> cells_of((6, 5), frames=3, pool=2)
+    (3, 3)
+    """
+    h, w = grid[0] // frames, grid[1]
+    return frames * -(-h // pool), -(-w // pool)
+
+
+def cell_sum(g: torch.Tensor, frames: int, pool: int) -> torch.Tensor:
+    """Each cell's sum of ``g`` (..., frames * h, w) -> (..., frames * hc, wc): the adjoint of
+    :func:`cell_repeat` (a weight map on the tokens moved to the cells).
+
+    >>> cell_sum(torch.arange(12.0).view(4, 3), frames=2, pool=2).tolist()
+    [[8.0, 7.0], [32.0, 19.0]]
+    """
+    lead, (hh, w) = g.shape[:-2], g.shape[-2:]
+    h = hh // frames
+    hc, wc = -(-h // pool), -(-w // pool)
+    x = g.reshape(-1, frames, h, w)
+    if h % pool or w % pool:
+        x = F.pad(x, (0, wc * pool - w, 0, hc * pool - h))
+    x = x.reshape(-1, frames, hc, pool, wc, pool).sum(dim=(3, 5))
+    return x.reshape(*lead, frames * hc, wc)
+
+
+def cell_repeat(m: torch.Tensor, frames: int, pool: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A map on the cells (..., frames * hc, wc) given to every token of its cell: (..., *grid).
+
+    >>> cell_repeat(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), frames=2, pool=2, grid=(4, 3)).tolist()
+    [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0], [3.0, 3.0, 4.0]]
+    """
+    lead, (hhc, wc) = m.shape[:-2], m.shape[-2:]
+    h, w = grid[0] // frames, grid[1]
+    x = m.reshape(-1, frames, hhc // frames, wc)
+    x = x.repeat_interleave(pool, dim=-2).repeat_interleave(pool, dim=-1)[..., :h, :w]
+    return x.reshape(*lead, frames * h, w)
+
+
+def cell_counts(grid: tuple[int, int], frames: int, pool: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Tokens in each cell, flattened over the cell grid (frames * hc * wc,), float32."""
+    return cell_sum(torch.ones(grid, device=device), frames, pool).flatten()

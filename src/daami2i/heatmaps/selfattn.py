@@ -10,6 +10,13 @@ grid is ``S = sum_r U_r A_r U_r^T / L``. A query with weight map ``g`` returns
 * ``S^T g / sum(g)`` (direction ``"attends_to"``: where the region's pixels look).
 
 ``U_r^T g`` is computed with the adjoint of the upsampling, so ``S`` is never formed.
+
+A pooled level (``pool = p > 1``, long videos) holds ``A = D^-1 P S P^T D^-1``: the full-resolution
+sum ``S`` averaged over the p x p cells ``P`` of each frame (``D``: tokens per cell) on both the
+query and the key side. Its ``U`` gives each token its cell's value and ``U^T`` sums a weight map
+per cell, so a query whose region is made of whole cells returns exactly the cell means of the
+full-resolution query ``S g / sum(g)``; a region that cuts a cell counts as its weight spread over
+that cell.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from ..errors import QueryError
 from .regions import _is_integer, check_fraction, check_positive_int
-from .resample import adjoint, upsample
+from .resample import adjoint, cell_repeat, cell_sum, upsample
 
 Direction = Literal["attended_by", "attends_to"]
 DIRECTIONS: tuple[str, ...] = ("attended_by", "attends_to")
@@ -39,6 +46,7 @@ class SelfAttentionLevel:
     sums: torch.Tensor  # shape: (h*w, h*w) float32, [query, key], summed over layers and steps
     n_layers: int
     frames: int = 1  # video: h is this many frames stacked top to bottom, resampled frame by frame
+    pool: int = 1  # > 1: a pooled level, size is the cell grid of p x p token cells of each frame
 
 
 def check_direction(direction: str) -> Direction:
@@ -127,10 +135,16 @@ def _query(
     n_layers = 0
     for level, rows in zip(levels, oriented, strict=True):
         h, w = level.size
-        gr = adjoint(g, level.size, level.frames).reshape(g.shape[0], h * w)  # (B, N_r)
+        if level.pool > 1:
+            gr = cell_sum(g, level.frames, level.pool).reshape(g.shape[0], h * w)
+        else:
+            gr = adjoint(g, level.size, level.frames).reshape(g.shape[0], h * w)  # (B, N_r)
         # column direction: m[q] = sum_k A[q, k] g[k]  ->  m = g @ A^T ; rows: m[k] = sum_q g[q] A[q, k]
         m = _weighted_rows(gr, rows, tiles)
-        total += upsample(m.view(-1, h, w), grid, level.frames)
+        if level.pool > 1:
+            total += cell_repeat(m.view(-1, h, w), level.frames, level.pool, grid)
+        else:
+            total += upsample(m.view(-1, h, w), grid, level.frames)
         n_layers += level.n_layers
     total /= n_layers
     return total

@@ -44,6 +44,7 @@ import torch
 from ..errors import ExperimentError, QueryError
 from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.resample import cells_of
 from ..heatmaps.selfattn import Direction
 from ..heatmaps.words import tokenize_prompt
 from .store import CrossAttentionStore, Generation, SelfAttentionStore, predecessor_arguments
@@ -150,7 +151,8 @@ def save_experiment(
             "frames": gen.frames.to_dict() if gen.frames is not None else None,
         },
         "self_attention": [
-            {"factor": f, "size": list(st.size), "layers": st.layers} for f, st in gen.self_attention.items()
+            {"factor": f, "size": list(st.size), "layers": st.layers, "pool": st.pool}
+            for f, st in gen.self_attention.items()
         ],
         "cross_attention": [
             {
@@ -277,6 +279,7 @@ _FACTORS = tuple(2**k for k in range(7))  # latent downsampling factors of a sto
 _MAX_LATENT_PER_GRID = 8  # latent side / grid side (a UNet's grid factor, a DiT's patch or packing)
 _MAX_IMAGE_PER_LATENT = 32  # image side / latent side (the VAE's downsampling)
 _MAX_IMAGE_SIDE = 2**15
+_MAX_POOL = 64  # self_pool cell side
 _MAX_IMAGE_PIXELS = 2**28
 _HALVES = ("cond", "uncond", "both")
 _DIRECTIONS = ("attended_by", "attends_to")
@@ -545,6 +548,7 @@ def _entries(manifest: dict[str, Any], check: _Checker) -> tuple[list[dict[str, 
                 "factor": check.integer(check.key(entry, "factor", where), f"{where}.factor", lo=1, hi=_FACTORS[-1]),
                 "size": check.size(check.key(entry, "size", where), f"{where}.size"),
                 "layers": list(layers),
+                "pool": check.integer(entry.get("pool", 1), f"{where}.pool", lo=1, hi=_MAX_POOL),
             }
         )
     for i, entry in enumerate(check.items(manifest["cross_attention"], "cross_attention")):
@@ -704,7 +708,17 @@ def _tensor_header(
                 continue
             want = (n, tokens, h * w) if kind == "image" else (n, tokens, tokens)
             expect(tkey, shape_of(tkey, 3), want, f"n_images {n}, the {tokens} text tokens of {key}")
-    stores = [(f"self/{e['factor']}", e["factor"], e["size"]) for e in selfs]
+    for e in selfs:  # a pooled store holds the cells of the grid: checked against the grid as if it were it
+        if e["pool"] > 1:
+            frames = gen.frames.token_frames if gen.frames is not None else 1
+            want = cells_of(gen.grid_size, frames, e["pool"])
+            if tuple(e["size"]) != want:
+                raise check.error(
+                    f"self_attention size of pool {e['pool']}",
+                    f"the {frames}-frame grid {gen.grid_size[0]}x{gen.grid_size[1]} in cells: {list(want)}",
+                    list(e["size"]),
+                )
+    stores = [(f"self/{e['factor']}", e["factor"], gen.grid_size if e["pool"] > 1 else e["size"]) for e in selfs]
     stores += [(f"cross/{e['layer']}", e["factor"], e["size"]) for e in crosses]
     _check_sizes(gen, stores, check)
     _check_streams(gen, n_text, check)
@@ -873,7 +887,16 @@ def load_experiment(path: str | Path) -> Experiment:
     tensors = _read_tensors(root, handle, wanted)
     for e in selfs:
         f = e["factor"]
-        gen.self_attention[f] = SelfAttentionStore(f, e["size"], tensors[f"self/{f}"], e["layers"])
+        pool, frames = e["pool"], gen.frames.token_frames if gen.frames is not None else 1
+        gen.self_attention[f] = SelfAttentionStore(
+            f,
+            e["size"],
+            tensors[f"self/{f}"],
+            e["layers"],
+            pool=pool,
+            frames=frames if pool > 1 else 1,
+            tokens=gen.grid_size if pool > 1 else None,
+        )
     for e in crosses:
         layer = e["layer"]
         steps = tensors.get(f"cross_steps/{layer}")

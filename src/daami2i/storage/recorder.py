@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TraceError
+from ..heatmaps.resample import cells_of
 from .store import CrossAttentionStore, Generation, SelfAttentionStore
 
 Size = tuple[int, int]
@@ -147,6 +148,8 @@ class Recorder:
         text_relations: frozenset[str] = frozenset(),
         pass_weight: float = 1.0,
         word_heads: bool = True,
+        self_pool: int = 1,
+        frames: int = 1,
     ) -> None:
         self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
@@ -162,6 +165,17 @@ class Recorder:
         # they average as the halves of a batch do
         self.pass_weight = float(pass_weight)
         self.word_heads = word_heads  # separate cross-attention keeps each head (DAAM), else their mean
+        self.self_pool, self.frames = self_pool, frames  # self-attention kept per p x p cell of each frame
+
+    def _self_store(self, factor: int, size: Size, n_img: int) -> SelfAttentionStore:
+        """A new self-attention store of a ``size`` token grid: full, or pooled into cells."""
+        if self.self_pool == 1:
+            n = size[0] * size[1]
+            return SelfAttentionStore(factor, size, torch.zeros(n_img, n, n, device=self.device))
+        cells = cells_of(size, self.frames, self.self_pool)
+        c = cells[0] * cells[1]
+        sums = torch.zeros(n_img, c, c, device=self.device)
+        return SelfAttentionStore(factor, cells, sums, pool=self.self_pool, frames=self.frames, tokens=size)
 
     @torch.no_grad()
     def record(self, call: AttentionCall, step: int) -> None:
@@ -195,7 +209,7 @@ class Recorder:
         if call.kind == "self":
             store = gen.self_attention.get(call.factor)
             if store is None:
-                store = SelfAttentionStore(call.factor, size, torch.zeros(n_img, n_q, n_k, device=self.device))
+                store = self._self_store(call.factor, size, n_img)
                 gen.self_attention[call.factor] = store
             if self.keep_heads and store.per_head is None:
                 store.per_head = {}
@@ -270,7 +284,7 @@ class Recorder:
         want_cross = call.layer in self.cross_layers and cols is not None
         store = gen.self_attention.get(1) if want_self else None
         if want_self and store is None:
-            store = SelfAttentionStore(1, (h, w), torch.zeros(n_img, n, n, device=self.device))
+            store = self._self_store(1, (h, w), n_img)
             gen.self_attention[1] = store
         cstore = gen.cross_attention.get(call.layer) if want_cross else None
         if want_cross and cstore is None:

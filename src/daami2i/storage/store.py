@@ -20,6 +20,7 @@ import torch
 from ..errors import QueryError, TraceError
 from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.resample import cell_counts, cell_repeat, cell_sum
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
 
@@ -78,6 +79,29 @@ class SelfAttentionStore:
     # trace(keep_heads=True): per layer, shape (n_images, kept heads, h*w, h*w) float32, heads ordered
     # half-major over the kept guidance halves (uncond heads first with halves="both", as daam-i2i)
     per_head: dict[str, torch.Tensor] | None = None
+    # a pooled store (trace(self_pool=p), long videos): ``size`` is the cell grid of p x p token
+    # cells of each of ``frames`` stacked frames of the token grid ``tokens``; sums hold the cell means
+    # on both sides, D^-1 P S P^T D^-1 (see daami2i.heatmaps.selfattn)
+    pool: int = 1
+    frames: int = 1
+    tokens: Size | None = None  # (frames * h, w) token grid of a pooled store
+    _cells: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def _pooled(self, start: int, stop: int, mean: torch.Tensor) -> None:
+        """Add head-mean probabilities (n_images, stop - start, N) of token query rows [start, stop)
+        as cell means: keys averaged per cell, each query row added to its cell with 1 / its count."""
+        assert self.tokens is not None
+        if self._cells is None:
+            counts = cell_counts(self.tokens, self.frames, self.pool, mean.device)
+            ids = torch.arange(counts.numel(), dtype=torch.float32, device=mean.device).view(self.size)
+            cell_of = cell_repeat(ids, self.frames, self.pool, self.tokens).flatten().long()  # token -> cell
+            self._cells = (counts, cell_of)
+        counts, cell_of = self._cells
+        n_img, r, _ = mean.shape
+        keys = cell_sum(mean.reshape(n_img, r, *self.tokens), self.frames, self.pool).reshape(n_img, r, -1)
+        rows = cell_of[start:stop]
+        keys.div_(counts).mul_(counts.index_select(0, rows).reciprocal()[None, :, None])
+        self.sums.index_add_(1, rows.to(self.sums.device), keys.to(self.sums.device))
 
     def add_heads(self, layer: str, start: int, stop: int, probs: torch.Tensor) -> None:
         """Keep ``probs`` (n_images, kept heads, stop - start, N) of ``layer`` head by head."""
@@ -91,6 +115,9 @@ class SelfAttentionStore:
         """Add head-mean probabilities (n_images, stop - start, N) for query rows [start, stop)."""
         if layer not in self.layers:
             self.layers.append(layer)
+        if self.pool > 1:
+            self._pooled(start, stop, probs)
+            return
         self.sums[:, start:stop] += probs
 
     def add_mean(self, layer: str, start: int, stop: int, probs: torch.Tensor) -> None:
@@ -101,6 +128,9 @@ class SelfAttentionStore:
         """
         if layer not in self.layers:
             self.layers.append(layer)
+        if self.pool > 1:
+            self._pooled(start, stop, probs.mean(1))
+            return
         target = self.sums[:, start:stop]
         k = probs.shape[1]
         for j in range(k):
@@ -243,7 +273,8 @@ class Generation:
         grid = self.grid_size
         if factors is not None:
             factors = sorted({int(f) for f in factors})
-            if len(factors) == 1 and factors[0] in self.self_attention:  # daam-i2i: one factor, no interpolation
+            one = self.self_attention.get(factors[0]) if len(factors) == 1 else None
+            if one is not None and one.pool == 1:  # daam-i2i: one factor, no interpolation
                 grid = self.self_attention[factors[0]].size
         note = None
         try:
@@ -363,7 +394,8 @@ class Generation:
                 sums, n = torch.stack(parts).sum(0), len(parts)
             if normalize:  # daam-i2i: G / (sum over keys of G + 1e-6), G = sums / n
                 sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
-            out.append(SelfAttentionLevel(s.size, sums, n, self.frames.token_frames if self.frames else 1))
+            frames = self.frames.token_frames if self.frames else 1
+            out.append(SelfAttentionLevel(s.size, sums, n, frames, s.pool))
         return out
 
     def cross_layers(

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError, QueryError, TraceError
 from ..heatmaps.maps import GlobalHeatMap
+from ..heatmaps.resample import cells_of
 from ..heatmaps.selfattn import Direction, check_direction
 from ..heatmaps.words import TokenStream, locate_tokens, tokenize_prompt, truncation_note
 from ..storage.recorder import Recorder
@@ -137,6 +138,9 @@ def denoiser_of(pipe: Any) -> tuple[Any, FamilyAdapter]:
     return adapter_for(pipe)
 
 
+_AUTO_POOL_BYTES = 512 * 2**20  # self_pool="auto": a video's self-attention store fits this
+
+
 class Trace:
     """Capture self- and cross-attention of a Stable Diffusion pipeline while it generates.
 
@@ -190,6 +194,12 @@ class Trace:
             :meth:`GlobalHeatMap.compute_text_query_heat_map`) and ``"text->text"`` (among the prompt's
             tokens, :meth:`GlobalHeatMap.text_to_text`), one (tokens x N) / (tokens x tokens) head-mean
             sum per joint layer; chosen before the run, so nothing unrequested is stored.
+        self_pool: keep self-attention per ``p`` x ``p`` cell of each frame instead of per token: the
+            store shrinks by ``p**4`` and holds the exact cell means of the full-resolution sum (queries of
+            whole cells are exact cell means; see :mod:`daami2i.heatmaps.selfattn`). ``"auto"``
+            (default) pools videos only, with the smallest ``p`` whose store fits 512 MiB per video
+            (Wan 2.1 at 480x832, 81 frames: ``p = 2``, 256 MiB); images are never pooled unless asked.
+            Single-resolution (transformer) models only; not with ``keep_heads``.
         low_memory, load_heads, save_heads, data_dir, track_all: daam-i2i's positional options.
             ``low_memory`` captures the first transformer of each UNet block only and
             ``track_all=True`` every resolution (``self_factors="all"``). ``load_heads`` /
@@ -222,6 +232,7 @@ class Trace:
         max_store_mb: float | None = None,
         keep_heads: bool = False,
         relations: Iterable[str] | None = None,
+        self_pool: int | Literal["auto"] = "auto",
     ) -> None:
         self.pipe = pipe
         if load_heads or save_heads:
@@ -298,6 +309,20 @@ class Trace:
                 "'image->text' and 'image->image'"
             )
         self._self_factors = sorted({s.factor for s in self_selected})
+        if self_pool != "auto" and (isinstance(self_pool, bool) or not isinstance(self_pool, int) or self_pool < 1):
+            raise ConfigError(
+                f"self_pool must be 'auto' or a positive integer (cell side in tokens), got {self_pool!r}"
+            )
+        if self_pool not in ("auto", 1) and (self.keep_heads or self._self_factors not in ([], [1])):
+            raise ConfigError(
+                f"self_pool={self_pool} pools the single self-attention grid of transformer models; "
+                + (
+                    "it does not combine with keep_heads"
+                    if self.keep_heads
+                    else f"this model's self-attention has several resolutions (factors {self._self_factors})"
+                )
+            )
+        self.self_pool = self_pool
         self.config: dict[str, Any] = {  # recorded with each generation (experiment manifests)
             "self_layers": [s.name for s in self_selected],
             "cross_layers": [s.name for s in self._cross_sites],
@@ -306,6 +331,7 @@ class Trace:
             "steps": None if steps is None or callable(steps) else sorted(int(t) for t in steps),
             "cross_steps": self.cross_steps,
             "keep_heads": self.keep_heads,
+            "self_pool": self_pool,
             "relations": sorted(
                 ({"image->image"} if self_selected else set())
                 | ({"image->text"} if self._cross_sites else set())
@@ -682,6 +708,7 @@ class Trace:
         if not self.adapter.single_clip_stream:
             self._setup_streams(gen, n_tokens, sample.device)
         latent = gen.latent_size
+        frames = gen.frames.token_frames if gen.frames is not None else 1
         self._hub.recorder = Recorder(
             gen,
             self._rows,
@@ -702,13 +729,15 @@ class Trace:
             text_relations=self.text_relations,
             pass_weight=0.5 if self._passes() and self.halves == "both" else 1.0,
             word_heads=self.adapter.word_heads_kept,
+            self_pool=self._pool_for(gen.grid_size, frames, n),
+            frames=frames,
         )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
             n_steps = sum(self._step_ok(t) for t in range(total)) if isinstance(total, int) else None
             if not self.adapter.single_clip_stream:
                 n_tokens = self._step_tokens = int(self._text_columns.numel()) if self._text_columns is not None else 0
-            need = self.estimate_nbytes(gen.latent_size, n, n_tokens, n_steps, self._step_tokens)
+            need = self.estimate_nbytes(gen.latent_size, n, n_tokens, n_steps, self._step_tokens, frames=frames)
             if need["total"] > self.max_store_mb * 2**20:
                 parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in need.items() if k != "total" and v)
                 raise TraceError(
@@ -854,11 +883,14 @@ class Trace:
         n_tokens: int = 77,
         n_steps: int | None = None,
         step_tokens: int = 77,
+        *,
+        frames: int = 1,
     ) -> dict[str, int]:
         """Bytes this trace's stores take for one generation: ``{"self", "cross", "cross_steps", "text", "total"}``.
 
         ``latent_size`` is (height, width) of the latent (the image size divided by the VAE's 8);
-        ``n_steps`` (captured steps) only matters with ``cross_steps=True``.
+        ``n_steps`` (captured steps) only matters with ``cross_steps=True``; ``frames`` is the number of
+        token frames a video's latent stacks (its self-attention may be pooled, see ``self_pool``).
 
         >>> from daami2i.testing import tiny_sd_pipeline
         >>> trace(tiny_sd_pipeline()).estimate_nbytes((64, 64))["self"] == 4096 * 4096 * 4
@@ -869,6 +901,9 @@ class Trace:
         steps = n_steps if n_steps is not None else adapter.default_steps
         for f in self._self_factors:  # one (N x N) head-mean sum per resolution
             h, w = adapter.layer_grid(self.unet, latent_size, f)
+            pool = self._pool_for((h, w), frames, n_images)
+            if pool > 1:  # a sum per cell
+                h, w = cells_of((h, w), frames, pool)
             out["self"] += n_images * (h * w) ** 2 * 4
         if self.keep_heads:  # and one per layer and kept head
             for site in self.sites:
@@ -893,6 +928,18 @@ class Trace:
                 )
         out["total"] = sum(out.values())
         return out
+
+    def _pool_for(self, grid: tuple[int, int], frames: int, n_images: int) -> int:
+        """The self-attention cell side for a token ``grid`` of ``frames`` stacked frames (see ``self_pool``)."""
+        if self.self_pool != "auto":
+            return int(self.self_pool)
+        if frames == 1 or self._self_factors != [1]:
+            return 1
+        for p in range(1, max(grid) + 1):
+            h, w = cells_of(grid, frames, p)
+            if n_images * (h * w) ** 2 * 4 <= _AUTO_POOL_BYTES:
+                return p
+        return max(grid)
 
     def _keep_images(self, out: Any) -> None:
         gen = self._current
