@@ -309,7 +309,8 @@ class Trace:
                 "'image->text' and 'image->image'"
             )
         self._self_factors = sorted({s.factor for s in self_selected})
-        if self_pool != "auto" and (isinstance(self_pool, bool) or not isinstance(self_pool, int) or self_pool < 1):
+        bad_pool = isinstance(self_pool, bool) or not isinstance(self_pool, int) or self_pool < 1
+        if self_pool != "auto" and bad_pool:
             raise ConfigError(
                 f"self_pool must be 'auto' or a positive integer (cell side in tokens), got {self_pool!r}"
             )
