@@ -88,8 +88,10 @@ def tiny_cogvideox_pipeline(
         time_embed_dim=8,
         text_embed_dim=32,
         num_layers=num_layers,
-        sample_width=8,  # latent size the position embeddings are made for (pixels / 8)
-        sample_height=8,
+        # latent size the position embeddings are made for (pixels / 8); 1.5's RoPE grid cannot exceed it,
+        # so 1.5 gets room for 128 x 128 px (the conformance suite's 64 x 96)
+        sample_width=8 if patch_size_t is None else 16,
+        sample_height=8 if patch_size_t is None else 16,
         sample_frames=9,
         patch_size=2,
         patch_size_t=patch_size_t,
