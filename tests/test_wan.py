@@ -51,9 +51,11 @@ class WanRecorder:
 
 
 @contextmanager
-def recording(transformer):
+def recording(transformer, second=None):
     book: dict = defaultdict(list)
     mods = {n: m for n, m in transformer.named_modules() if n.startswith("blocks.") and n[-5:] in ("attn1", "attn2")}
+    if second is not None:  # Wan 2.2's low-noise expert, its layers named as daami2i names them
+        mods |= {f"transformer_2.{n}": m for n, m in second.named_modules() if n[-5:] in ("attn1", "attn2")}
     originals = {n: m.processor for n, m in mods.items()}
     for n, m in mods.items():
         m.set_processor(WanRecorder(n, book, originals[n]))
@@ -75,7 +77,7 @@ def call(pipe, prompt, **kw):
 
 def run(pipe, prompt, trace_kwargs=None, **kw):
     plain = call(pipe, prompt, **kw)
-    with recording(pipe.transformer) as book:
+    with recording(pipe.transformer, getattr(pipe, "transformer_2", None)) as book:
         recorded = call(pipe, prompt, **kw)
     with daami2i.trace(pipe, **(trace_kwargs or {})) as trc:
         traced = call(pipe, prompt, **kw)
@@ -199,14 +201,11 @@ def test_store_estimate_and_experiment(wan, tmp_path):
             daami2i.load_experiment(tmp_path / "exp")
 
 
-def test_wan_2_2_and_image_to_video_are_refused_clearly(wan):
-    class Two:
-        transformer = wan.transformer
-        transformer_2 = wan.transformer
-        unet = None
-
-    with pytest.raises(daami2i.TraceError, match="transformer_2"):
-        daami2i.trace(Two())
+def test_mismatched_experts_and_real_video_are_refused_clearly(wan):
+    two = tiny_wan_pipeline(boundary_ratio=0.9)
+    two.transformer_2.register_to_config(patch_size=(1, 1, 1))
+    with pytest.raises(daami2i.TraceError, match="transformer_2 patches the latents by"):
+        daami2i.trace(two)
     with pytest.raises(daami2i.TraceError, match="real video"):
         daami2i.trace_image(wan, np.zeros((32, 48, 3), dtype=np.uint8), "a fox")
 
@@ -297,3 +296,31 @@ def test_auto_pool_fits_wan_default_video_in_a_gigabyte(wan):
     assert adapter_for(wan)[1].name == "wan"
     assert need["total"] <= 2**30
     assert daami2i.trace(wan, self_pool=1).estimate_nbytes((21 * 60, 104), 1, 20, frames=21)["self"] == 32760**2 * 4
+
+
+def test_wan22_second_transformer_takes_its_steps():
+    """Wan 2.2 A14B's two experts: transformer runs the high-noise steps, transformer_2 the rest; both
+    are traced (their layers named transformer_2.*), and every map is the sum over the steps each ran,
+    against the dense reference of both; the hooks of both are removed afterwards."""
+    pipe = tiny_wan_pipeline(boundary_ratio=0.9)
+    prompt = "a red fox runs on snow"
+    trc, book = run(pipe, prompt, negative_prompt="a blurry dog")
+    first = [n for n in book if not n.startswith("transformer_2.")]
+    second = [n for n in book if n.startswith("transformer_2.")]
+    assert first and second and all(len(book[n]) == 2 for n in book)  # one step each, two passes
+    gen = trc.last_generation
+    assert sorted(gen.self_attention[1].layers) == sorted(n for n in book if n.endswith("attn1"))
+    picked = {n: [ps[0]] for n, ps in book.items()}  # the prompt's pass of the one step each ran
+    selfs = [(n, 1) for n in book if n.endswith("attn1")]
+    crosses = [(n, 1) for n in book if n.endswith("attn2")]
+    self_ref = dense_self(picked, selfs, GRID, GRID, [0])
+    maps = dense_cross(picked, crosses, GRID, GRID, [0])
+    ghm = trc.compute_global_heat_map()
+    w = torch.zeros(GRID[0] * GRID[1])
+    w[[6, 10]] = 1
+    assert_close(ghm.compute_pixel_heat_map([0, 4], frame=2).value, column_query(self_ref, w, GRID))
+    rows = positions(pipe.tokenizer.tokenize(prompt), pipe.tokenizer.tokenize("fox"))
+    assert_close(ghm.compute_word_heat_map("fox").value, maps[rows].mean(0))
+    for module in (pipe.transformer, pipe.transformer_2):
+        assert not module._forward_pre_hooks
+        assert not any("Capturing" in type(m.processor).__name__ for m in module.modules() if hasattr(m, "processor"))

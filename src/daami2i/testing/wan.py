@@ -74,16 +74,10 @@ def _wan_vae(seed: int) -> Any:
     return vae.eval()
 
 
-def tiny_wan_pipeline(seed: int = 0, num_layers: int = 2, text_width: int = 16) -> Any:
-    """A random Wan 2.1 text-to-video pipeline (see the module docstring), offline.
+def _wan_transformer(seed: int, num_layers: int, text_width: int) -> Any:
+    from diffusers import WanTransformer3DModel
 
-    >>> pipe = tiny_wan_pipeline()
-    >>> pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
-    True
-    """
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(seed + 3)
+    torch.manual_seed(seed)
     transformer: Any = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -96,7 +90,28 @@ def tiny_wan_pipeline(seed: int = 0, num_layers: int = 2, text_width: int = 16) 
         num_layers=num_layers,
         rope_max_seq_len=32,
     )
-    transformer.eval()
+    return transformer.eval()
+
+
+def tiny_wan_pipeline(
+    seed: int = 0, num_layers: int = 2, text_width: int = 16, boundary_ratio: float | None = None
+) -> Any:
+    """A random Wan 2.1 text-to-video pipeline (see the module docstring), offline.
+
+    ``boundary_ratio`` makes it Wan 2.2 A14B's two-stage layout: a second transformer
+    (``transformer_2``, other weights) denoises the steps whose timestep is below
+    ``boundary_ratio * 1000``.
+
+    >>> pipe = tiny_wan_pipeline()
+    >>> pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    True
+    >>> tiny_wan_pipeline(boundary_ratio=0.9).transformer_2 is not None
+    True
+    """
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    transformer = _wan_transformer(seed + 3, num_layers, text_width)
+    second = _wan_transformer(seed + 7, num_layers, text_width) if boundary_ratio is not None else None
     tokenizer = t5_tokenizer()
     pipe = WanPipeline(
         tokenizer=tokenizer,
@@ -105,6 +120,8 @@ def tiny_wan_pipeline(seed: int = 0, num_layers: int = 2, text_width: int = 16) 
         # Wan 2.1's scheduler: UniPC on flow matching with shift 3 (480p; 5.0 for 720p)
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         transformer=transformer,
+        transformer_2=second,
+        boundary_ratio=boundary_ratio,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -279,6 +280,10 @@ class Trace:
             raise ConfigError(f"max_store_mb must be positive or None, got {max_store_mb!r}")
         self.max_store_mb = max_store_mb
         self.sites = self.adapter.find_sites(self.unet)
+        # further denoisers taking over some steps (Wan 2.2's transformer_2): their layers are prefixed
+        self._denoisers = [self.unet] + [m for _, m in self.adapter.extra_denoisers(pipe, self.unet)]
+        for attr, module in self.adapter.extra_denoisers(pipe, self.unet):
+            self.sites += [dataclasses.replace(s, name=f"{attr}.{s.name}") for s in self.adapter.find_sites(module)]
         if not self.adapter.predecessor_layers and (self.low_memory or self.keep_heads):
             raise ConfigError(
                 "low_memory and keep_heads are daam-i2i's UNet options; for SD3 / Flux pick layers with "
@@ -420,14 +425,15 @@ class Trace:
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> Trace:
-        if self.unet in _ACTIVE or any(isinstance(s.module.get_processor(), CapturingProcessor) for s in self.sites):
+        busy = any(d in _ACTIVE for d in self._denoisers)
+        if busy or any(isinstance(s.module.get_processor(), CapturingProcessor) for s in self.sites):
             raise TraceError(
                 "this pipeline is already being traced: leave the first `with daami2i.trace(pipe)` block "
                 "before entering another"
             )
         for s in self.selected:
             self.adapter.check_site(s)
-        _ACTIVE.add(self.unet)
+        _ACTIVE.update(self._denoisers)
         try:
             reads_fn = self.adapter.reads_attention_function
             wrapper = JointCapturingProcessor if reads_fn else CapturingProcessor
@@ -437,7 +443,8 @@ class Trace:
                 s.module.set_processor(wrapper(original, s, self._hub))
             # every processor is read at its attention function where it calls one (UNets too)
             self._attention_keys = acquire_attention_patches(list(self._originals.values()))
-            self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            for denoiser in self._denoisers:
+                self._handles.append(denoiser.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             if self._cross_sites:
                 self._log_filter = _TruncationNotices()
                 for logger in _library_loggers():
@@ -566,7 +573,8 @@ class Trace:
             self._scratch = None
             self._hub.capturing = False
             self._active = False
-            _ACTIVE.discard(self.unet)
+            for denoiser in self._denoisers:
+                _ACTIVE.discard(denoiser)
 
     # -- capture --------------------------------------------------------------------------------
     def _begin(self, prompt: Any) -> None:

@@ -145,6 +145,11 @@ class FamilyAdapter:
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
         raise NotImplementedError
 
+    def extra_denoisers(self, pipe: Any, denoiser: Any) -> list[tuple[str, Any]]:
+        """Further denoisers that take over some of the steps (Wan 2.2's ``transformer_2``), as
+        (pipeline attribute, module): traced like the first, their layers named ``<attribute>.<name>``."""
+        return []
+
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
         raise NotImplementedError
 

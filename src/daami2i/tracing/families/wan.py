@@ -51,17 +51,27 @@ class WanAdapter(FamilyAdapter):
         transformer = transformer_of(pipe, "WanTransformer3DModel")
         if transformer is None:
             return None
-        if getattr(pipe, "transformer_2", None) is not None:
-            raise TraceError(
-                f"{type(pipe).__name__} has a second denoiser (transformer_2, Wan 2.2's low-noise expert): daami2i "
-                "traces Wan 2.1's single transformer so far"
-            )
         if getattr(transformer.config, "image_dim", None):
             raise TraceError(
                 "this Wan transformer attends to image context (image_dim is set: an image-to-video model): daami2i "
                 "traces Wan 2.1 text-to-video so far"
             )
         return transformer
+
+    def extra_denoisers(self, pipe: Any, denoiser: Any) -> list[tuple[str, Any]]:
+        """Wan 2.2 A14B: ``transformer_2`` (the low-noise expert) runs the steps below the boundary
+        timestep; it must cut the same patches for its maps to share the first one's grid."""
+        second = getattr(pipe, "transformer_2", None)
+        if second is None:
+            return []
+        if tuple(second.config.patch_size) != tuple(denoiser.config.patch_size):
+            raise TraceError(
+                f"transformer_2 patches the latents by {tuple(second.config.patch_size)} but transformer by "
+                f"{tuple(denoiser.config.patch_size)}: their maps would not share one grid"
+            )
+        if getattr(second.config, "image_dim", None):
+            raise TraceError("transformer_2 attends to image context (image_dim is set): not traced yet")
+        return [("transformer_2", second)]
 
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
         sites = []
