@@ -660,8 +660,7 @@ class Trace:
     def _setup_generation(
         self, gen: Generation, call: DenoiserCall, n_tokens: int, kwargs: dict[str, Any] | None = None
     ) -> None:
-        spatial: Any = getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", 8)
-        scale = int(spatial)  # video pipelines name it vae_scale_factor_spatial
+        scale = self.adapter.pixel_scale(self.pipe)  # the VAE's pixels per latent position
         sample = call.sample
         gen.grid_size, gen.latent_size = self.adapter.geometry(self.unet, call, kwargs or {}, self.grid_factor)
         gen.image_size = (gen.latent_size[0] * scale, gen.latent_size[1] * scale)

@@ -17,6 +17,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
+from .ltx import LTXAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
@@ -39,6 +40,7 @@ ADAPTERS: list[FamilyAdapter] = [
     HiDreamAdapter(),
     WanAdapter(),
     CogVideoXAdapter(),
+    LTXAdapter(),
 ]
 
 
@@ -69,6 +71,7 @@ __all__ = [
     "Flux2Adapter",
     "FluxAdapter",
     "HiDreamAdapter",
+    "LTXAdapter",
     "Lumina2Adapter",
     "PassTracker",
     "PixArtAdapter",

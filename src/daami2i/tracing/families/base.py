@@ -36,6 +36,9 @@ class AttentionSite:
     #: ``"softmax"`` (softmax(q k^T * scale + mask)), or ``"relu_linear"`` for linear attention
     #: (Sana's self-attention): relu(q) relu(k)^T divided by its row sum (+ 1e-15), in float32
     kernel: Literal["softmax", "relu_linear"] = "softmax"
+    #: which of the processor's attention-function calls is the layer's attention (0: the first; Wan
+    #: I2V's cross-attention first attends to the image context, then to the text: 1)
+    call: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ class FamilyAdapter:
         """The latent size of the denoiser's default sample size."""
         side = int(getattr(denoiser.config, "sample_size", 64) or 64)
         return side, side
+
+    def pixel_scale(self, pipe: Any) -> int:
+        """Pixels per latent position of the pipeline's VAE, for the generation's ``image_size``:
+        ``vae_scale_factor`` (video pipelines: ``vae_scale_factor_spatial``), else 8."""
+        return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         """Joint models: the text streams whose tokens are keys, for a context of ``n_text`` tokens."""
