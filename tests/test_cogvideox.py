@@ -396,20 +396,26 @@ def test_other_pipelines_real_videos_and_bad_sizes_are_refused_clearly(pipes):
     )
 
 
-def test_cli_generate_refuses_a_video_pipeline_clearly(pipes, tmp_path):
-    """`daami2i generate` writes images: on CogVideoX it stops before sampling, says why and what to do,
-    and writes nothing."""
+def test_cli_generate_writes_a_video(pipes, tmp_path):
+    """`daami2i generate` on CogVideoX: the video, one overlay video per word and the experiment (with its
+    frames); `show` draws a word over the saved frames (tests/test_video_trace.py checks the pixels)."""
+    import imageio.v3 as iio
     from typer.testing import CliRunner
 
     from daami2i.cli import app
+    from daami2i.video import experiment_frames
 
     pipes["1.0"].save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     args = ["generate", "a red fox", "-m", str(tmp_path / "model"), "--steps", "1", "--height", "32", "--width", "48"]
-    res = CliRunner().invoke(app, [*args, "-o", str(out)])
-    assert res.exit_code == 2, res.output
-    assert "video pipeline (CogVideoXPipeline)" in res.output and "daami2i.trace(pipe)" in res.output
-    assert not out.exists()
+    res = CliRunner().invoke(app, [*args, "--num-frames", "9", "--video-format", "gif", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert iio.imread(out / "video.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    assert iio.imread(out / "words" / "fox.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    exp = daami2i.load_experiment(out / "experiment")
+    assert experiment_frames(exp).shape == (9, 32, 48, 3)
+    res = CliRunner().invoke(app, ["show", str(out / "experiment"), "--word", "fox"])
+    assert res.exit_code == 0 and (out / "experiment" / "show-word-fox.png").is_file(), res.output
 
 
 if __name__ == "__main__":

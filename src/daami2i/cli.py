@@ -292,17 +292,102 @@ def _check_generate_options(
         )
 
 
-def _check_image_pipeline(pipe: Any, model: str) -> None:
-    """``generate`` writes an image and its overlays: a video pipeline gets a clear error before it runs."""
+def _check_image_pipeline(pipe: Any, model: str, num_frames: int | None) -> bool:
+    """Whether ``pipe`` makes videos (its call takes ``num_frames``); ``--num-frames`` on an image
+    pipeline is a clear error before it runs."""
+    from .video import is_video_pipeline
+
+    video = is_video_pipeline(pipe)
+    if num_frames is not None and not video:
+        raise CliError(
+            f"--num-frames is for video pipelines; {model} is an image pipeline ({type(pipe).__name__})", EXIT_USAGE
+        )
+    return video
+
+
+def _check_video_options(num_frames: int | None, fps: float, video_format: str) -> None:
+    """generate's video options, checked before the model loads (exit code 2)."""
+    if num_frames is not None and not 1 <= num_frames <= 10_000:
+        raise CliError(f"--num-frames must be from 1 to 10000, got {num_frames}", EXIT_USAGE)
+    if not (math.isfinite(fps) and 0 < fps <= 240):
+        raise CliError(f"--fps must be a number in (0, 240] (frames per second), got {fps}", EXIT_USAGE)
+    if video_format not in VIDEO_FORMATS:
+        raise CliError(f"--video-format must be one of {', '.join(VIDEO_FORMATS)}, got {video_format!r}", EXIT_USAGE)
+
+
+VIDEO_FORMATS = ("auto", "mp4", "gif", "png")
+
+
+def _video_suffix(video_format: str) -> str:
+    """The file suffix of generate's videos ('' for a PNG folder); auto is MP4, or GIF without ffmpeg."""
+    from .video import video_suffix
+
+    if video_format == "auto":
+        return video_suffix()
+    return "" if video_format == "png" else f".{video_format}"
+
+
+def _video_call(pipe: Any, num_frames: int | None) -> dict[str, Any]:
+    """The video pipeline's extra call arguments: frames as an array; the frame count; a text length the
+    denoiser fixes (CogVideoX's ``max_text_seq_length``)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    out: dict[str, Any] = {"output_type": "np"} if "output_type" in params else {}
+    if num_frames is not None:
+        out["num_frames"] = num_frames
     from .tracing.trace import denoiser_of
 
-    if denoiser_of(pipe)[1].name in ("wan", "cogvideox"):
-        raise CliError(
-            f"{model} is a video pipeline ({type(pipe).__name__}): `daami2i generate` writes images; trace "
-            "videos from Python for now (with daami2i.trace(pipe) as trc: pipe(prompt=...)), see the README's "
-            "'Newer families'",
-            EXIT_USAGE,
-        )
+    fixed = getattr(getattr(denoiser_of(pipe)[0], "config", None), "max_text_seq_length", None)
+    if isinstance(fixed, int) and "max_sequence_length" in params:
+        out["max_sequence_length"] = fixed
+    return out
+
+
+def _generate_video(
+    pipe: Any,
+    stage: Path,
+    prompt: str,
+    call: dict[str, Any],
+    *,
+    cross_steps: bool,
+    fps: float,
+    suffix: str,
+    seed: int,
+    model: str,
+    steps: int,
+) -> tuple[list[str], dict[str, str], int]:
+    """Trace a video pipeline's call; write the video, one overlay video per word, a picture of every
+    word's overlays (``words.png``: a row of frames per word) and the experiment (with its frames)."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from . import trace
+    from .video import heat_map_overlays, save_experiment_frames, strip, video_frames_of, write_video
+
+    with trace(pipe, cross_steps=cross_steps) as trc:
+        result = pipe(prompt=prompt, **call)
+    frames = video_frames_of(result)  # (T, H, W, 3) uint8
+    ghm = trc.compute_global_heat_map()
+    words = ghm.words
+    if not words:
+        raise CliError(f"the prompt {prompt!r} has no words the text encoder saw; nothing was written")
+    (stage / "words").mkdir()
+    names = _unique_names(words)
+    rows = []
+    with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
+        write_video(frames, stage / f"video{suffix}", fps)
+        bar.update(1)
+        for word in words:
+            overlays = heat_map_overlays(ghm.compute_word_heat_map(word), frames)  # (T, H, W, 3)
+            write_video(overlays, stage / "words" / f"{names[word]}{suffix}", fps)
+            rows.append(strip(overlays))
+            bar.update(1)
+        Image.fromarray(np.concatenate(rows, axis=0)).save(stage / "words.png")
+        bar.update(1)
+        trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps, fps=fps)
+        save_experiment_frames(frames, stage / "experiment")
+        bar.update(1)
+    return words, names, len(frames)
 
 
 def _image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, int]:
@@ -398,11 +483,22 @@ def generate(
     device: str | None = typer.Option(None, "--device", help="torch device [default: cuda if available, else cpu]."),
     cross_steps: bool = typer.Option(False, "--cross-steps", help="Keep per-step word maps in the experiment."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
+    num_frames: int | None = typer.Option(
+        None, "--num-frames", "--frames", help="Video pipelines: frames to generate [default: the pipeline's]."
+    ),
+    fps: float = typer.Option(8.0, "--fps", help="Video pipelines: frames per second of the written videos."),
+    video_format: str = typer.Option(
+        "auto",
+        "--video-format",
+        help="Video pipelines: mp4, gif, png (a folder of frames) or auto (mp4, gif without ffmpeg).",
+    ),
 ) -> None:
-    """Generate an image while tracing; write the image, one overlay per word, and the experiment.
+    """Generate an image (or a video) while tracing; write it, one overlay per word, and the experiment.
 
-    Every option is checked before the model is loaded; the run is written into a temporary folder
-    beside --out and moved into place at the end, so a failure leaves --out as it was.
+    A video pipeline (Wan, CogVideoX) writes video.mp4 (GIF without ffmpeg), words/<word>.mp4 and
+    words.png (a row of frames per word). Every option is checked before the model is loaded; the run
+    is written into a temporary folder beside --out and moved into place at the end, so a failure
+    leaves --out as it was.
     """
     import torch
     from tqdm.auto import tqdm
@@ -411,6 +507,7 @@ def generate(
     from .viz import plot_overlay, plot_word_grid
 
     _check_generate_options(prompt, seed, height, width, guidance, steps)
+    _check_video_options(num_frames, fps, video_format)
     out = out or Path("outputs") / _slug(prompt)
     _check_out_folder(out, overwrite)
     dev = _device(device)
@@ -419,36 +516,68 @@ def generate(
     guidance = guidance if guidance is not None else default_guidance
     with _staged(out, overwrite) as stage:
         pipe = _load_pipeline(model, dev)
-        _check_image_pipeline(pipe, model)
+        video = _check_image_pipeline(pipe, model, num_frames)
         pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
-        size = _image_size(pipe, height, width)
-        with trace(pipe, cross_steps=cross_steps) as trc:
-            result = pipe(
-                prompt=prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator(device="cpu").manual_seed(seed),
-                **size,
+        if video:
+            if (height is None) != (width is None):
+                raise CliError("a video pipeline needs both --height and --width (or neither)", EXIT_USAGE)
+            suffix = _video_suffix(video_format)
+            call = {
+                "num_inference_steps": steps,
+                "guidance_scale": guidance,
+                "generator": torch.Generator(device="cpu").manual_seed(seed),
+                **({"height": height, "width": width} if height is not None else {}),
+                **_video_call(pipe, num_frames),
+            }
+            words, names, n_frames = _generate_video(
+                pipe,
+                stage,
+                prompt,
+                call,
+                cross_steps=cross_steps,
+                fps=fps,
+                suffix=suffix,
+                seed=seed,
+                model=model,
+                steps=steps,
             )
-        image = result.images[0]
-        ghm = trc.compute_global_heat_map()
-        words = ghm.words
-        if not words:
-            raise CliError(f"the prompt {prompt!r} has no words the text encoder saw; nothing was written")
-        (stage / "words").mkdir()
-        names = _unique_names(words)
-        with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
-            image.save(stage / "image.png")
-            bar.update(1)
-            for word in words:
-                fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
-                fig.savefig(stage / "words" / f"{names[word]}.png", dpi=100, bbox_inches="tight")
+        else:
+            size = _image_size(pipe, height, width)
+            with trace(pipe, cross_steps=cross_steps) as trc:
+                result = pipe(
+                    prompt=prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                    **size,
+                )
+            image = result.images[0]
+            ghm = trc.compute_global_heat_map()
+            words = ghm.words
+            if not words:
+                raise CliError(f"the prompt {prompt!r} has no words the text encoder saw; nothing was written")
+            (stage / "words").mkdir()
+            names = _unique_names(words)
+            with tqdm(total=len(words) + 3, desc="save", unit="file", file=sys.stderr) as bar:
+                image.save(stage / "image.png")
                 bar.update(1)
-            fig, _ = plot_word_grid(image, ghm)
-            fig.savefig(stage / "words.png", dpi=80, bbox_inches="tight")
-            bar.update(1)
-            trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps)
-            bar.update(1)
+                for word in words:
+                    fig, _ = plot_overlay(image, ghm.compute_word_heat_map(word), title=word)
+                    fig.savefig(stage / "words" / f"{names[word]}.png", dpi=100, bbox_inches="tight")
+                    bar.update(1)
+                fig, _ = plot_word_grid(image, ghm)
+                fig.savefig(stage / "words.png", dpi=80, bbox_inches="tight")
+                bar.update(1)
+                trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps)
+                bar.update(1)
+    if video:
+        kind = f"{n_frames} frames at {fps:g} fps" + (" (PNG folder)" if not suffix else "")
+        typer.echo(f"video:      {out / ('video' + suffix)}  ({kind})")
+        files = ", ".join(f"{names[w]}{suffix}" if names[w] == w else f"{names[w]}{suffix} ({w})" for w in words)
+        typer.echo(f"word maps:  {out / 'words'}/ {files}; all words: {out / 'words.png'}")
+        example = max(words, key=len)
+        typer.echo(f"experiment: {out / 'experiment'}  (try: daami2i show {out / 'experiment'} --word {example})")
+        return
     typer.echo(f"image:      {out / 'image.png'}")
     files = ", ".join(f"{names[w]}.png" if names[w] == w else f"{names[w]}.png ({w})" for w in words)
     typer.echo(f"word maps:  {out / 'words'}/ {files}; all words: {out / 'words.png'}")
@@ -530,6 +659,13 @@ def show(
         None, "--threshold", help="Also draw the binary mask above this level (0 < T < 1, on the normalised map)."
     ),
     image_idx: int = typer.Option(0, "--image", help="Which image of a batch."),
+    frame: int | None = typer.Option(
+        None,
+        "--frame",
+        help="Video experiments: the video frame a --pixel/--box/--contour is in [default: the same place in every "
+        "frame].",
+    ),
+    fps: float = typer.Option(8.0, "--fps", help="Video experiments, -o *.gif / *.mp4: frames per second."),
     direction: str = typer.Option("attended_by", "--direction", help="attended_by (columns) or attends_to (rows)."),
     out: str | None = typer.Option(
         None,
@@ -540,7 +676,11 @@ def show(
         "gets the default name [default: show-<query>.png inside the experiment].",
     ),
 ) -> None:
-    """Answer one query on a saved experiment, without the model, and write it as a PNG."""
+    """Answer one query on a saved experiment, without the model, and write it as a PNG.
+
+    On a video experiment the PNG is a strip of frames (up to 8, evenly spaced) with the map over each;
+    -o *.gif or *.mp4 writes every frame as a video. Latent coordinates are of one frame's grid.
+    """
     from . import load_experiment
     from .heatmaps import regions
     from .viz import plot_overlay, plot_overlay_with_mask, plot_region
@@ -557,10 +697,22 @@ def show(
     if half_open and not box:
         raise CliError("--half-open changes how --box reads its corners; give a --box", EXIT_USAGE)
     _check_threshold(threshold)
+    if not (math.isfinite(fps) and 0 < fps <= 240):
+        raise CliError(f"--fps must be a number in (0, 240] (frames per second), got {fps}", EXIT_USAGE)
     exp = load_experiment(experiment)
     ghm = exp.compute_global_heat_map(image_idx=image_idx, direction=direction)  # type: ignore[arg-type]
-    images = exp.images  # (read once: each access opens and checks the PNGs)
-    image = images[image_idx] if images else ghm.image_size
+    video = ghm.frames is not None
+    if frame is not None and not video:
+        raise CliError("--frame is for video experiments; this experiment is of an image", EXIT_USAGE)
+    if frame is not None and not (pixel or box or contour):
+        raise CliError("--frame places a --pixel/--box/--contour region in one video frame", EXIT_USAGE)
+    if video:
+        frames = _experiment_video(exp, ghm)
+        image: Any = None
+    else:
+        images = exp.images  # (read once: each access opens and checks the PNGs)
+        image = images[image_idx] if images else ghm.image_size
+    at = {"frame": frame} if video else {}  # video queries take the frame; image queries stay as they were
     guide = ghm.compute_word_heat_map(guide_word) if guide_word else None
     if word:
         hm: Any = ghm.compute_word_heat_map(word)
@@ -570,20 +722,23 @@ def show(
             label += "-merged"
     elif pixel:
         pairs = [_ints(_numbers(p, "--pixel", 2), "--pixel") for p in pixel.split()]
-        gh, gw = ghm.grid_size
+        gh, gw = ghm.frame_size if video else ghm.grid_size
         bad = [p for p in pairs if not (0 <= p[0] < gw and 0 <= p[1] < gh)]
         if bad:
             raise CliError(f"--pixel {bad} is outside the {gh}x{gw} (height x width) latent grid", EXIT_USAGE)
         ids = [y * gw + x for x, y in pairs]
         if guide is None:
-            hm = ghm.compute_pixel_heat_map(ids)
+            hm = ghm.compute_pixel_heat_map(ids, **at)
+        elif video:
+            hm = ghm.compute_region_heat_map(ghm.compute_pixel_heat_map(ids, **at).weights * guide.value)
+            hm.region = {"kind": "pixels"}
         else:
             hm = ghm.compute_region_heat_map(regions.pixel_weights(ids, ghm.grid_size) * guide.value)
             hm.region = {"kind": "pixels"}
         label = "pixel-" + "-".join(f"{x}x{y}" for x, y in pairs)
     elif box:
         x1, y1, x2, y2 = _ints(_numbers(box, "--box", 4), "--box")
-        hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2, half_open=half_open)
+        hm = ghm.compute_bbox_heat_map(x1, y1, x2, y2, half_open=half_open, **at)
         if guide is not None:
             weights, region = hm.weights * guide.value, hm.region
             hm = ghm.compute_region_heat_map(weights)
@@ -592,13 +747,18 @@ def show(
     else:
         assert contour is not None
         pts = [_numbers(p, "--contour", 2) for p in contour.split()]
-        h, w = ghm.image_size or (0, 0)
-        hm = ghm.compute_contour_heat_map(pts, h, w, guide_heatmap=guide)
+        h, w = (frames.shape[1:3] if video else ghm.image_size) or (0, 0)
+        hm = ghm.compute_contour_heat_map(pts, h, w, guide_heatmap=guide, **at)
         label = "contour"
     if guide_word:
         label += f"-guided-{_slug(guide_word)}"
+    if frame is not None:
+        label += f"-frame{frame}"
     if threshold is not None:
         label += f"-mask{threshold:g}"
+    if video:
+        _show_video(hm, frames, out, exp.path, label, threshold, fps)
+        return
     target = _output_file(out, exp.path, f"show-{label}.png")  # exp.path: OUT/experiment when given OUT
     if word:
         title = word + (" (merged)" if merged else "")
@@ -615,6 +775,47 @@ def show(
     typer.echo(
         f"wrote {target}  (map on the {v.shape[0]}x{v.shape[1]} grid, min {float(v.min()):.4g}, "
         f"max {float(v.max()):.4g})"
+    )
+
+
+def _experiment_video(exp: Any, ghm: Any) -> Any:
+    """A video experiment's frames (uint8 (T, H, W, 3)): those saved with it, else mid-grey frames of its
+    size (the maps are drawn over them)."""
+    import numpy as np
+
+    from .video import experiment_frames, frame_size_of
+
+    frames = experiment_frames(exp)
+    if frames is not None:
+        return frames
+    size = frame_size_of(ghm)
+    if size is None:
+        raise CliError(f"{exp.path} records neither its video frames nor their size: nothing to draw on")
+    return np.full((ghm.frames.video_frames, *size, 3), 128, np.uint8)
+
+
+def _show_video(
+    hm: Any, frames: Any, out: str | None, folder: Path, label: str, threshold: float | None, fps: float
+) -> None:
+    """show's output for a video: a strip of frames (PNG), or every frame as a GIF / MP4 (-o *.gif / *.mp4)."""
+    from PIL import Image
+
+    from .video import heat_map_overlays, strip, strip_indices, write_video
+
+    overlays = heat_map_overlays(hm, frames, threshold=threshold)  # (T, H, W, 3) uint8
+    suffix = Path(out).suffix.lower() if out is not None and not out.endswith(("/", os.sep)) else ""
+    if suffix in (".gif", ".mp4") and not Path(out or "").expanduser().is_dir():
+        target = write_video(overlays, Path(out or "").expanduser(), fps)
+        what = f"{len(overlays)} frames at {fps:g} fps"
+    else:
+        target = _output_file(out, folder, f"show-{label}.png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(strip(overlays)).save(target)
+        what = f"frames {strip_indices(len(overlays))} of {len(overlays)}"
+    v = hm.value
+    typer.echo(
+        f"wrote {target}  ({what}; map on {hm.frames.token_frames} token frames of "
+        f"{v.shape[0] // hm.frames.token_frames}x{v.shape[1]}, min {float(v.min()):.4g}, max {float(v.max()):.4g})"
     )
 
 

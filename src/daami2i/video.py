@@ -410,3 +410,222 @@ def track_instances(
             labels[t][comp] = owner[r]
             last[owner[r]] = (t, comp)
     return labels
+
+
+# -- from a trace: heat maps over the frames, pipelines, experiments ------------------------------------
+FRAMES_FOLDER = "video_frames"  # an experiment's video frames, one PNG each (written by daami2i generate)
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` makes videos: its ``__call__`` takes ``num_frames`` (Wan, CogVideoX,
+    AnimateDiff, HunyuanVideo, LTX-Video all do; no image pipeline of diffusers does).
+
+    >>> is_video_pipeline(object())
+    False
+    """
+    import inspect
+
+    call = type(pipe).__call__ if callable(pipe) else None
+    if call is None:
+        return False
+    try:
+        return "num_frames" in inspect.signature(call).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return False
+
+
+def video_suffix() -> str:
+    """``.mp4`` where imageio's ffmpeg plugin is installed, else ``.gif`` (Pillow only).
+
+    >>> video_suffix() in (".mp4", ".gif")
+    True
+    """
+    try:
+        import imageio.v3  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return ".gif"
+    return ".mp4"
+
+
+def video_frames_of(output: Any) -> np.ndarray:
+    """The first video of a pipeline's output (``.frames``: a (B, T, H, W, 3) array, a list of videos
+    of PIL frames, or a (B, T, C, H, W) tensor) as uint8 (T, H, W, 3).
+
+    >>> class Out: frames = np.zeros((1, 2, 4, 6, 3))
+    >>> video_frames_of(Out()).shape
+    (2, 4, 6, 3)
+    """
+    frames = getattr(output, "frames", output)
+    if isinstance(frames, tuple) and frames:
+        frames = frames[0]
+    if hasattr(frames, "detach"):
+        arr = _to_numpy(frames)
+        if arr.ndim == 5 and arr.shape[2] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = arr.transpose(0, 1, 3, 4, 2)  # (B, T, C, H, W) -> (B, T, H, W, C)
+        frames = arr
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 5:
+            raise VideoError(f"the pipeline's frames have shape {frames.shape}: expected (videos, frames, h, w, 3)")
+        return as_frames(frames[0])
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], (list, tuple, np.ndarray)):
+        return as_frames(frames[0])
+    raise VideoError(
+        f"cannot read a video from the pipeline's output ({type(frames).__name__}): expected .frames as an array "
+        "(videos, frames, h, w, 3) or a list of videos of PIL frames"
+    )
+
+
+def _video_map(heat_map: Any) -> Any:
+    if not hasattr(heat_map, "expand_as") or not hasattr(heat_map, "value"):
+        raise VideoError(f"expected a heat map (a word or region map of a trace), got {type(heat_map).__name__}")
+    return heat_map
+
+
+def expand_heat_map(
+    heat_map: Any, frames: Any, *, absolute: bool = False, threshold: float | None = None
+) -> np.ndarray:
+    """A heat map at the video's frames, float (T, H, W): ``heat_map.expand_as(frames)`` for a video's
+    map (normalised over the whole video; ``threshold`` gives 0/1 masks, ``absolute`` raw values);
+    an image's map (no frames) takes a video of one frame.
+
+    >>> import torch
+    >>> from daami2i.heatmaps.maps import HeatMap
+    >>> expand_heat_map(HeatMap(torch.eye(2)), np.zeros((1, 4, 4, 3), np.uint8)).shape
+    (1, 4, 4)
+    """
+    hm = _video_map(heat_map)
+    rgb = as_frames(frames)  # (T, H, W, 3) uint8
+    t, h, w = rgb.shape[:3]
+    if getattr(hm, "frames", None) is None:
+        if t != 1:
+            raise VideoError(
+                f"this map is of an image (one frame) but {t} frames were given: use a video generation's maps"
+            )
+        return hm.expand_as((h, w), absolute=absolute, threshold=threshold).numpy()[None]
+    if hm.frames.video_frames != t:
+        raise VideoError(
+            f"this map is of a video of {hm.frames.video_frames} frames, but {t} frames were given: pass the frames "
+            "this generation made"
+        )
+    return hm.expand_as((h, w), absolute=absolute, threshold=threshold).numpy()  # (T, H, W)
+
+
+def heat_map_overlays(
+    heat_map: Any,
+    frames: Any,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    absolute: bool = False,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """``heat_map`` coloured over every frame, uint8 (T, H, W, 3): :func:`overlay_frames` of
+    :func:`expand_heat_map` (one colour scale for the whole video)."""
+    return overlay_frames(
+        frames, expand_heat_map(heat_map, frames, absolute=absolute, threshold=threshold), alpha=alpha, cmap=cmap
+    )
+
+
+def save_heat_map_video(
+    heat_map: Any,
+    frames: Any,
+    path: str | os.PathLike[str],
+    fps: float = 8,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    absolute: bool = False,
+    threshold: float | None = None,
+    **write_kwargs: Any,
+) -> Path:
+    """A word or region map of a video generation over its frames, written as MP4, GIF or a PNG folder
+    (:func:`write_video`; ``write_kwargs`` go there): frame t shows :func:`heat_map_overlays`' frame t.
+
+    >>> import tempfile, torch
+    >>> from daami2i.heatmaps.frames import FrameLayout
+    >>> from daami2i.heatmaps.maps import HeatMap
+    >>> fox = HeatMap(torch.rand(4, 3), FrameLayout.causal(2, rows=2, temporal=4))  # 2 token frames -> 5 frames
+    >>> out = save_heat_map_video(fox, np.zeros((5, 16, 24, 3), np.uint8), Path(tempfile.mkdtemp()) / "fox")
+    >>> len(list(out.glob("frame_*.png")))
+    5
+    """
+    overlays = heat_map_overlays(heat_map, frames, alpha=alpha, cmap=cmap, absolute=absolute, threshold=threshold)
+    return write_video(overlays, path, fps, **write_kwargs)
+
+
+def strip(frames: Any, count: int = 8) -> np.ndarray:
+    """Up to ``count`` evenly spaced frames side by side, uint8 (H, n * W, 3) (a picture of a video).
+
+    >>> strip(np.zeros((9, 4, 6, 3), np.uint8), count=3).shape
+    (4, 18, 3)
+    """
+    rgb = as_frames(frames)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise VideoError(f"count must be a positive integer (frames in the strip), got {count!r}")
+    return np.concatenate(list(rgb[strip_indices(len(rgb), count)]), axis=1)
+
+
+def strip_indices(n: int, count: int = 8) -> list[int]:
+    """The frames :func:`strip` shows of ``n``: all when ``n <= count``, else ``count`` evenly spaced,
+    the first and the last included.
+
+    >>> strip_indices(81, 5)
+    [0, 20, 40, 60, 80]
+    """
+    if n <= count:
+        return list(range(n))
+    return [round(i * (n - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
+
+
+def frame_size_of(ghm: Any) -> tuple[int, int] | None:
+    """(height, width) in pixels of one video frame of a video generation's heat map (its image size
+    is that of the token frames stacked), or None where the size is not known."""
+    size = getattr(ghm, "image_size", None)
+    layout = getattr(ghm, "frames", None)
+    if not size:
+        return None
+    if layout is None:
+        return int(size[0]), int(size[1])
+    return int(size[0]) // layout.token_frames, int(size[1])
+
+
+def save_experiment_frames(frames: Any, experiment: str | os.PathLike[str]) -> Path:
+    """Write a video's frames into an experiment folder (``video_frames/frame_00000.png`` ..., exact),
+    where :func:`experiment_frames` finds them."""
+    folder = Path(experiment) / FRAMES_FOLDER
+    if folder.is_dir():
+        for old in folder.glob("frame_*.png"):
+            old.unlink()
+    return write_video(frames, folder)
+
+
+def experiment_frames(exp: Any) -> np.ndarray | None:
+    """The video frames saved in an experiment (:func:`save_experiment_frames`) as uint8 (T, H, W, 3),
+    checked as untrusted input: PNG files inside the folder, as many as the generation's video frames,
+    all of one size; None when the experiment holds none. A damaged folder is a :class:`VideoError`."""
+    from PIL import Image
+
+    root = Path(exp.path)
+    folder = root / FRAMES_FOLDER
+    if not folder.is_dir():
+        return None
+    try:
+        folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise VideoError(f"{folder} leads outside the experiment folder {root}: refused") from None
+    files = sorted(folder.glob("frame_*.png"))
+    layout = exp.generation.frames
+    want = layout.video_frames if layout is not None else 1
+    if len(files) != want:
+        raise VideoError(f"{folder} holds {len(files)} frame(s) but the generation made {want}: save the frames again")
+    out = []
+    for file in files:
+        if file.is_symlink():
+            raise VideoError(f"{file} is a link: refused (the frames must be files inside the experiment)")
+        try:
+            with Image.open(file, formats=["PNG"]) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        except Exception as exc:
+            raise VideoError(f"{file} is not a readable PNG image ({exc})") from None
+    return as_frames(out)

@@ -327,6 +327,78 @@ def export_video_dataset(
     return VideoDataset(root, coco, ytvis)
 
 
+# -- from a trace ----------------------------------------------------------------------------------------
+def objects_from_heat_maps(
+    ghm: Any,
+    frames: Any,
+    words: Sequence[str],
+    threshold: float = 0.4,
+    *,
+    merged: bool = False,
+    min_area: int = 1,
+    iou: float = 0.1,
+    max_gap: int = 0,
+) -> list[dict[str, Any]]:
+    """The objects of one video from a trace's word maps, as :func:`export_video_dataset` takes them.
+
+    Per word: its map (``merged``: refined once by self-attention, ``compute_guided_heat_map``) over
+    the video, thresholded per video frame (``expand_as(frames, threshold=threshold)``: the map
+    normalised over the whole video, so a frame where the word is weak has a smaller mask), split
+    into connected instances and linked into tracks over the frames
+    (:func:`daami2i.video.track_instances` with ``min_area``, ``iou``, ``max_gap``). Returns one
+    ``{"category": word, "masks": (T, H, W) bool}`` per track, in track order per word; a word whose
+    mask is empty everywhere gives none.
+    """
+    from .video import as_frames, expand_heat_map, track_instances
+
+    if isinstance(words, str) or not isinstance(words, Sequence) or not words:
+        raise VideoDatasetError(f"words must be a non-empty list of the prompt's words, got {words!r:.80}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < float(threshold) < 1:
+        raise VideoDatasetError(f"threshold must be a number strictly between 0 and 1, got {threshold!r}")
+    try:
+        rgb = as_frames(frames)  # (T, H, W, 3)
+    except VideoError as exc:
+        raise VideoDatasetError(str(exc)) from None
+    out: list[dict[str, Any]] = []
+    for word in words:
+        category = _category(word, f"word {word!r}")
+        heat = ghm.compute_word_heat_map(word)
+        if merged:
+            heat = ghm.compute_guided_heat_map(heat)
+        masks = expand_heat_map(heat, rgb, threshold=float(threshold)) > 0.5  # (T, H, W) bool
+        labels = track_instances(masks, min_area=min_area, iou=iou, max_gap=max_gap)
+        for label in range(1, int(labels.max()) + 1):
+            out.append({"category": category, "masks": labels == label})
+    return out
+
+
+def video_from_trace(
+    ghm: Any,
+    frames: Any,
+    words: Sequence[str],
+    threshold: float = 0.4,
+    *,
+    name: str | None = None,
+    caption: str | None = None,
+    **track_kwargs: Any,
+) -> dict[str, Any]:
+    """One video entry of :func:`export_video_dataset` (frames, objects, name, caption) from a
+    trace's heat map: :func:`objects_from_heat_maps` (``track_kwargs`` go there).
+
+    >>> # with daami2i.trace(pipe) as trc: frames = pipe(prompt, ...).frames[0]
+    >>> # export_video_dataset([video_from_trace(trc.compute_global_heat_map(), frames, ["fox"])], "out")
+    """
+    entry: dict[str, Any] = {
+        "frames": frames,
+        "objects": objects_from_heat_maps(ghm, frames, words, threshold, **track_kwargs),
+    }
+    if name is not None:
+        entry["name"] = name
+    if caption is not None:
+        entry["caption"] = caption
+    return entry
+
+
 # -- reading an export back (untrusted) -----------------------------------------------------------------
 def rle_counts(counts: str) -> list[int]:
     """The run lengths of a COCO compressed RLE string (pycocotools' ``counts``), decoded here so a
