@@ -210,20 +210,26 @@ def test_mismatched_experts_and_real_video_are_refused_clearly(wan):
         daami2i.trace_image(wan, np.zeros((32, 48, 3), dtype=np.uint8), "a fox")
 
 
-def test_cli_generate_refuses_a_video_pipeline_clearly(wan, tmp_path):
-    """`daami2i generate` writes images: on a video pipeline it stops before sampling, says why and
-    what to do, and writes nothing."""
+def test_cli_generate_writes_a_video(wan, tmp_path):
+    """`daami2i generate` on Wan: the video, one overlay video per word and the experiment (with its
+    frames); `show` draws a word over the saved frames (tests/test_video_trace.py checks the pixels)."""
+    import imageio.v3 as iio
     from typer.testing import CliRunner
 
     from daami2i.cli import app
+    from daami2i.video import experiment_frames
 
     wan.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     args = ["generate", "a red fox", "-m", str(tmp_path / "model"), "--steps", "1", "--height", "32", "--width", "48"]
-    res = CliRunner().invoke(app, [*args, "-o", str(out)])
-    assert res.exit_code == 2, res.output
-    assert "video pipeline (WanPipeline)" in res.output and "daami2i.trace(pipe)" in res.output
-    assert not out.exists()
+    res = CliRunner().invoke(app, [*args, "--num-frames", "9", "--video-format", "gif", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert iio.imread(out / "video.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    assert iio.imread(out / "words" / "fox.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    exp = daami2i.load_experiment(out / "experiment")
+    assert experiment_frames(exp).shape == (9, 32, 48, 3)
+    res = CliRunner().invoke(app, ["show", str(out / "experiment"), "--word", "fox"])
+    assert res.exit_code == 0 and (out / "experiment" / "show-word-fox.png").is_file(), res.output
 
 
 def cells(grid, frames, pool):
