@@ -40,6 +40,8 @@ class WanRecorder:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         with torch.no_grad():
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            if encoder_hidden_states is not None and attn.add_k_proj is not None:
+                context = context[:, -512:]  # image-to-video: [image context, 512 text positions]; the text
             q = attn.norm_q(attn.to_q(hidden_states)).unflatten(-1, (attn.heads, -1)).double()
             k = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1)).double()
             if rotary_emb is not None:
@@ -330,3 +332,27 @@ def test_wan22_second_transformer_takes_its_steps():
     for module in (pipe.transformer, pipe.transformer_2):
         assert not module._forward_pre_hooks
         assert not any("Capturing" in type(m.processor).__name__ for m in module.modules() if hasattr(m, "processor"))
+
+
+def test_image_to_video_reads_the_text_call_never_the_image_context():
+    """Wan I2V: each cross-attention attends to the CLIP image tokens first, then to the 512 text
+    positions. The word maps are the text call's probabilities (dense reference: softmax over the
+    text keys only, written out here), so the image context never enters them."""
+    from PIL import Image
+
+    from daami2i.testing.wan import tiny_wan_i2v_pipeline
+
+    pipe = tiny_wan_i2v_pipeline()
+    image = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8))
+    kw = dict(image=image, max_sequence_length=512)
+    prompt = "a red fox runs on snow"
+    trc, book = run(pipe, prompt, negative_prompt="a blurry dog", **kw)
+    assert all(len(v) == 4 for v in book.values())  # 2 steps x (prompt, negative prompt)
+    assert all(p.shape[-1] == 512 for n, ps in book.items() if n.endswith("attn2") for p in ps)  # the text keys
+    self_ref, maps = references(trc, book, {0, 2})
+    ghm = trc.compute_global_heat_map()
+    rows = positions(pipe.tokenizer.tokenize(prompt), pipe.tokenizer.tokenize("fox"))
+    assert_close(ghm.compute_word_heat_map("fox").value, maps[rows].mean(0))
+    box = torch.zeros(GRID)
+    box[4:6, 1:3] = 1
+    assert_close(ghm.compute_bbox_heat_map(1, 0, 2, 1, frame=7).value, column_query(self_ref, box, GRID))

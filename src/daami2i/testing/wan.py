@@ -125,3 +125,60 @@ def tiny_wan_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, num_layers: int = 2, text_width: int = 16) -> Any:
+    """A random Wan 2.1 image-to-video pipeline (``WanImageToVideoPipeline``), offline: the transformer
+    takes the first frame's latents as 20 more input channels and, in every cross-attention, first
+    attends to a tiny ``CLIPVisionModel``'s tokens of the image (``image_dim``, ``added_kv_proj_dim``),
+    then to the text. The processor takes the last 512 context tokens as the text, so call it with
+    ``max_sequence_length=512``.
+
+    >>> from PIL import Image
+    >>> pipe = tiny_wan_i2v_pipeline()
+    >>> image = Image.new("RGB", (48, 32), (200, 80, 40))
+    >>> kw = dict(num_frames=5, height=32, width=48, num_inference_steps=2, max_sequence_length=512)
+    >>> pipe(image=image, prompt="a red fox", output_type="np", **kw).frames[0].shape
+    (5, 32, 48, 3)
+    """
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed + 3)
+    transformer: Any = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=36,  # 16 noise channels + 4 mask + 16 of the image's latents
+        out_channels=16,
+        text_dim=text_width,
+        freq_dim=32,
+        ffn_dim=16,
+        num_layers=num_layers,
+        rope_max_seq_len=32,
+        image_dim=16,
+        added_kv_proj_dim=16,
+    ).eval()
+    torch.manual_seed(seed + 9)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    tokenizer = t5_tokenizer()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5_encoder(tokenizer, text_width, seed + 5),
+        vae=_wan_vae(seed + 1),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_encoder=vision,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -107,7 +107,9 @@ class CapturingProcessor:
         """The call as the attention function received it (q and k final: QK-norm, RoPE, fused
         projections, the model's own mask and scale), else from the projections."""
         site = self.site
-        if "q" in slot:
+        calls = slot.get("calls", [])
+        if len(calls) > site.call:
+            slot = calls[site.call]
             if slot["causal"]:
                 raise TraceError(f"layer {site.name} runs causal attention, which daami2i does not expect")
             q, k = slot["q"], slot["k"]
@@ -116,6 +118,11 @@ class CapturingProcessor:
             bias = mask_bias(slot["mask"], (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
             scale = float(slot["scale"]) if slot["scale"] is not None else q.shape[-1] ** -0.5
             return AttentionCall(site.name, site.kind, site.factor, q, k, bias, scale)
+        if calls:
+            raise TraceError(
+                f"layer {site.name} called its attention function {len(calls)} time(s), but its attention is read "
+                f"at call {site.call + 1}: this layer's processor is not the one daami2i expects"
+            )
         if site.kind == "joint":
             raise TraceError(
                 f"the attention processor {type(self.original).__name__} of layer {site.name} called neither "
@@ -181,24 +188,27 @@ def _sdpa_signature(
 
 
 def _recording(original: Callable[..., Any], layout: str, like: Callable[..., Any] | None = None) -> Callable[..., Any]:
-    """``original`` (an attention function taking query, key, value first), recording its first call's
-    query, key, mask and scale into the active slot; layout ``"bhsd"`` (SDPA) or ``"bshd"`` (diffusers'
+    """``original`` (an attention function taking query, key, value first), recording each call's
+    query, key, mask and scale into the active slot (the site says which call is its attention);
+    layout ``"bhsd"`` (SDPA) or ``"bshd"`` (diffusers'
     ``dispatch_attention_fn``). Outside a traced layer call it is a plain pass-through. ``like`` gives
     the signature when ``original`` has none (builtins)."""
     sig = inspect.signature(like or original)
 
     def attention(*args: Any, **kwargs: Any) -> Any:
         slot = _SLOT.get()
-        if slot is not None and "q" not in slot:
+        if slot is not None:
             bound = sig.bind(*args, **kwargs)
             a = bound.arguments
-            slot.update(
-                q=a["query"],
-                k=a["key"],
-                mask=a.get("attn_mask"),
-                scale=a.get("scale"),
-                causal=bool(a.get("is_causal", False)),
-                layout=layout,
+            slot.setdefault("calls", []).append(
+                dict(
+                    q=a["query"],
+                    k=a["key"],
+                    mask=a.get("attn_mask"),
+                    scale=a.get("scale"),
+                    causal=bool(a.get("is_causal", False)),
+                    layout=layout,
+                )
             )
         return original(*args, **kwargs)
 

@@ -1,17 +1,22 @@
-"""Wan 2.1 text-to-video (``WanTransformer3DModel``, ``WanPipeline``): the first video family.
+"""Wan 2.1 / 2.2 text-to-video and image-to-video (``WanTransformer3DModel``: ``WanPipeline``,
+``WanImageToVideoPipeline``).
 
 Every block has a video self-attention (``attn1``, over all video tokens of all latent frames) and
 a cross-attention to the UMT5 text (``attn2``; the text is zero-padded to ``max_sequence_length``
 and not masked), both read where ``WanAttnProcessor`` calls ``dispatch_attention_fn``. The latent
 (B, C, F, H, W) is cut into ``patch_size = (t, h, w)`` patches and the tokens are frame-major, so
 the video's token grid (F / t, H / h, W / w) is stored as the frames stacked top to bottom: a
-(frames * rows, columns) grid, and the generation's ``image_size`` is the latent frames' pixels
-stacked the same way. Queries on it are those of an image whose rows are the frames one after the
-other (a box inside one frame is that frame's box; a word map holds every frame's map, one below
-the other): frame-aware views (``frame=``, (frames, h, w) maps, video frames from latent frames)
-come with the video queries of issue 18. Guidance is a second transformer call per step (the
-negative prompt, ``cache_context("uncond")``) on the very same latents tensor, never averaged with
-the first. Wan 2.2's second denoiser (``transformer_2``) and I2V's image context are not traced yet.
+(frames * rows, columns) grid, with a :class:`~daami2i.heatmaps.frames.FrameLayout` that says
+which token frame each video frame comes from (the causal VAE: video frame 0 is latent frame 0,
+each later latent frame gives ``vae_scale_factor_temporal`` video frames); queries take
+``frame=``. Guidance is a second transformer call per step (the negative prompt,
+``cache_context("uncond")``) on the very same latents tensor, never averaged with the first.
+
+Wan 2.2 A14B's low-noise expert (``transformer_2``, after the boundary timestep) is traced as
+well: its layers are named ``transformer_2.<name>`` and the maps sum over the steps each expert
+ran. Image-to-video cross-attention first attends to the CLIP image context (added K/V
+projections), then to the text: the text's call is read (``AttentionSite.call = 1``) and the
+image context never enters word maps. Real-video attribution is not supported.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from .flux import _SameLatents
 class WanAdapter(FamilyAdapter):
     name = "wan"
     pipelines = (
-        "Wan 2.1 text-to-video (a WanTransformer3DModel `transformer`: WanPipeline; frames stacked top to bottom)"
+        "Wan 2.1 / 2.2 video (a WanTransformer3DModel `transformer`, and `transformer_2`: WanPipeline, "
+        "WanImageToVideoPipeline; frames stacked top to bottom)"
     )
     guidance_as_passes = True
     word_heads_kept = False  # 30 layers x 12 heads of N x T per video would be ~1 GB: the head mean
@@ -51,11 +57,6 @@ class WanAdapter(FamilyAdapter):
         transformer = transformer_of(pipe, "WanTransformer3DModel")
         if transformer is None:
             return None
-        if getattr(transformer.config, "image_dim", None):
-            raise TraceError(
-                "this Wan transformer attends to image context (image_dim is set: an image-to-video model): daami2i "
-                "traces Wan 2.1 text-to-video so far"
-            )
         return transformer
 
     def extra_denoisers(self, pipe: Any, denoiser: Any) -> list[tuple[str, Any]]:
@@ -69,8 +70,6 @@ class WanAdapter(FamilyAdapter):
                 f"transformer_2 patches the latents by {tuple(second.config.patch_size)} but transformer by "
                 f"{tuple(denoiser.config.patch_size)}: their maps would not share one grid"
             )
-        if getattr(second.config, "image_dim", None):
-            raise TraceError("transformer_2 attends to image context (image_dim is set): not traced yet")
         return [("transformer_2", second)]
 
     def find_sites(self, denoiser: Any) -> list[AttentionSite]:
@@ -81,7 +80,10 @@ class WanAdapter(FamilyAdapter):
             if name.endswith(".attn1"):
                 sites.append(AttentionSite(name, module, "self", "block", 1))
             elif name.endswith(".attn2"):
-                sites.append(AttentionSite(name, module, "cross", "block", 1))
+                # image-to-video (added K/V projections): the processor attends to the image context first, then to
+                # the text; the text's call is the layer's cross-attention, the image's is left out
+                call = 1 if getattr(module, "add_k_proj", None) is not None else 0
+                sites.append(AttentionSite(name, module, "cross", "block", 1, call=call))
         return sites
 
     def read_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DenoiserCall:
