@@ -96,7 +96,8 @@ def run(pipe, prompt, trace_kwargs=None, **kw):
     plain = call(pipe, prompt, **kw)
     with recording(pipe.transformer) as book:
         recorded = call(pipe, prompt, **kw)
-    with daami2i.trace(pipe, **(trace_kwargs or {})) as trc:
+    # the full-resolution store: the references are dense (N x N)
+    with daami2i.trace(pipe, **{"self_pool": 1, **(trace_kwargs or {})}) as trc:
         traced = call(pipe, prompt, **kw)
     assert np.array_equal(plain, recorded), "the reference recorder changed the video"
     assert np.array_equal(plain, traced), "tracing changed the video"
