@@ -21,13 +21,14 @@ tokens, frame-major. Guidance is one batch ``[uncond, cond]`` (``guidance_scale 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from daami2i.testing import _t5_encoder, t5_tokenizer
 
 LATENT_CHANNELS = 8
+Version = Literal["0.9", "0.9.1", "0.9.5"]
 
 
 def video_token_grid(pipe: Any, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -41,24 +42,47 @@ def video_token_grid(pipe: Any, num_frames: int, height: int, width: int) -> tup
     return latent_frames // pt, height // spatial // p, width // spatial // p
 
 
-def _ltx_vae(seed: int, decoder_causal: bool, timestep_conditioning: bool) -> Any:
-    """A tiny ``AutoencoderKLLTXVideo``: time by 8, space by 32, as LTX-Video's (one layer per block)."""
+def _ltx_vae(seed: int, version: Version, decoder_causal: bool) -> Any:
+    """A tiny ``AutoencoderKLLTXVideo``: time by 8, space by 32, as LTX-Video's (one layer per block).
+    ``"0.9.1"`` conditions the decoder on a timestep; ``"0.9.5"`` is the later VAE's layout as well
+    (its down blocks, three residual upsamplers that halve the channels, timestep-conditioned)."""
     from diffusers import AutoencoderKLLTXVideo
 
     torch.manual_seed(seed)
+    layout: dict[str, Any]
+    if version == "0.9.5":
+        layout = dict(
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("LTXVideo095DownBlock3D",) * 4,
+            decoder_block_out_channels=(8, 16, 32),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, True),
+            decoder_spatio_temporal_scaling=(True, True, True),
+            decoder_inject_noise=(False,) * 4,
+            downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+            upsample_residual=(True, True, True),
+            upsample_factor=(2, 2, 2),
+            spatial_compression_ratio=32,
+            temporal_compression_ratio=8,
+        )
+    else:
+        layout = dict(
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, False),
+            decoder_spatio_temporal_scaling=(True, True, True, False),
+            decoder_inject_noise=(False,) * 5,
+        )
     vae: Any = AutoencoderKLLTXVideo(
         latent_channels=LATENT_CHANNELS,
-        block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, True, False),
-        decoder_spatio_temporal_scaling=(True, True, True, False),
-        decoder_inject_noise=(False,) * 5,
         patch_size=4,
         patch_size_t=1,
         decoder_causal=decoder_causal,
-        timestep_conditioning=timestep_conditioning,
+        timestep_conditioning=version != "0.9",
+        **layout,
     )
     return vae.eval()
 
@@ -67,19 +91,22 @@ def tiny_ltx_pipeline(
     seed: int = 0,
     num_layers: int = 2,
     text_width: int = 32,
+    version: Version = "0.9",
     decoder_causal: bool = False,
-    timestep_conditioning: bool = False,
 ) -> Any:
-    """A random LTX-Video 0.9 text-to-video pipeline (see the module docstring), offline.
+    """A random LTX-Video text-to-video pipeline (see the module docstring), offline.
 
-    ``decoder_causal=True`` builds a VAE whose decoder convolutions only look back in time (the
-    published decoder is not causal); ``timestep_conditioning=True`` is LTX-Video 0.9.1's decoder,
-    which takes ``decode_timestep``.
+    ``version`` picks the VAE: ``"0.9"`` (LTX-Video 0.9), ``"0.9.1"`` (its decoder takes
+    ``decode_timestep``), ``"0.9.5"`` (the later VAE's blocks, also timestep-conditioned); the
+    transformer is the same class in all. ``decoder_causal=True`` builds a decoder whose convolutions
+    only look back in time (the published decoders are not causal).
 
     >>> pipe = tiny_ltx_pipeline()
     >>> pipe.text_encoder.config.vocab_size == len(pipe.tokenizer), pipe.vae_temporal_compression_ratio
     (True, 8)
     """
+    if version not in ("0.9", "0.9.1", "0.9.5"):
+        raise ValueError(f"version must be '0.9', '0.9.1' or '0.9.5', got {version!r}")
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 
     torch.manual_seed(seed + 3)
@@ -99,7 +126,7 @@ def tiny_ltx_pipeline(
     tokenizer = t5_tokenizer()
     pipe = LTXPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_ltx_vae(seed + 1, decoder_causal, timestep_conditioning),
+        vae=_ltx_vae(seed + 1, version, decoder_causal),
         text_encoder=_t5_encoder(tokenizer, text_width, seed + 5),
         tokenizer=tokenizer,
         transformer=transformer,
