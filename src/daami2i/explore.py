@@ -74,6 +74,8 @@ class Session:
     tops: dict[str, float] = field(default_factory=dict)  # the fixed scale's 1 per kind, made once
     settings: dict[str, Any] = field(default_factory=dict)  # prompt, seed, steps, guidance it was made with
     word_instances: tuple[list[M.Instance], str] | None = None  # the shown word's mask instances, and the word
+    frames: np.ndarray | None = None  # a video's frames (T, H, W, 3) uint8; None for an image
+    frame: int = 0  # the video frame shown (``image`` is that frame); region queries are in it
 
 
 # -- rendering (pure functions, used by the app and its tests) -------------------------------------
@@ -120,9 +122,14 @@ def mask_image(image: Image.Image, mask: np.ndarray, boxes: list[list[float]]) -
     return out
 
 
+def grid_of(ghm: GlobalHeatMap) -> tuple[int, int]:
+    """The latent grid a click lands on: an image's grid, or one frame's grid of a video."""
+    return ghm.frame_size if ghm.frames is not None else ghm.grid_size
+
+
 def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
-    """The row-major latent pixel id under image pixel (x, y)."""
-    gh, gw = ghm.grid_size
+    """The row-major latent pixel id under image pixel (x, y) (of one frame's grid for a video)."""
+    gh, gw = grid_of(ghm)
     col = min(gw - 1, max(0, int(x * gw / image.width)))
     row = min(gh - 1, max(0, int(y * gh / image.height)))
     return row * gw + col
@@ -131,6 +138,45 @@ def pixel_of(ghm: GlobalHeatMap, image: Image.Image, x: float, y: float) -> int:
 def expanded(heat: HeatMap, image: Image.Image) -> np.ndarray:
     """``heat`` at the image's size, stretched to [0, 1] (its minimum 0, its maximum 1)."""
     return heat.expand_as(image).numpy()
+
+
+def at_frame(state: Session, heat: HeatMap, absolute: bool = False) -> np.ndarray:
+    """``heat`` at the shown image's size (H, W): an image's map stretched to [0, 1] (or raw with
+    ``absolute``); a video's map expanded over the whole video (one scale for every frame,
+    ``expand_as``), at the shown frame."""
+    assert state.image is not None
+    if heat.frames is None:
+        return heat.expand_as(state.image, absolute=absolute).numpy()
+    size = (state.image.height, state.image.width)
+    return heat.expand_as(size, absolute=absolute)[state.frame].numpy()
+
+
+def mask_at(state: Session, heat: HeatMap, threshold: float) -> np.ndarray:
+    """The mask (H, W) bool of ``heat`` at ``threshold`` at the shown image: an image's map stretched
+    and cut (``masks.binarize``); a video's map cut on its scale over the whole video (as
+    ``expand_as(frames, threshold=...)`` and the video dataset export), at the shown frame."""
+    assert state.image is not None
+    if heat.frames is None:
+        return M.binarize(at_frame(state, heat), "tau", threshold)
+    size = (state.image.height, state.image.width)
+    return heat.expand_as(size, threshold=threshold)[state.frame].numpy() > 0.5
+
+
+def _at(state: Session) -> dict[str, Any]:
+    """The ``frame=`` of a region query: the shown frame of a video; nothing for an image."""
+    return {"frame": state.frame} if state.frames is not None else {}
+
+
+def set_frame(state: Session, frame: Any) -> Session:
+    """Show video frame ``frame``: the image becomes that frame; the current map stays (its colours
+    are those of the new frame). A QueryError for an image or a frame outside the video."""
+    if state.frames is None:
+        raise QueryError("the frame slider is for videos: this is an image")
+    n = len(state.frames)
+    t = _whole(frame, "frame", 0, n - 1)
+    state.frame = t
+    state.image = Image.fromarray(state.frames[t])
+    return state
 
 
 PEAK_QUANTILE = 0.9  # the fixed scale's 1 for self-attention maps: 9 in 10 pixels' maps peak below it
@@ -178,8 +224,8 @@ def coloured(state: Session, heat: HeatMap, kind: str, fixed: bool) -> np.ndarra
     (0 = no attention, 1 = :func:`fixed_top` of its kind; values above are clipped)."""
     assert state.image is not None
     if not fixed:
-        return expanded(heat, state.image)
-    raw = heat.expand_as(state.image, absolute=True).numpy()
+        return at_frame(state, heat)
+    raw = at_frame(state, heat, absolute=True)
     return np.clip(raw / fixed_top(state, kind), 0, 1)
 
 
@@ -241,13 +287,16 @@ def close_label(state: Session) -> str:
 
 
 # -- actions (each returns what the UI shows) -----------------------------------------------------
-def _session(image: Image.Image, source: Any) -> Session:
-    """Heat maps of a finished trace or a loaded experiment: all resolutions, and the highest alone."""
+def _session(image: Image.Image, source: Any, frames: np.ndarray | None = None) -> Session:
+    """Heat maps of a finished trace or a loaded experiment: all resolutions, and the highest alone.
+    A video's session holds its ``frames`` and shows frame 0."""
     gen = source.generation if hasattr(source, "generation") else source.last_generation
     finest = min(gen.self_attention) if gen.self_attention else None
     ghm = source.compute_global_heat_map()
     high = source.compute_global_heat_map(factors=[finest]) if finest is not None else ghm
-    return Session(image=image, ghm=ghm, ghm_high=high)
+    if frames is not None:
+        image = Image.fromarray(frames[0])
+    return Session(image=image, ghm=ghm, ghm_high=high, frames=frames)
 
 
 def _guidance(value: Any) -> float:
@@ -294,10 +343,13 @@ def generate(
     guidance: float,
     height: Any = None,
     width: Any = None,
+    num_frames: int | None = None,
 ) -> Session:
     """Run the pipeline under the trace; the session then holds the image and its heat maps. An empty
-    ``height`` or ``width`` is the model's default."""
+    ``height`` or ``width`` is the model's default. A video pipeline (its call takes ``num_frames``:
+    the pipeline's default where None) gives a video session, its frames saved in the experiment."""
     from . import trace
+    from .video import is_video_pipeline, save_experiment_frames, video_frames_of
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
@@ -311,6 +363,11 @@ def generate(
         if default is None and (h is None or w is None):
             raise QueryError("give both the height and the width (this model's default size is not known)")
         size = {"height": h or default[0], "width": w or default[1]}  # type: ignore[index]
+    video = is_video_pipeline(pipe)
+    if video:
+        size["output_type"] = "np"
+        if num_frames is not None:
+            size["num_frames"] = _whole(num_frames, "frames", 1, 10_000)
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt=prompt,
@@ -319,9 +376,12 @@ def generate(
             generator=torch.Generator(device="cpu").manual_seed(n_seed),
             **size,
         )
-    state = _session(out.images[0], trc)
+    frames = video_frames_of(out) if video else None
+    state = _session(out.images[0] if frames is None else Image.fromarray(frames[0]), trc, frames)
     state.experiment_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-")) / "experiment"
     trc.to_experiment(state.experiment_dir, seed=n_seed, steps=n_steps, guidance=scale)
+    if frames is not None:
+        save_experiment_frames(frames, state.experiment_dir)
     state.settings = {"prompt": prompt, "seed": n_seed, "steps": n_steps, "guidance": scale}
     return state
 
@@ -393,6 +453,22 @@ def open_experiment(path: Path) -> Session:
     from . import load_experiment
 
     exp = load_experiment(path)
+    if exp.generation.frames is not None:  # a video: its saved frames, else grey frames of its size
+        from .video import VideoError, experiment_frames, frame_size_of
+
+        try:
+            frames = experiment_frames(exp)
+        except VideoError as exc:
+            raise QueryError(str(exc)) from None
+        if frames is None:
+            size = frame_size_of(exp.generation)
+            if size is None:
+                raise QueryError(f"{path} records neither its video frames nor their size")
+            frames = np.full((exp.generation.frames.video_frames, *size, 3), 128, np.uint8)
+        state = _session(Image.fromarray(frames[0]), exp, frames)
+        state.experiment_dir = Path(exp.path)
+        state.settings = experiment_settings(exp)
+        return state
     images = exp.images
     if not images:
         raise QueryError(f"{path} holds no image: the explorer needs the experiment's image")
@@ -471,9 +547,9 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
     ghm, image = state.ghm_high, state.image
     if mode == "point":
         p = pixel_of(ghm, image, x, y)
-        state.last_heat, state.last_kind = ghm.compute_pixel_heat_map([p]), "self-high"
-        state.last_map = expanded(state.last_heat, image)
-        gh, gw = ghm.grid_size
+        state.last_heat, state.last_kind = ghm.compute_pixel_heat_map([p], **_at(state)), "self-high"
+        state.last_map = at_frame(state, state.last_heat)
+        gh, gw = grid_of(ghm)
         row, col = p // gw, p % gw
         cell = [
             col * image.width / gw,
@@ -482,7 +558,7 @@ def click(state: Session, mode: str, x: float, y: float) -> Session:
             (row + 1) * image.height / gh,
         ]
         state.selection = {"kind": "point", "at": [x + 0.5, y + 0.5], "cell": cell}
-        state.last_title = f"pixel {p} (row {row}, column {col})"
+        state.last_title = f"pixel {p} (row {row}, column {col})" + _in_frame(state)
     elif mode == "box":
         state.clicks.append((x, y))
         if len(state.clicks) == 2:
@@ -503,22 +579,28 @@ def drag_box(state: Session, x0: float, y0: float, x1: float, y1: float) -> Sess
     if state.ghm_high is None or state.image is None:
         raise QueryError("generate an image (or open an experiment) first")
     ghm, image = state.ghm_high, state.image
-    gh, gw = ghm.grid_size
+    gh, gw = grid_of(ghm)
     xa, xb = sorted((min(gw - 1, max(0, int(x0 * gw / image.width))), min(gw - 1, max(0, int(x1 * gw / image.width)))))
     ya, yb = sorted(
         (min(gh - 1, max(0, int(y0 * gh / image.height))), min(gh - 1, max(0, int(y1 * gh / image.height))))
     )
     box = (xa, ya, xb, yb)
     state.clicks = []
-    state.last_heat, state.last_kind = ghm.compute_bbox_heat_map(*box), "self-high"
-    state.last_map = expanded(state.last_heat, image)
-    cx0, cy0, cx1, cy1 = regions.box_cells(*box, ghm.grid_size)
+    state.last_heat, state.last_kind = ghm.compute_bbox_heat_map(*box, **_at(state)), "self-high"
+    state.last_map = at_frame(state, state.last_heat)
+    cx0, cy0, cx1, cy1 = regions.box_cells(*box, (gh, gw))
     sx, sy = image.width / gw, image.height / gh
     rect = [cx0 * sx, cy0 * sy, cx1 * sx, cy1 * sy]
     state.selection = {"kind": "box", "rect": rect}
     px = f"{rect[0]:g}-{rect[2]:g} across, {rect[1]:g}-{rect[3]:g} down"
     state.last_title = f"box {box}: the {cx1 - cx0} x {cy1 - cy0} latent cells under image pixels {px}"
+    state.last_title += _in_frame(state)
     return state
+
+
+def _in_frame(state: Session) -> str:
+    """' in frame t' for a video's region query; '' for an image."""
+    return f" in frame {state.frame}" if state.frames is not None else ""
 
 
 def close_polygon(state: Session) -> Session:
@@ -533,11 +615,11 @@ def close_polygon(state: Session) -> Session:
     state.clicks = []
     h, w = state.image.height, state.image.width
     assert state.ghm_high is not None
-    state.last_heat = state.ghm_high.compute_segmentation_heat_map(state.polygons, h, w)
+    state.last_heat = state.ghm_high.compute_segmentation_heat_map(state.polygons, h, w, **_at(state))
     state.last_kind = "self-high"
-    state.last_map = expanded(state.last_heat, state.image)
+    state.last_map = at_frame(state, state.last_heat)
     state.selection = {"kind": "polygons"}
-    state.last_title = f"{len(state.polygons)} polygon(s)"
+    state.last_title = f"{len(state.polygons)} polygon(s)" + _in_frame(state)
     return state
 
 
@@ -560,7 +642,19 @@ def word(
     raw_x, ref_x = coloured(state, raw, "word", fixed), coloured(state, refined, kind, fixed)
     state.last_map = ref_x
     state.last_title = f"{w!r} refined x{int(iterations)} ({'all resolutions' if all_resolutions else 'highest'})"
-    return raw_x, ref_x, M.instances(M.binarize(expanded(refined, state.image), "tau", float(threshold)))
+    return raw_x, ref_x, M.instances(mask_at(state, refined, float(threshold)))
+
+
+def word_at_frame(
+    state: Session, threshold: float, fixed: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[M.Instance]] | None:
+    """The shown word's raw and refined maps as coloured, and the refined map's instances at
+    ``threshold``, at the shown frame (after the frame slider moved); None when no word is shown."""
+    if state.word_heats is None or state.image is None:
+        return None
+    raw, refined, kind = state.word_heats
+    raw_x, ref_x = coloured(state, raw, "word", fixed), coloured(state, refined, kind, fixed)
+    return raw_x, ref_x, M.instances(mask_at(state, refined, float(threshold)))
 
 
 def coco_of(state: Session, instances: list[M.Instance], category: str) -> dict[str, Any]:
@@ -763,6 +857,19 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             s.zip_path = shutil.make_archive(str(base), "zip", root_dir=s.experiment_dir)
         return s.zip_path
 
+    def frame_control(s: Session) -> Any:
+        """The frame slider: shown for a video (its frames), hidden for an image."""
+        n = len(s.frames) if s.frames is not None else 1
+        return gr.Slider(
+            0,
+            max(n - 1, 1),
+            value=s.frame if s.frames is not None else 0,
+            step=1,
+            label="video frame (clicks, boxes and polygons query this frame)",
+            visible=s.frames is not None,
+            elem_id="frame",
+        )
+
     def chips(state: Session) -> Any:
         """The word chips of what is open (none chosen)."""
         return gr.Radio(choices=word_chips(state), value=None, label="words (click one)", elem_id="words")
@@ -846,6 +953,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                     with gr.Column(scale=2, min_width=160):
                         close = gr.Button(close_label(initial), elem_id="close-polygon", interactive=False, size="md")
                         clear = gr.Button("clear polygons", elem_id="clear-polygons", size="md")
+                frame_slider = frame_control(initial)
             with gr.Column():
                 with gr.Tabs(selected="map", elem_id="views", overflow_behavior="wrap") as tabs:
                     with gr.Tab("map", id="map", render_children=True):
@@ -890,6 +998,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             """A new image (generated, attributed or opened): every panel starts afresh."""
             blank = dict.fromkeys([heat, *word_views])
             view = {image: image_view(s), words: chips(s), info: msg, downloads: files(s), legend: legend_html(s, fx)}
+            view[frame_slider] = frame_control(s)
             return {**common(s), **blank, **view, tabs: gr.Tabs(selected="map")}
 
         def heat_view(s: Session, fx: bool) -> Any:
@@ -904,7 +1013,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             out = {heat: heat_view(s, fx), info: s.last_title, tabs: gr.Tabs(selected="map")}
             return {**common(s), **out, downloads: files(s)}
 
-        everything = [state, image, heat, *word_views, words, info, downloads, legend, tabs, marks, close]
+        everything = [state, image, heat, *word_views, words, info, downloads, legend, tabs, marks, close, frame_slider]
         fields = [prompt, seed, steps, guidance, height, width]
 
         def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, h: Any, w: Any, fx: bool) -> Any:
@@ -1047,6 +1156,39 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
                 out[heat] = heat_view(s, bool(fx))
                 out[downloads] = files(s, *s.word_instances) if s.word_instances is not None else files(s)
             return {**out, state: s}
+
+        def on_frame(s: Session, t: Any, th: float, fx: bool) -> Any:
+            """The frame slider moved: the frame, and every map shown, at that frame."""
+            if s.frames is None:
+                return {state: s}
+            s = set_frame(s, t)
+            out: dict[Any, Any] = {image: image_view(s), info: f"frame {s.frame} of {len(s.frames)}"}
+            views = word_at_frame(s, float(th), bool(fx))
+            if views is not None:
+                raw_x, ref_x, inst = views
+                m = np.zeros((s.image.height, s.image.width), bool)
+                for i in inst:
+                    m |= i.mask
+                out.update(
+                    {
+                        raw_view: overlay(s.image, raw_x),
+                        refined_view: overlay(s.image, ref_x),
+                        mask_view: mask_image(s.image, m, [i.bbox for i in inst]),
+                    }
+                )
+                if s.word_instances is not None:
+                    s.word_instances = (inst, s.word_instances[1])
+            if s.last_heat is not None:
+                out[heat] = heat_view(s, bool(fx))
+            out[downloads] = files(s, *s.word_instances) if s.word_instances is not None else files(s)
+            return {**common(s), **out}
+
+        frame_slider.release(
+            guard(on_frame),
+            [state, frame_slider, threshold, fixed],
+            [state, image, heat, *word_views, info, downloads, marks, close],
+            **quick,
+        )
 
         fixed.change(
             guard(on_fixed), [state, fixed], [state, legend, heat, raw_view, refined_view, downloads, info], **quick
