@@ -231,11 +231,21 @@ MODELS = [
         ),
         (81, 768, 1360), 50, 226,  # 21 latent frames padded to 22, in pairs: 11 token frames of 96 x 170
     ),
+    (
+        "ltx", "LTX-Video 0.9", "LTXVideoTransformer3DModel",
+        dict(
+            in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+            attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+        ),
+        (161, 480, 704), 50, 128,  # LTXPipeline's example: 21 latent frames (time by 8) of 15 x 22 (by 32)
+    ),
 ]  # fmt: skip
 
 
-#: VAEs that do not scale by 8: Sana's DC-AE scales by 32
-VAE_SCALE = {"sana": 32}
+#: VAEs that do not scale by 8: Sana's DC-AE and the LTX-Video VAE scale by 32
+VAE_SCALE = {"sana": 32, "ltx": 32}
+#: video VAEs' time compression where it is not 4
+VAE_TEMPORAL: dict[str, int] = {"ltx": 8}
 
 
 def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
@@ -261,10 +271,12 @@ def table(prompt_tokens: int = 20) -> list[dict]:
         trc = daami2i.trace(_pipe(family, denoiser))
         assert trc.adapter.name == family, (model, trc.adapter.name)
         scale = VAE_SCALE.get(family, 8)  # every other VAE here scales by 8
+        token_frames = 1
         if isinstance(size, tuple):  # video (frames, height, width): latent frames (time by 4) stacked
             frames, height, width = size
             pt = getattr(denoiser.config, "patch_size_t", None) or 1  # CogVideoX 1.5 patches pairs of frames
-            latent = (-(-((frames - 1) // 4 + 1) // pt) * (height // scale), width // scale)
+            token_frames = -(-((frames - 1) // VAE_TEMPORAL.get(family, 4) + 1) // pt)
+            latent = (token_frames * (height // scale), width // scale)
         else:
             latent = (size // scale, size // scale)
         # the prompt's text columns: CLIP start + tokens + end (77 kept in full for UNets); T5 tokens + end;
@@ -272,7 +284,7 @@ def table(prompt_tokens: int = 20) -> list[dict]:
         kept = {"unet": 77, "sd3": (prompt_tokens + 2) + (prompt_tokens + 1), "hidream": 3 * (prompt_tokens + 1)}.get(
             family, prompt_tokens + 1
         )
-        store = trc.estimate_nbytes(latent, 1, kept, steps)
+        store = trc.estimate_nbytes(latent, 1, kept, steps, frames=token_frames)
         qk = 0
         for site in trc.selected:
             h, w = trc.adapter.layer_grid(denoiser, latent, site.factor)
@@ -289,6 +301,7 @@ def table(prompt_tokens: int = 20) -> list[dict]:
                 "steps": steps,
                 "layers": len(trc.selected),
                 "grid": trc.adapter.layer_grid(denoiser, latent, trc.grid_factor),
+                "frames": token_frames,
                 "store_mib": store["total"] / 2**20,
                 "self_mib": store["self"] / 2**20,
                 "words_mib": store["cross"] / 2**20,
@@ -309,9 +322,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         h, w = r["grid"]
+        grid = f"{r['frames']}x{h // r['frames']}x{w}" if r["frames"] > 1 else f"{h}x{w}"  # video: frames x h x w
         size = "x".join(str(v) for v in r["size"][1:] + r["size"][:1]) if isinstance(r["size"], tuple) else r["size"]
         print(
-            f"| {r['family']} | {r['model']} | {size} px, {r['steps']} | {r['layers']} | {h}x{w} | "
+            f"| {r['family']} | {r['model']} | {size} px, {r['steps']} | {r['layers']} | {grid} | "
             f"{r['store_mib']:.0f} MiB ({r['self_mib']:.0f} + {r['words_mib']:.0f}) | "
             f"{r['qk_every_step_gib']:.1f} GiB |"
         )
