@@ -712,7 +712,7 @@ def show(
     else:
         images = exp.images  # (read once: each access opens and checks the PNGs)
         image = images[image_idx] if images else ghm.image_size
-    at = {"frame": frame} if video else {}  # video queries take the frame; image queries stay as they were
+    at: dict[str, Any] = {"frame": frame} if video else {}  # video queries take the frame; images unchanged
     guide = ghm.compute_word_heat_map(guide_word) if guide_word else None
     if word:
         hm: Any = ghm.compute_word_heat_map(word)

@@ -357,7 +357,7 @@ def generate(
     n_seed = _whole(seed, "seed", 0, SEED_LIMIT - 1)
     scale = _guidance(guidance)
     h, w = _side(height, "height"), _side(width, "width")
-    size: dict[str, int] = {}
+    size: dict[str, Any] = {}
     if h is not None or w is not None:  # diffusers ignores a width given without a height
         default = default_size(pipe)
         if default is None and (h is None or w is None):
@@ -1162,6 +1162,7 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             if s.frames is None:
                 return {state: s}
             s = set_frame(s, t)
+            assert s.frames is not None and s.image is not None
             out: dict[Any, Any] = {image: image_view(s), info: f"frame {s.frame} of {len(s.frames)}"}
             views = word_at_frame(s, float(th), bool(fx))
             if views is not None:
