@@ -17,6 +17,7 @@ from daami2i.testing import (
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hidream_pipeline,
+    tiny_ltx_pipeline,
     tiny_lumina2_pipeline,
     tiny_pixart_pipeline,
     tiny_qwenimage_pipeline,
@@ -24,6 +25,7 @@ from daami2i.testing import (
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_cogvideox_pipeline,
     tiny_wan_pipeline,
     tiny_zimage_pipeline,
 )
@@ -65,7 +67,26 @@ FAMILIES: dict[str, Family] = {
     # HiDream rescales every size to its area (the tiny pipeline's 80x80 px): 64x96 stays, 64x64 is 80x80
     "hidream": Family((tiny_hidream_pipeline,), T5_32),
     # video: 5 frames are 2 latent frames (the VAE's time compression 4), stacked
-    "wan": Family((tiny_wan_pipeline,), {**T5_32, "num_frames": 5}, explorer=False, frames=2),
+    "wan": Family(
+        (tiny_wan_pipeline, lambda: tiny_wan_pipeline(boundary_ratio=0.9)),  # Wan 2.1; Wan 2.2's two experts
+        {**T5_32, "num_frames": 5},
+        explorer=False,
+        frames=2,
+    ),
+    # CogVideoX 1.0 and 1.5 (the text length must be the transformer's: 16); 5 frames are 2 latent frames
+    "cogvideox": Family(
+        (tiny_cogvideox_pipeline, lambda: tiny_cogvideox_pipeline(patch_size_t=2)),
+        {"max_sequence_length": 16, "num_frames": 5},
+        explorer=False,
+        frames=2,
+    ),
+    # LTX-Video 0.9 and the 0.9.5 VAE layout; 9 frames are 2 latent frames (time by 8)
+    "ltx": Family(
+        (tiny_ltx_pipeline, lambda: tiny_ltx_pipeline(version="0.9.5")),
+        {"max_sequence_length": 16, "num_frames": 9},
+        explorer=False,
+        frames=2,
+    ),
 }
 NAMES = sorted(FAMILIES)
 
@@ -116,18 +137,30 @@ def test_geometry_is_what_the_denoiser_ran(pipes, family):
     pipe = pipes[family][0]
     kw = generation_kwargs(family, num_inference_steps=1, height=64, width=96)
     with daami2i.trace(pipe) as trc:
-        pipe(prompt="a red cat", **kw)
+        out = pipe(prompt="a red cat", **kw)
     gen = trc.last_generation
     frames = FAMILIES[family].frames
     assert gen.image_size == (64 * frames, 96)
-    scale = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial  # video pipelines: spatial
+    scale = (  # video pipelines: spatial (LTX-Video: its spatial compression ratio)
+        getattr(pipe, "vae_scale_factor", None)
+        or getattr(pipe, "vae_scale_factor_spatial", None)
+        or pipe.vae_spatial_compression_ratio
+    )
     assert gen.latent_size == (64 // scale * frames, 96 // scale)
     h, w = gen.grid_size
     assert trc.latent_hw == h * w
     for store in gen.self_attention.values():  # the stores were sized from the same geometry
         assert store.sums.shape[1] == store.size[0] * store.size[1]
+    if frames > 1:  # a video: its frame layout splits the stacked grid, and says where every video frame is from
+        assert gen.frames is not None and gen.frames.token_frames * gen.frames.rows == h
+        assert gen.frames.video_frames == len(out.frames[0])  # what the VAE decoded (CogVideoX: 5 -> 8)
+    else:
+        assert gen.frames is None
     need = trc.estimate_nbytes(
-        gen.latent_size, gen.n_images, n_tokens=next(iter(gen.cross_attention.values())).sums.shape[-1]
+        gen.latent_size,
+        gen.n_images,
+        n_tokens=next(iter(gen.cross_attention.values())).sums.shape[-1],
+        frames=gen.frames.token_frames if gen.frames is not None else 1,
     )
     assert need["self"] == gen.nbytes("self") and need["cross"] == gen.nbytes("cross")
 
