@@ -400,6 +400,13 @@ def test_a_direct_transformer_call(ltx):
     with pytest.raises(daami2i.TraceError, match="num_frames / height / width"):
         with daami2i.trace(ltx):
             ltx.transformer(**args, num_frames=3, height=3, width=3)  # 27 tokens asked, 18 given
+    coords = torch.zeros(1, 3, 18)  # per-token (frame, row, column), as LTXConditionPipeline passes them
+    with pytest.raises(daami2i.TraceError, match="video_coords given"):
+        with daami2i.trace(ltx):
+            ltx.transformer(**args, num_frames=3, height=2, width=3, video_coords=coords)
+    with pytest.raises(daami2i.TraceError, match="num_frames / height / width"):
+        with daami2i.trace(ltx):
+            ltx.transformer(**args)  # no sizes at all
 
 
 # ------------------------------------------------------------------------------------------ refusals
