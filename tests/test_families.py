@@ -14,6 +14,7 @@ from PIL import Image
 import daami2i
 from daami2i.testing import (
     tiny_chroma_pipeline,
+    tiny_cogvideox_pipeline,
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hidream_pipeline,
@@ -25,7 +26,6 @@ from daami2i.testing import (
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
-    tiny_cogvideox_pipeline,
     tiny_wan_pipeline,
     tiny_zimage_pipeline,
 )

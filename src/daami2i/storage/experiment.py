@@ -711,11 +711,11 @@ def _tensor_header(
     for e in selfs:  # a pooled store holds the cells of the grid: checked against the grid as if it were it
         if e["pool"] > 1:
             frames = gen.frames.token_frames if gen.frames is not None else 1
-            want = cells_of(gen.grid_size, frames, e["pool"])
-            if tuple(e["size"]) != want:
+            cells = cells_of(gen.grid_size, frames, e["pool"])
+            if tuple(e["size"]) != cells:
                 raise check.error(
                     f"self_attention size of pool {e['pool']}",
-                    f"the {frames}-frame grid {gen.grid_size[0]}x{gen.grid_size[1]} in cells: {list(want)}",
+                    f"the {frames}-frame grid {gen.grid_size[0]}x{gen.grid_size[1]} in cells: {list(cells)}",
                     list(e["size"]),
                 )
     stores = [(f"self/{e['factor']}", e["factor"], gen.grid_size if e["pool"] > 1 else e["size"]) for e in selfs]

@@ -16,8 +16,8 @@ from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
-from .lumina2 import Lumina2Adapter
 from .ltx import LTXAdapter
+from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter

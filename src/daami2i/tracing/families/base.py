@@ -188,7 +188,8 @@ class FamilyAdapter:
     def pixel_scale(self, pipe: Any) -> int:
         """Pixels per latent position of the pipeline's VAE, for the generation's ``image_size``:
         ``vae_scale_factor`` (video pipelines: ``vae_scale_factor_spatial``), else 8."""
-        return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
+        scale: Any = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
+        return int(scale)
 
     def text_streams(self, pipe: Any, n_text: int) -> list[Stream]:
         """Joint models: the text streams whose tokens are keys, for a context of ``n_text`` tokens."""
