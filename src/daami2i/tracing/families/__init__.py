@@ -16,6 +16,7 @@ from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
+from .hunyuanvideo import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
@@ -41,6 +42,7 @@ ADAPTERS: list[FamilyAdapter] = [
     WanAdapter(),
     CogVideoXAdapter(),
     LTXAdapter(),
+    HunyuanVideoAdapter(),
 ]
 
 
@@ -71,6 +73,7 @@ __all__ = [
     "Flux2Adapter",
     "FluxAdapter",
     "HiDreamAdapter",
+    "HunyuanVideoAdapter",
     "LTXAdapter",
     "Lumina2Adapter",
     "PassTracker",
