@@ -197,7 +197,10 @@ def test_cli_generate_writes_the_video_word_videos_and_experiment(generated: Any
         assert got.shape == want.shape
         assert np.array_equal(got, decode(write_video(want, root / f"again-{word}.mp4", fps=4))), word
         rows.append(strip(want))
-    assert np.array_equal(np.asarray(Image.open(out / "words.png")), np.concatenate(rows))
+    picture = np.asarray(Image.open(out / "words.png"))  # a labelled grid: words on the left, frames on top
+    want = np.concatenate(rows)
+    assert picture.shape[0] > want.shape[0] and picture.shape[1] > want.shape[1]
+    assert np.array_equal(picture[-want.shape[0] :, -want.shape[1] :], want)
 
 
 def test_cli_show_on_a_video_experiment(generated: Any, tmp_path: Path) -> None:

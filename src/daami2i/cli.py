@@ -357,12 +357,19 @@ def _generate_video(
 ) -> tuple[list[str], dict[str, str], int]:
     """Trace a video pipeline's call; write the video, one overlay video per word, a picture of every
     word's overlays (``words.png``: a row of frames per word) and the experiment (with its frames)."""
-    import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
 
     from . import trace
-    from .video import heat_map_overlays, save_experiment_frames, strip, video_frames_of, write_video
+    from .video import (
+        heat_map_overlays,
+        labelled_rows,
+        save_experiment_frames,
+        strip,
+        strip_indices,
+        video_frames_of,
+        write_video,
+    )
 
     with trace(pipe, cross_steps=cross_steps) as trc:
         result = pipe(prompt=prompt, **call)
@@ -382,7 +389,8 @@ def _generate_video(
             write_video(overlays, stage / "words" / f"{names[word]}{suffix}", fps)
             rows.append(strip(overlays))
             bar.update(1)
-        Image.fromarray(np.concatenate(rows, axis=0)).save(stage / "words.png")
+        shown = strip_indices(len(frames))
+        Image.fromarray(labelled_rows(rows, words, shown)).save(stage / "words.png")
         bar.update(1)
         trc.to_experiment(stage / "experiment", seed=seed, model_arg=model, steps=steps, fps=fps)
         save_experiment_frames(frames, stage / "experiment")

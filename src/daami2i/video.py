@@ -566,6 +566,41 @@ def strip(frames: Any, count: int = 8) -> np.ndarray:
     return np.concatenate(list(rgb[strip_indices(len(rgb), count)]), axis=1)
 
 
+def labelled_rows(rows: Sequence[np.ndarray], labels: Sequence[str], frame_ids: Sequence[int]) -> np.ndarray:
+    """Strips (each uint8 (H, n * W, 3), as :func:`strip` makes them) one below the other, with each
+    row's label in a white margin on the left and the video frame of each column above: uint8
+    (top + rows * H, left + n * W, 3). The pictures themselves are unchanged (below ``top``, right
+    of ``left``), so a test can compare them exactly.
+
+    >>> grid = labelled_rows([np.zeros((4, 12, 3), np.uint8)] * 2, ["fox", "snow"], [0, 4, 8])
+    >>> grid.shape[0] > 8 and grid.shape[1] > 12 and not grid[-8:, -12:].any()
+    True
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows or len(rows) != len(labels):
+        raise VideoError(f"labelled_rows needs one label per row, got {len(rows)} row(s) and {len(labels)} label(s)")
+    shapes = {r.shape for r in rows}
+    if len(shapes) != 1:
+        raise VideoError(f"the rows differ in shape: {sorted(shapes)[:3]}")
+    h, total, _ = rows[0].shape
+    if not frame_ids or total % len(frame_ids):
+        raise VideoError(f"{len(frame_ids)} frame label(s) do not divide a row of {total} pixels")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 8 + max(int(probe.textlength(str(t), font=font)) for t in labels)
+    top = 16
+    canvas = Image.new("RGB", (left + total, top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    width = total // len(frame_ids)
+    for j, f in enumerate(frame_ids):
+        draw.text((left + j * width + 2, 2), f"frame {f}", fill="black", font=font)
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        canvas.paste(Image.fromarray(row), (left, top + i * h))
+        draw.text((4, top + i * h + max(0, h // 2 - 6)), str(label), fill="black", font=font)
+    return np.asarray(canvas)
+
+
 def strip_indices(n: int, count: int = 8) -> list[int]:
     """The frames :func:`strip` shows of ``n``: all when ``n <= count``, else ``count`` evenly spaced,
     the first and the last included.
