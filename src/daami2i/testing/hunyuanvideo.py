@@ -61,7 +61,10 @@ def prompt_template(crop_start: int | None = None) -> dict[str, Any]:
     """
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": PREFIX_TOKENS if crop_start is None else crop_start}
+    return {
+        "template": DEFAULT_PROMPT_TEMPLATE["template"],
+        "crop_start": PREFIX_TOKENS if crop_start is None else crop_start,
+    }
 
 
 def tiny_llama_tokenizer() -> Any:
