@@ -243,3 +243,15 @@ def test_cli_generate_video_options_are_checked_first(generated: Any, tmp_path: 
     res = CliRunner().invoke(app, [*base, "--height", "32"])
     assert res.exit_code == 2 and "both --height and --width" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_info_on_a_video_experiment(generated: Any) -> None:
+    """`daami2i info` says it is a video: its frames, their size, the token frames and how they map."""
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+
+    res = CliRunner().invoke(app, ["info", str(generated[0] / "out" / "experiment")])
+    assert res.exit_code == 0, res.output
+    assert "video       9 frames of 32x48, 3 token frames of 2x3 (causal VAE" in res.output
+    assert "3 token frames stacked" in res.output

@@ -846,15 +846,28 @@ def info(experiment: Path = typer.Argument(..., help="An experiment folder.")) -
     for i, p in enumerate(g.image_prompts):
         lines.append(f"image {i}     {p!r}")
     lines += [
-        f"image size  {g.image_size[0]}x{g.image_size[1]} (height x width)" if g.image_size else "image size  unknown",
+        f"image size  {g.image_size[0]}x{g.image_size[1]} (height x width"
+        + (f"; {g.frames.token_frames} token frames stacked)" if g.frames is not None else ")")
+        if g.image_size
+        else "image size  unknown",
         f"latent      {g.latent_size[0]}x{g.latent_size[1]}, grid {g.grid_size[0]}x{g.grid_size[1]}"
         if g.latent_size
         else "latent      unknown",
         f"steps       {g.steps_run} run, captured {g.steps_captured}",
         f"guidance    {'on' if g.cfg else 'off'}, halves kept: {g.halves}",
     ]
+    if g.frames is not None:  # a video: the sizes above are of its token frames stacked
+        lay = g.frames
+        frame_h = g.image_size[0] // lay.token_frames if g.image_size else None
+        size = f" of {frame_h}x{g.image_size[1]}" if g.image_size and frame_h else ""
+        lines.insert(
+            len(lines) - 2,
+            f"video       {lay.video_frames} frames{size}, {lay.token_frames} token frames of "
+            f"{lay.rows}x{g.grid_size[1]} ({lay.note})",
+        )
     for f, st in sorted(g.self_attention.items()):
-        lines.append(f"self-attn   factor {f}: {st.size[0]}x{st.size[1]}, {len(st.layers)} layer(s)")
+        pooled = f", cell means of {st.pool}x{st.pool} tokens" if st.pool > 1 else ""
+        lines.append(f"self-attn   factor {f}: {st.size[0]}x{st.size[1]}, {len(st.layers)} layer(s){pooled}")
     factors: dict[int, list[str]] = {}
     for ct in g.cross_attention.values():
         factors.setdefault(ct.factor, []).append(ct.layer)
