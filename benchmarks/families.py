@@ -239,6 +239,16 @@ MODELS = [
         ),
         (161, 480, 704), 50, 128,  # LTXPipeline's example: 21 latent frames (time by 8) of 15 x 22 (by 32)
     ),
+    (
+        "hunyuanvideo", "HunyuanVideo", "HunyuanVideoTransformer3DModel",
+        dict(
+            in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+            num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+            rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+        ),
+        (129, 720, 1280), 50, 256,  # 33 latent frames of 90 x 160; the Llama text padded to 256 (masked)
+    ),
 ]  # fmt: skip
 
 

@@ -150,7 +150,7 @@ def tiny_hunyuanvideo_pipeline(seed: int = 0, num_layers: int = 1, num_single_la
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
     tokenizer = tiny_llama_tokenizer()
-    pipe = HunyuanVideoPipeline(
+    pipe: Any = HunyuanVideoPipeline(
         text_encoder=_llama_model(tokenizer, seed + 5),
         tokenizer=tokenizer,
         transformer=_hunyuan_transformer(seed + 3, num_layers, num_single_layers),

@@ -99,10 +99,10 @@ class HunyuanVideoAdapter(JointLayerOrder):
         if transformer is None or getattr(pipe, "unet", None) is not None:
             return None
         names = _class_names(transformer)
-        for cls, what in _OTHER_MODELS.items():
-            if cls in names:
+        for model, what in _OTHER_MODELS.items():
+            if model in names:
                 raise TraceError(
-                    f"{type(pipe).__name__} runs a {cls} ({what}): daami2i traces HunyuanVideo 1.0 text-to-video "
+                    f"{type(pipe).__name__} runs a {model} ({what}): daami2i traces HunyuanVideo 1.0 text-to-video "
                     "(HunyuanVideoPipeline) so far"
                 )
         if "HunyuanVideoTransformer3DModel" not in names:
