@@ -18,6 +18,7 @@ from daami2i.testing import (
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hidream_pipeline,
+    tiny_hunyuanvideo_pipeline,
     tiny_ltx_pipeline,
     tiny_lumina2_pipeline,
     tiny_pixart_pipeline,
@@ -29,6 +30,7 @@ from daami2i.testing import (
     tiny_wan_pipeline,
     tiny_zimage_pipeline,
 )
+from daami2i.testing.hunyuanvideo import prompt_template as hunyuan_template
 from daami2i.tracing.families import ADAPTERS, adapter_for
 
 
@@ -84,6 +86,13 @@ FAMILIES: dict[str, Family] = {
     "ltx": Family(
         (tiny_ltx_pipeline, lambda: tiny_ltx_pipeline(version="0.9.5")),
         {"max_sequence_length": 16, "num_frames": 9},
+        explorer=False,
+        frames=2,
+    ),
+    # HunyuanVideo 1.0 (the template's crop_start for the tiny tokenizer); 5 frames are 2 latent frames
+    "hunyuanvideo": Family(
+        (tiny_hunyuanvideo_pipeline,),
+        {"max_sequence_length": 16, "num_frames": 5, "prompt_template": hunyuan_template()},
         explorer=False,
         frames=2,
     ),
