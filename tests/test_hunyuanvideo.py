@@ -407,3 +407,23 @@ def test_other_pipelines_real_videos_and_bad_sizes_are_refused_clearly(pipe):
         for m in pipe.transformer.modules()
         if hasattr(m, "processor")
     )
+
+
+def test_cli_generate_writes_a_video(pipe, tmp_path):
+    """`daami2i generate` on HunyuanVideo (the pipeline's default template and text length: the labels
+    come from the received ids past the crop): the video, one overlay video per word and the experiment."""
+    import imageio.v3 as iio
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+    from daami2i.video import experiment_frames
+
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["generate", "a red fox", "-m", str(tmp_path / "model"), "--steps", "1", "--height", "32", "--width", "48"]
+    res = CliRunner().invoke(app, [*args, "--num-frames", "5", "--video-format", "gif", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert iio.imread(out / "video.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    assert iio.imread(out / "words" / "fox.gif", plugin="pillow", index=None).shape[1:3] == (32, 48)
+    exp = daami2i.load_experiment(out / "experiment")
+    assert experiment_frames(exp).shape == (5, 32, 48, 3)
