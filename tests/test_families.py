@@ -397,3 +397,42 @@ def test_a_generation_from_embeddings_alone_is_a_generation_of_its_own(pipes):
     torch.testing.assert_close(second, first)  # the same prompt's states: the same maps, not a sum
     torch.testing.assert_close(third, first)
     assert trc.generations[1].image_prompts == [None]
+
+
+VIDEO = [name for name in NAMES if FAMILIES[name].frames > 1]
+
+
+def cell_matrix(grid: tuple[int, int], frames: int, pool: int) -> torch.Tensor:
+    """The (tokens x cells) membership of p x p cells of each frame of a stacked grid, by loops."""
+    rows, cols = grid[0] // frames, grid[1]
+    hc, wc = -(-rows // pool), -(-cols // pool)
+    m = torch.zeros(grid[0] * cols, frames * hc * wc, dtype=torch.float64)
+    for f in range(frames):
+        for y in range(rows):
+            for x in range(cols):
+                m[(f * rows + y) * cols + x, (f * hc + y // pool) * wc + x // pool] = 1
+    return m
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_every_video_family_pools_into_exact_cell_means(pipes, family):
+    """self_pool=2 on every video family (uneven cells included): the store equals D^-1 P S P^T D^-1
+    of the full store S of an identical run (S itself is checked against recorded attention in each
+    family's own tests), and normalize=True weighs each query cell's row by its key cells' sizes."""
+    for maker, pipe in enumerate(pipes[family]):
+        kw = generation_kwargs(family, maker, num_inference_steps=1, height=64, width=96)
+        stores = {}
+        for pool in (1, 2):
+            with daami2i.trace(pipe, self_pool=pool) as trc:
+                pipe(prompt="a red cat", generator=torch.Generator().manual_seed(0), **kw)
+            stores[pool] = trc.last_generation
+        gen = stores[2]
+        full = stores[1].self_attention[1].sums[0].double()
+        pooled = gen.self_attention[1]
+        assert pooled.pool == 2
+        pt = cell_matrix(gen.grid_size, gen.frames.token_frames, 2)
+        d_inv = torch.diag(1 / pt.sum(0))
+        torch.testing.assert_close(pooled.sums[0].double(), d_inv @ pt.T @ full @ pt @ d_inv, atol=1e-7, rtol=1e-5)
+        (level,) = gen.self_levels(0, normalize=True)  # every query cell's mass is the layer count, as dense rows'
+        mass = (level.sums.double() * pt.sum(0)).sum(1)
+        torch.testing.assert_close(mass, torch.full_like(mass, float(len(pooled.layers))), atol=1e-5, rtol=0)

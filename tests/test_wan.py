@@ -356,3 +356,33 @@ def test_image_to_video_reads_the_text_call_never_the_image_context():
     box = torch.zeros(GRID)
     box[4:6, 1:3] = 1
     assert_close(ghm.compute_bbox_heat_map(1, 0, 2, 1, frame=7).value, column_query(self_ref, box, GRID))
+
+
+def test_frame_arguments_and_video_shapes_hostile_and_odd(wan):
+    """frame= takes arrays of frames; a (T, C, H, W) array is channels-first; the deprecated diffused
+    spelling keeps frame=; a frame's pixel map keeps its own frame's region; bad sizes and NaN maps
+    are clear errors."""
+    trc, _ = run(wan, "a red fox runs on snow", dict(self_pool=1))
+    ghm = trc.compute_global_heat_map()
+    by_range = ghm.compute_pixel_heat_map([0, 4], frame=range(1, 5)).value
+    assert torch.equal(ghm.compute_pixel_heat_map([0, 4], frame=np.array([1, 2, 3, 4])).value, by_range)
+    assert torch.equal(ghm.compute_pixel_heat_map([0, 4], frame=torch.tensor([2])).value, by_range)
+    with pytest.raises(daami2i.QueryError, match="frame must be an integer"):
+        ghm.compute_pixel_heat_map(0, frame=1.5)
+    fox = ghm.compute_word_heat_map("fox")
+    video = np.zeros((9, 32, 48, 3), np.uint8)
+    assert torch.equal(fox.expand_as(video.transpose(0, 3, 1, 2)), fox.expand_as(video))  # (T, C, H, W)
+    with pytest.raises(daami2i.QueryError, match="no channel axis"):
+        fox.expand_as(np.zeros((9, 5, 32, 48)))
+    with pytest.raises(daami2i.QueryError, match="sides of 1 to"):
+        fox.expand_as((0, 48))
+    bad = daami2i.heatmaps.maps.WordHeatMap(fox.value * float("nan"), "fox", frames=fox.frames)
+    with pytest.raises(daami2i.QueryError, match="NaN"):
+        bad.expand_as(video)
+    with pytest.warns(DeprecationWarning):
+        old = ghm.compute_pixel_diffused_heat_map(4, iterations=2, threshold=0.4, frame=8)
+    assert torch.equal(old.value, ghm.compute_pixel_grown_heat_map(4, 2, 0.4, frame=8).value)
+    assert not torch.equal(old.value, ghm.compute_pixel_grown_heat_map(4, 2, 0.4).value)
+    pm = ghm.compute_pixel_heat_map(4, frame=8)
+    one = pm.frame(8)
+    assert one.weights.shape == (2, 3) and one.weights[1, 1] == 1 and one.weights.sum() == 1

@@ -19,6 +19,7 @@ covers 4 video frames) and a transformer may patch latent frames in pairs (CogVi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,8 @@ class FrameLayout:
         """A causal video VAE (Wan, CogVideoX): the first video frame decodes from latent frame 0,
         each later latent frame gives ``temporal`` video frames; token frame ``t`` holds latent frames
         ``patch_t * t ... patch_t * t + patch_t - 1``. ``dropped`` latent frames at the front are
-        discarded before decoding (CogVideoX 1.5's padding to a multiple of ``patch_t``)."""
+        discarded before decoding (padding that is never decoded). CogVideoX's chunked VAE and 1.5's
+        padding build their layout in their adapter."""
         for name, v in (("latent_frames", latent_frames), ("temporal", temporal), ("patch_t", patch_t)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise QueryError(f"{name} must be a positive integer, got {v!r}")
@@ -89,9 +91,12 @@ class FrameLayout:
     def token_frame(self, frame: Any) -> int:
         """The token frame video frame ``frame`` comes from (negative counts from the end)."""
         n = self.video_frames
-        if isinstance(frame, bool) or not isinstance(frame, int) and not hasattr(frame, "__index__"):
-            raise QueryError(f"frame must be an integer video frame in [0, {n - 1}], got {frame!r}")
-        f = int(frame.__index__())
+        try:
+            if isinstance(frame, bool):
+                raise TypeError
+            f = operator.index(frame)
+        except TypeError:
+            raise QueryError(f"frame must be an integer video frame in [0, {n - 1}], got {frame!r}") from None
         if not -n <= f < n:
             raise QueryError(
                 f"frame {f} is outside this video's {n} frames (expected 0..{n - 1}, or negative from the end)"
@@ -103,6 +108,8 @@ class FrameLayout:
         or a range / sequence of video frames."""
         if frame is None:
             return list(range(self.token_frames))
+        if getattr(frame, "ndim", 0) >= 1 and callable(getattr(frame, "tolist", None)):  # an array / tensor of frames
+            frame = list(frame.reshape(-1).tolist()) if frame.ndim > 1 else list(frame.tolist())
         if isinstance(frame, (range, Sequence)) and not isinstance(frame, str):
             if len(frame) == 0:
                 raise QueryError("frame= got an empty range of frames: give at least one video frame")

@@ -51,15 +51,31 @@ def video_size_of(frames: Any) -> tuple[int, Size]:
         return len(frames), sizes.pop()
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 4:
         t, a, b, c = (int(v) for v in frames.shape)
-        if isinstance(frames, torch.Tensor) and a in (1, 3, 4) and c not in (1, 3, 4):
-            return t, (b, c)  # (T, C, H, W)
-        return t, (a, b)  # (T, H, W, C)
+        if a in (1, 3, 4) and c not in (1, 3, 4):
+            return t, (b, c)  # (T, C, H, W): diffusers' output_type="pt", as a tensor or an array
+        if c in (1, 3, 4):
+            return t, (a, b)  # (T, H, W, C)
+        raise QueryError(
+            f"a video of shape {tuple(frames.shape)} has no channel axis of 1, 3 or 4 first or last: expected "
+            "(frames, H, W, C) or (frames, C, H, W)"
+        )
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 3 and frames.shape[-1] not in (3, 4):
         return int(frames.shape[0]), (int(frames.shape[1]), int(frames.shape[2]))
     raise QueryError(
         "expected a video: a list of frames, a (frames, H, W[, C]) array or tensor, or a (frames, height, "
         f"width) tuple; got {type(frames).__name__} of shape {tuple(getattr(frames, 'shape', ()))}"
     )
+
+
+_MAX_SIDE = 2**15  # pixels a side of an expanded map
+
+
+def _check_target(size: Size) -> Size:
+    """A size to expand a map to: positive sides of at most 2**15 pixels."""
+    h, w = size
+    if not (1 <= h <= _MAX_SIDE and 1 <= w <= _MAX_SIDE):
+        raise QueryError(f"a map expands to sides of 1 to {_MAX_SIDE} pixels, got {h}x{w}")
+    return h, w
 
 
 def image_size_of(image: Any) -> Size:
@@ -205,7 +221,11 @@ class HeatMap:
         import copy
 
         out = copy.copy(self)
-        out.value, out.frames = self.heatmap[self.frames.token_frame(frame)].clone(), None
+        t, rows = self.frames.token_frame(frame), self.frames.rows
+        out.value, out.frames = self.heatmap[t].clone(), None
+        weights = getattr(self, "weights", None)
+        if isinstance(weights, torch.Tensor) and weights.shape[0] == self.value.shape[0]:
+            out.weights = weights[t * rows : (t + 1) * rows].clone()  # type: ignore[attr-defined]
         return out
 
     @property
@@ -228,9 +248,11 @@ class HeatMap:
         """
         if threshold is not None:
             regions.check_fraction(threshold)  # before any work
+        if not bool(torch.isfinite(self.value).all()):
+            raise QueryError("this map holds NaN or infinite values, so it has no normalised picture")
         if self.frames is not None:
             return self._expand_video(image, absolute, threshold, plot, **plot_kwargs)
-        h, w = image_size_of(image)
+        h, w = _check_target(image_size_of(image))
         im = F.interpolate(self.value[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
         if not absolute:
             lo, span = im.min(), im.max() - im.min()
@@ -257,6 +279,7 @@ class HeatMap:
             n, (h, w) = self.frames.video_frames, (int(video[0]), int(video[1]))
         else:
             n, (h, w) = video_size_of(video)
+        h, w = _check_target((h, w))
         if n != self.frames.video_frames:
             raise QueryError(
                 f"this map is of a video of {self.frames.video_frames} frames, but {n} frames were given: pass the "
@@ -632,7 +655,7 @@ class GlobalHeatMap:
         w = self._place(regions.box_weights(*cells, self.frame_size, half_open=True), frame)
         region = {"kind": "box", "box": cells, "corners": (x1, y1, x2, y2), "half_open": half_open}
         if self.frames is not None:
-            region["frames"] = self._token_frames(frame)
+            region["token_frames"] = self._token_frames(frame)  # of the stacked grid (not video frames)
         return self._region(w, direction, region)
 
     def compute_contour_heat_map(
@@ -686,12 +709,14 @@ class GlobalHeatMap:
         iterations: int = 20,
         threshold: float = 0.4,
         direction: Direction | None = None,
+        *,
+        frame: Any = None,
     ) -> PixelHeatMap:
         """Iterated guided maps starting from a guide (``iterations`` queries in all): each round's map,
         min-max normalised and cut below the fraction ``threshold``, guides the next round, so the
         region grows through self-attention where the map is strong. (daam-i2i's fixed, absolute cut is
         :meth:`compute_pixel_diffused_heat_map` / :meth:`compute_diffused_heat_map`.)"""
-        g = self._guide(guide_heatmap)
+        g = self._guide(guide_heatmap, frame)
         d = selfattn.check_direction(direction or self.direction)
         m = selfattn.diffuse(self._levels(), g, self.grid_size, iterations, threshold, d)
         return PixelHeatMap(m, g, d, frames=self.frames)
@@ -759,7 +784,7 @@ class GlobalHeatMap:
             _deprecated(
                 "compute_pixel_diffused_heat_map(pix_ids, iterations, threshold)", "compute_pixel_grown_heat_map"
             )
-            return self.compute_pixel_grown_heat_map(latent_pixel_id, it, th, direction)
+            return self.compute_pixel_grown_heat_map(latent_pixel_id, it, th, direction, frame=frame)
         _check_method(method)
         g = self._place(regions.pixel_weights(latent_pixel_id, self.frame_size), frame)
         d = selfattn.check_direction(direction or self.direction)

@@ -20,7 +20,7 @@ import torch
 from ..errors import QueryError, TraceError
 from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
-from ..heatmaps.resample import cell_counts, cell_repeat, cell_sum
+from ..heatmaps.resample import cell_counts, cell_sum
 from ..heatmaps.selfattn import Direction, SelfAttentionLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
 
@@ -93,8 +93,10 @@ class SelfAttentionStore:
         assert self.tokens is not None
         if self._cells is None:
             counts = cell_counts(self.tokens, self.frames, self.pool, mean.device)
-            ids = torch.arange(counts.numel(), dtype=torch.float32, device=mean.device).view(self.size)
-            cell_of = cell_repeat(ids, self.frames, self.pool, self.tokens).flatten().long()  # token -> cell
+            h, w = self.tokens[0] // self.frames, self.tokens[1]
+            hc, wc = self.size[0] // self.frames, self.size[1]
+            f, y, x = torch.meshgrid(*(torch.arange(n, device=mean.device) for n in (self.frames, h, w)), indexing="ij")
+            cell_of = ((f * hc + y // self.pool) * wc + x // self.pool).flatten()  # token -> its cell, integers
             self._cells = (counts, cell_of)
         counts, cell_of = self._cells
         n_img, r, _ = mean.shape
@@ -393,7 +395,12 @@ class Generation:
                     continue
                 sums, n = torch.stack(parts).sum(0), len(parts)
             if normalize:  # daam-i2i: G / (sum over keys of G + 1e-6), G = sums / n
-                sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
+                if s.pool > 1:  # cell means: a query cell's mass is its row weighted by the key cells' sizes
+                    assert s.tokens is not None
+                    counts = cell_counts(s.tokens, s.frames, s.pool, sums.device)
+                    sums = sums / ((sums * counts).sum(1, keepdim=True) / n + 1e-6)
+                else:
+                    sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
             frames = self.frames.token_frames if self.frames else 1
             out.append(SelfAttentionLevel(s.size, sums, n, frames, s.pool))
         return out

@@ -943,9 +943,9 @@ class Trace:
             return int(self.self_pool)
         if frames == 1 or self._self_factors != [1]:
             return 1
-        for p in range(1, max(grid) + 1):
+        for p in range(1, max(grid) + 1):  # the budget is per video: a batch of videos pools as one does
             h, w = cells_of(grid, frames, p)
-            if n_images * (h * w) ** 2 * 4 <= _AUTO_POOL_BYTES:
+            if (h * w) ** 2 * 4 <= _AUTO_POOL_BYTES:
                 return p
         return max(grid)
 
