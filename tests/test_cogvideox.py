@@ -421,3 +421,18 @@ def test_cli_generate_writes_a_video(pipes, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_padding_read_tells_outside_from_not_found():
+    """_added_frames: the pipeline's own local when there, None outside a pipeline call, -1 (warned
+    about by frame_layout) inside a call that no longer has it (a changed diffusers)."""
+    from daami2i.tracing.families.cogvideox import _added_frames
+
+    class Pipe:
+        def __call__(self, padded: bool):
+            if padded:
+                additional_frames = 1  # noqa: F841 - read from this frame by _added_frames
+            return _added_frames(self)
+
+    pipe = Pipe()
+    assert pipe(True) == 1 and pipe(False) == -1 and _added_frames(pipe) is None

@@ -47,6 +47,7 @@ attribution.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -100,14 +101,17 @@ def decoded_sources(latent_frames: int, temporal: int = 4, batch: int = 2) -> li
 
 def _added_frames(pipe: Any) -> int | None:
     """The latent frames the running ``CogVideoXPipeline.__call__`` of ``pipe`` padded at the front
-    (its local ``additional_frames``), or None when the transformer runs outside it."""
+    (its local ``additional_frames``), None when the transformer runs outside it, -1 when it runs inside
+    the pipeline's call but that local is not found (a changed diffusers)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             local = frame.f_locals
             if local.get("self") is pipe and "additional_frames" in local:
                 value = local["additional_frames"]
-                return int(value) if isinstance(value, int) else None
+                return int(value) if isinstance(value, int) else -1
+            if local.get("self") is pipe and frame.f_code.co_name == "__call__":
+                return -1  # inside the pipeline's call, but its padding is not where it used to be
             frame = frame.f_back
         return None
     finally:
@@ -188,6 +192,15 @@ class CogVideoXAdapter(JointLayerOrder):
         latent_frames = int(call.sample.shape[1])
         _, pt = _patches(denoiser)
         added = _added_frames(pipe) if pt > 1 else 0
+        if added == -1:
+            added = None
+            warnings.warn(
+                "daami2i could not read how many latent frames CogVideoXPipeline padded in front (its local "
+                "'additional_frames'; a newer diffusers?): the video-frame mapping assumes none, so frame= and "
+                "expand_as may be off by the padding",
+                UserWarning,
+                stacklevel=2,
+            )
         dropped = added if added is not None and 0 <= added < latent_frames else 0
         temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
         batch = int(getattr(getattr(pipe, "vae", None), "num_latent_frames_batch_size", 2) or 2)
