@@ -249,20 +249,26 @@ MODELS = [
         ),
         (129, 720, 1280), 50, 256,  # 33 latent frames of 90 x 160; the Llama text padded to 256 (masked)
     ),
+    (
+        # SD 1.5 with the motion adapter v1-5-2 (16 frames of 512 x 512; a UNetMotionModel's default config)
+        "animatediff", "AnimateDiff (SD 1.5 + motion v1-5-2)", "UNetMotionModel",
+        dict(sample_size=64, cross_attention_dim=768, motion_max_seq_length=32, use_motion_mid_block=True),
+        (16, 512, 512), 25, 77,
+    ),
 ]  # fmt: skip
 
 
 #: VAEs that do not scale by 8: Sana's DC-AE and the LTX-Video VAE scale by 32
 VAE_SCALE = {"sana": 32, "ltx": 32}
-#: video VAEs' time compression where it is not 4
-VAE_TEMPORAL: dict[str, int] = {"ltx": 8}
+#: video VAEs' time compression where it is not 4 (AnimateDiff's 2-D VAE: none, so frames = latent frames)
+VAE_TEMPORAL: dict[str, int] = {"ltx": 8, "animatediff": 1}
 
 
 def _pipe(family: str, denoiser: torch.nn.Module) -> types.SimpleNamespace:
-    attr = "unet" if family == "unet" else "transformer"
+    attr = "unet" if family in ("unet", "animatediff") else "transformer"
     return types.SimpleNamespace(
         **{attr: denoiser},
-        **({} if family == "unet" else {"unet": None}),
+        **({} if attr == "unet" else {"unet": None}),
         check_inputs=lambda *a, **k: None,
         encode_prompt=lambda *a, **k: None,  # Z-Image's pipelines read prompts there (no check_inputs)
     )

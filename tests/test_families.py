@@ -13,6 +13,7 @@ from PIL import Image
 
 import daami2i
 from daami2i.testing import (
+    tiny_animatediff_pipeline,
     tiny_chroma_pipeline,
     tiny_cogvideox_pipeline,
     tiny_flux2_pipeline,
@@ -76,6 +77,8 @@ FAMILIES: dict[str, Family] = {
         frames=2,
     ),
     # CogVideoX 1.0 and 1.5 (the text length must be the transformer's: 16); 5 frames are 2 latent frames
+    # AnimateDiff: frames are a batch of the spatial layers; motion modules attend across them
+    "animatediff": Family((tiny_animatediff_pipeline,), {"num_frames": 4}, "unet", explorer=False, frames=4),
     "cogvideox": Family(
         (tiny_cogvideox_pipeline, lambda: tiny_cogvideox_pipeline(patch_size_t=2)),
         {"max_sequence_length": 16, "num_frames": 5},
@@ -159,7 +162,8 @@ def test_geometry_is_what_the_denoiser_ran(pipes, family):
     h, w = gen.grid_size
     assert trc.latent_hw == h * w
     for store in gen.self_attention.values():  # the stores were sized from the same geometry
-        assert store.sums.shape[1] == store.size[0] * store.size[1]
+        blocks = store.sums.shape[1] * store.sums.shape[2] if store.blocks else store.sums.shape[1]  # frames' blocks
+        assert blocks == store.size[0] * store.size[1]
     if frames > 1:  # a video: its frame layout splits the stacked grid, and says where every video frame is from
         assert gen.frames is not None and gen.frames.token_frames * gen.frames.rows == h
         assert gen.frames.video_frames == len(out.frames[0])  # what the VAE decoded (CogVideoX: 5 -> 8)
@@ -399,7 +403,8 @@ def test_a_generation_from_embeddings_alone_is_a_generation_of_its_own(pipes):
     assert trc.generations[1].image_prompts == [None]
 
 
-VIDEO = [name for name in NAMES if FAMILIES[name].frames > 1]
+# videos whose frames share one self-attention store (AnimateDiff keeps one block per frame, not pooled)
+VIDEO = [name for name in NAMES if FAMILIES[name].frames > 1 and name != "animatediff"]
 
 
 def cell_matrix(grid: tuple[int, int], frames: int, pool: int) -> torch.Tensor:

@@ -424,6 +424,7 @@ class GlobalHeatMap:
         normalize: bool = False,
         self_note: str | None = None,
         frames: FrameLayout | None = None,
+        temporal_levels: list[selfattn.TemporalLevel] | None = None,
     ) -> None:
         if isinstance(grid_size, torch.Tensor):  # daam-i2i: GlobalHeatMap(heat_maps (K, h, w), latent_hw)
             grid_size, self_levels, cross_layers = _from_pixel_maps(grid_size, self_levels)
@@ -444,6 +445,7 @@ class GlobalHeatMap:
                 f"{self.grid_size}"
             )
         self.frames = frames  # video: how the stacked grid splits into frames; None for an image
+        self.temporal_levels = list(temporal_levels or [])  # AnimateDiff's motion modules, per resolution
         self.normalize = bool(normalize)  # DAAM: word maps divided by the sum over the prompt's token maps
         self.self_note = self_note  # why self-attention is missing (a head / layer selection), if it is
         self._pixel_maps: torch.Tensor | None = None  # daam-i2i's heat_maps, built on first use
@@ -507,6 +509,40 @@ class GlobalHeatMap:
         for t in chosen:
             out[t * rows : (t + 1) * rows] = weights
         return out
+
+    def compute_temporal_attention(
+        self,
+        pixels: Sequence[int] | int | None = None,
+        *,
+        frame: int,
+        box: tuple[int, int, int, int] | None = None,
+        weights: Any = None,
+        direction: Direction = "attends_to",
+    ) -> torch.Tensor:
+        """AnimateDiff's motion modules: how a region of video frame ``frame`` attends across time, a
+        (video frames,) curve (see :func:`daami2i.heatmaps.selfattn.temporal_query`). The region is
+        ``pixels`` (row-major ids of one frame's grid), a ``box`` (x1, y1, x2, y2, corners included) or
+        ``weights`` ((h, w) on one frame's grid); ``"attends_to"`` gives where its pixels look,
+        ``"attended_by"`` how much each frame's same pixels look at it.
+        """
+        given = [v is not None for v in (pixels, box, weights)]
+        if sum(given) != 1:
+            raise QueryError("give the region as exactly one of pixels=, box= or weights=")
+        if self.frames is None or not self.temporal_levels:
+            raise QueryError(
+                "this heat map has no temporal attention: it is captured from AnimateDiff's motion modules "
+                "(trace an AnimateDiffPipeline with self_attention=True)"
+            )
+        size = self.frame_size
+        if pixels is not None:
+            g = regions.pixel_weights(pixels, size)
+        elif box is not None:
+            g = regions.box_weights(*regions.box_cells(*box, size), size, half_open=True)
+        else:
+            g = regions.guide_weights(weights, size)
+        t = self.frames.token_frame(frame)
+        curve = selfattn.temporal_query(self.temporal_levels, g, t, selfattn.check_direction(direction))
+        return curve[torch.tensor(self.frames.source)].cpu()
 
     def _guide(self, guide: Any, frame: Any = None) -> torch.Tensor:
         """A guide as weights on the stacked grid. A video takes a video map, a (token frames, h, w) or
@@ -872,7 +908,9 @@ class GlobalHeatMap:
         """DAAM's aggregation of the given token rows, (len(rows), h, w); each row is computed once and cached."""
         missing = sorted({r for r in rows if r not in self._row_cache})
         if missing:
-            for r, m in zip(missing, aggregate_layers(self.cross_layers, self.grid_size, missing).cpu(), strict=True):
+            frames = self.frames.token_frames if self.frames is not None else 1
+            maps = aggregate_layers(self.cross_layers, self.grid_size, missing, frames).cpu()
+            for r, m in zip(missing, maps, strict=True):
                 self._row_cache[r] = m
         return torch.stack([self._row_cache[r] for r in rows])
 

@@ -47,6 +47,52 @@ class SelfAttentionLevel:
     n_layers: int
     frames: int = 1  # video: h is this many frames stacked top to bottom, resampled frame by frame
     pool: int = 1  # > 1: a pooled level, size is the cell grid of p x p token cells of each frame
+    # frames that never attend to each other (AnimateDiff): sums is (frames, n, n), one block per frame,
+    # n = h * w / frames; the level's S is block-diagonal
+    blocks: bool = False
+
+
+@dataclass(frozen=True)
+class TemporalLevel:
+    """Temporal self-attention of one resolution for one video (AnimateDiff's motion modules)."""
+
+    size: Size  # (h, w) of one frame at this resolution
+    sums: torch.Tensor  # shape: (h*w, frames, frames) float32, [pixel, query frame, key frame], summed
+    n_layers: int
+
+
+def temporal_query(
+    levels: list[TemporalLevel], weights: torch.Tensor, frame: int, direction: Direction = "attends_to"
+) -> torch.Tensor:
+    """How a region of one frame attends across time: a (frames,) curve.
+
+    ``weights`` (h, w) is the region on one frame's grid (moved to each resolution with the adjoint
+    of its bicubic upsampling, as the spatial queries do); ``"attends_to"``: the mean over the region
+    of row ``frame`` of each pixel's (frames x frames) matrix (where frame ``frame``'s pixels look);
+    ``"attended_by"``: of column ``frame`` (how much every frame's same pixels look at frame
+    ``frame``); averaged over the captured layers (a row sums to the captured steps).
+
+    >>> t = torch.tensor([[0.75, 0.25], [0.5, 0.5]]).expand(4, 2, 2)
+    >>> temporal_query([TemporalLevel((2, 2), t, 1)], torch.ones(2, 2), frame=1).tolist()
+    [0.5, 0.5]
+    """
+    check_direction(direction)
+    if not levels:
+        raise QueryError("no temporal attention was captured: trace an AnimateDiff pipeline with self_attention=True")
+    total, n_layers = None, 0
+    for level in levels:
+        frames = level.sums.shape[1]
+        if not -frames <= frame < frames:
+            raise QueryError(f"frame {frame} is outside this video's {frames} frames")
+        g = adjoint(weights.to(level.sums.device, torch.float32), level.size).flatten()  # (h_r * w_r,)
+        if float(g.sum()) <= 0:
+            raise QueryError("the region has no weight at one of the captured resolutions")
+        part = level.sums[:, frame, :] if direction == "attends_to" else level.sums[:, :, frame]  # (pixels, F)
+        m = (g / g.sum()) @ part
+        total = m if total is None else total + m
+        n_layers += level.n_layers
+    assert total is not None
+    return total / n_layers
 
 
 def check_direction(direction: str) -> Direction:
@@ -83,7 +129,7 @@ def _oriented(levels: list[SelfAttentionLevel], direction: Direction, contiguous
     """
     out = []
     for level in levels:
-        r = level.sums.T if direction == "attended_by" else level.sums
+        r = level.sums.transpose(-1, -2) if direction == "attended_by" else level.sums
         if contiguous:
             r = torch.where(r.abs() < 1e-30, torch.zeros((), device=r.device), r).contiguous()
         out.append(r)
@@ -98,6 +144,9 @@ def _weighted_rows(g: torch.Tensor, rows: torch.Tensor, tiles: torch.Tensor | No
     the union of its own maps' supports; groups whose union is more than half of the rows are done
     together in one dense product (large products run much faster than many small ones).
     """
+    if rows.dim() == 3:  # one block per frame: g's frames times their own blocks
+        f, n, _ = rows.shape
+        return torch.einsum("bfn,fnm->bfm", g.view(g.shape[0], f, n), rows).reshape(g.shape[0], f * n)
     if not rows.is_contiguous():
         return g @ rows
     if tiles is None:

@@ -370,11 +370,12 @@ def text_rows(
 
 
 def aggregate_layers(
-    layers: Sequence[CrossAttentionLayer], grid: Size, rows: Sequence[int] | None = None
+    layers: Sequence[CrossAttentionLayer], grid: Size, rows: Sequence[int] | None = None, frames: int = 1
 ) -> torch.Tensor:
     """DAAM's aggregation: each (layer, head) map is upsampled bicubically to the grid and clamped
     at 0, then all are averaged. Returns (tokens, h, w) float32, or (len(rows), h, w) for the
-    token ``rows`` alone (each row's map does not depend on the others)."""
+    token ``rows`` alone (each row's map does not depend on the others). ``frames > 1``: the maps
+    are that many video frames stacked top to bottom, each upsampled on its own."""
     if not layers:
         raise QueryError("no cross-attention was captured: trace with cross_attention=True to compute word maps")
     total: torch.Tensor | None = None
@@ -384,7 +385,11 @@ def aggregate_layers(
         heads, _, n_tok = sums.shape
         h, w = layer.size
         maps = sums.transpose(1, 2).reshape(heads * n_tok, 1, h, w)
-        if (h, w) != tuple(grid):
+        if (h, w) != tuple(grid) and frames > 1:  # frame by frame: (maps * frames, 1, h / frames, w)
+            per = maps.reshape(heads * n_tok * frames, 1, h // frames, w)
+            per = F.interpolate(per, size=(grid[0] // frames, grid[1]), mode="bicubic", align_corners=False)
+            maps = per.reshape(heads * n_tok, 1, *grid)
+        elif (h, w) != tuple(grid):
             maps = F.interpolate(maps, size=grid, mode="bicubic", align_corners=False)
         maps = maps.clamp(min=0).view(heads, n_tok, *grid).sum(0)
         total = maps if total is None else total + maps

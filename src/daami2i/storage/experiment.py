@@ -4,6 +4,8 @@ Layout of an experiment folder (no pickle anywhere; loading never executes code 
 
     manifest.json          format, version, prompts, tokens, sizes, steps, pipeline identity, stores
     attention.safetensors  "self/<factor>"        (n_images, N, N)            float32
+                                                  (n_images, frames, N/F, N/F): AnimateDiff's blocks
+                           "temporal/<factor>"    (n_images, h*w, frames, frames) float32, AnimateDiff
                            "cross/<layer>"        (n_images, heads, N, 77)    float32
                            "cross_steps/<layer>"  (steps, n_images, heads, N, T) float32, optional
                            "text_image/<layer>"   (n_images, T, N)            float32, optional
@@ -47,7 +49,7 @@ from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.resample import cells_of
 from ..heatmaps.selfattn import Direction
 from ..heatmaps.words import tokenize_prompt
-from .store import CrossAttentionStore, Generation, SelfAttentionStore, predecessor_arguments
+from .store import CrossAttentionStore, Generation, SelfAttentionStore, TemporalStore, predecessor_arguments
 
 FORMAT = "daami2i-experiment"
 VERSION = 1
@@ -107,6 +109,8 @@ def save_experiment(
     tensors: dict[str, torch.Tensor] = {}
     for factor, st in gen.self_attention.items():
         tensors[f"self/{factor}"] = st.sums.detach().float().cpu().contiguous()
+    for factor, tt in gen.temporal.items():
+        tensors[f"temporal/{factor}"] = tt.sums.detach().float().cpu().contiguous()
     for layer, ct in gen.cross_attention.items():
         tensors[f"cross/{layer}"] = ct.sums.detach().float().cpu().contiguous()
         if ct.per_step:
@@ -151,8 +155,11 @@ def save_experiment(
             "frames": gen.frames.to_dict() if gen.frames is not None else None,
         },
         "self_attention": [
-            {"factor": f, "size": list(st.size), "layers": st.layers, "pool": st.pool}
+            {"factor": f, "size": list(st.size), "layers": st.layers, "pool": st.pool, "blocks": st.blocks}
             for f, st in gen.self_attention.items()
+        ],
+        "temporal_attention": [
+            {"factor": f, "size": list(tt.size), "layers": tt.layers} for f, tt in gen.temporal.items()
         ],
         "cross_attention": [
             {
@@ -549,6 +556,7 @@ def _entries(manifest: dict[str, Any], check: _Checker) -> tuple[list[dict[str, 
                 "size": check.size(check.key(entry, "size", where), f"{where}.size"),
                 "layers": list(layers),
                 "pool": check.integer(entry.get("pool", 1), f"{where}.pool", lo=1, hi=_MAX_POOL),
+                "blocks": check.flag(entry.get("blocks", False), f"{where}.blocks"),
             }
         )
     for i, entry in enumerate(check.items(manifest["cross_attention"], "cross_attention")):
@@ -632,11 +640,37 @@ def _check_streams(gen: Generation, n_text: int | None, check: _Checker) -> None
             st["prompts"] = check.texts(st["prompts"], f"{where}.prompts", gen.n_images)
 
 
+def _temporal_entries(manifest: dict[str, Any], gen: Generation, check: _Checker) -> list[dict[str, Any]]:
+    """The manifest's temporal stores (AnimateDiff's motion modules), each checked; none for older files."""
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(check.items(manifest.get("temporal_attention", []), "temporal_attention")):
+        where = f"temporal_attention[{i}]"
+        entry = check.mapping(entry, where)
+        layers = check.items(check.key(entry, "layers", where), f"{where}.layers")
+        for j, name in enumerate(layers):
+            check.text(name, f"{where}.layers[{j}]")
+        size = check.size(check.key(entry, "size", where), f"{where}.size")
+        frames = gen.frames.token_frames if gen.frames is not None else 1
+        if size is None or size[0] > gen.grid_size[0] // frames or size[1] > gen.grid_size[1]:
+            raise check.error(f"{where}.size", f"at most one frame of the grid {list(gen.grid_size)}", size)
+        factor = check.integer(check.key(entry, "factor", where), f"{where}.factor", lo=1, hi=_FACTORS[-1])
+        if factor not in _FACTORS or factor in [e["factor"] for e in out]:
+            raise check.error(f"{where}.factor", "a distinct power of two from 1 to 64", factor)
+        out.append({"factor": factor, "size": size, "layers": list(layers)})
+    return out
+
+
 def _tensor_header(
-    root: Path, gen: Generation, selfs: list[dict[str, Any]], crosses: list[dict[str, Any]], check: _Checker
+    root: Path,
+    gen: Generation,
+    selfs: list[dict[str, Any]],
+    crosses: list[dict[str, Any]],
+    check: _Checker,
+    temporals: list[dict[str, Any]] | None = None,
 ) -> tuple[Any, list[str]]:
     """The open safetensors file and the names of the tensors to read, each checked (dtype, shape)
     in the header against the manifest, and the manifest's sizes against them; nothing is read yet."""
+    temporals = temporals or []
     from safetensors import safe_open
 
     tpath = root / TENSORS
@@ -673,10 +707,22 @@ def _tensor_header(
                 f"{tpath}: tensor {key!r} must have shape {list(want)} ({why} in {MANIFEST}), got {list(shape)}; {_FIX}"
             )
 
+    frames = gen.frames.token_frames if gen.frames is not None else 1
     for e in selfs:
         key, (h, w) = f"self/{e['factor']}", e["size"]
+        if e["blocks"]:  # one block per frame (AnimateDiff)
+            if gen.frames is None or h % frames or e["pool"] > 1:
+                raise check.error(f"self_attention blocks of factor {e['factor']}", "a video's unpooled frames", e)
+            per = h // frames * w
+            expect(key, shape_of(key, 4), (n, frames, per, per), f"n_images {n}, {frames} frames of {h // frames}x{w}")
+            continue
         shape = shape_of(key, 3)
         expect(key, shape, (n, h * w, h * w), f"n_images {n}, size {h}x{w}")
+    for e in temporals:
+        key, (h, w) = f"temporal/{e['factor']}", e["size"]
+        if gen.frames is None:
+            raise check.error("temporal_attention", "a video generation's (generation.frames)", e)
+        expect(key, shape_of(key, 4), (n, h * w, frames, frames), f"n_images {n}, size {h}x{w}, {frames} frames")
     n_text, text_key = None, ""
     for e in crosses:
         key, (h, w) = f"cross/{e['layer']}", e["size"]
@@ -723,6 +769,7 @@ def _tensor_header(
     _check_sizes(gen, stores, check)
     _check_streams(gen, n_text, check)
     wanted = [f"self/{e['factor']}" for e in selfs] + [f"cross/{e['layer']}" for e in crosses]
+    wanted += [f"temporal/{e['factor']}" for e in temporals]
     wanted += [f"cross_steps/{e['layer']}" for e in crosses if e["has_steps"]]
     wanted += [f"text_{kind}/{e['layer']}" for e in crosses for kind in e["text_queries"]]
     return handle, wanted
@@ -882,7 +929,8 @@ def load_experiment(path: str | Path) -> Experiment:
     selfs, crosses = _entries(manifest, check)
     image_files = _images(root, manifest, gen.n_images, check)
     kinds = _tokenizer_kinds(root, manifest, check)
-    handle, wanted = _tensor_header(root, gen, selfs, crosses, check)
+    temporals = _temporal_entries(manifest, gen, check)
+    handle, wanted = _tensor_header(root, gen, selfs, crosses, check, temporals)
     tokenizer, tokenizers = _tokenizers(root, gen, kinds)
     tensors = _read_tensors(root, handle, wanted)
     for e in selfs:
@@ -894,9 +942,13 @@ def load_experiment(path: str | Path) -> Experiment:
             tensors[f"self/{f}"],
             e["layers"],
             pool=pool,
-            frames=frames if pool > 1 else 1,
+            frames=frames if pool > 1 or e["blocks"] else 1,
             tokens=gen.grid_size if pool > 1 else None,
+            blocks=e["blocks"],
         )
+    for e in temporals:
+        f = e["factor"]
+        gen.temporal[f] = TemporalStore(f, e["size"], tensors[f"temporal/{f}"], e["layers"])
     for e in crosses:
         layer = e["layer"]
         steps = tensors.get(f"cross_steps/{layer}")

@@ -18,6 +18,7 @@ guidance halves asked for, recomputes their probabilities in float32 in chunks o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 
 from ..errors import TraceError
 from ..heatmaps.resample import cells_of
-from .store import CrossAttentionStore, Generation, SelfAttentionStore
+from .store import CrossAttentionStore, Generation, SelfAttentionStore, TemporalStore
 
 Size = tuple[int, int]
 
@@ -150,6 +151,7 @@ class Recorder:
         word_heads: bool = True,
         self_pool: int = 1,
         frames: int = 1,
+        frame_batch: bool = False,
     ) -> None:
         self.gen, self.rows, self.device, self.layer_grid = gen, rows, device, layer_grid
         self.chunk_bytes, self.scratch = chunk_bytes, scratch
@@ -166,6 +168,9 @@ class Recorder:
         self.pass_weight = float(pass_weight)
         self.word_heads = word_heads  # separate cross-attention keeps each head (DAAM), else their mean
         self.self_pool, self.frames = self_pool, frames  # self-attention kept per p x p cell of each frame
+        # AnimateDiff: spatial layers see batch B * F (video b's frame f is item b * F + f), temporal
+        # layers batch B * h * w (pixel p of video b is item b * h * w + p), sequence F
+        self.frame_batch = frame_batch
 
     def _self_store(self, factor: int, size: Size, n_img: int) -> SelfAttentionStore:
         """A new self-attention store of a ``size`` token grid: full, or pooled into cells."""
@@ -180,10 +185,102 @@ class Recorder:
     @torch.no_grad()
     def record(self, call: AttentionCall, step: int) -> None:
         """Add one call's probabilities (of denoising step ``step``) to the stores."""
-        if call.kind == "joint":
+        if call.kind == "temporal":
+            self._temporal(call, step)
+        elif call.kind == "joint":
             self._joint(call, step)
+        elif self.frame_batch and call.kind == "self":
+            self._frame_blocks(call, step)
+        elif self.frame_batch:  # cross-attention of every frame: one call over the frames' stacked rows
+            self._separate(self._stacked_frames(call), step)
         else:
             self._separate(call, step)
+
+    def _frame_items(self, call: AttentionCall, per_video: int) -> int:
+        """The denoiser batch of a call whose batch is that many items per video (frames or pixels)."""
+        b = call.q.shape[0]
+        if b % per_video:
+            raise TraceError(
+                f"layer {call.layer} saw a batch of {b}, not a multiple of {per_video} items per video: this "
+                "model's layout is not one daami2i understands"
+            )
+        return b // per_video
+
+    def _stacked_frames(self, call: AttentionCall) -> AttentionCall:
+        """A frame-batch cross-attention call (B * F, heads, N, d) as one call per video, (B, heads, F * N,
+        d), its rows frame-major as the stacked grid; every frame attends to the same text (checked)."""
+        f = self.frames
+        b = self._frame_items(call, f)
+        _, heads, n, d = call.q.shape
+        q = call.q.view(b, f, heads, n, d).transpose(1, 2).reshape(b, heads, f * n, d)
+        k_all = call.k.view(b, f, heads, call.k.shape[2], d)
+        k = k_all[:, 0]
+        if not torch.equal(k, k_all[:, -1]):
+            raise TraceError(
+                f"layer {call.layer}: the frames of one video attend to different text, which daami2i's stacked "
+                "word maps do not expect"
+            )
+        if call.bias is not None:
+            raise TraceError(f"layer {call.layer}: a masked frame-batch cross-attention is not one daami2i expects")
+        return dataclasses.replace(call, q=q, k=k)
+
+    def _frame_blocks(self, call: AttentionCall, step: int) -> None:
+        """A frame-batch self-attention layer: each frame's (N x N) block, head and half means."""
+        gen, f = self.gen, self.frames
+        self._frame_items(call, f)
+        n_q, n_k, heads = call.q.shape[2], call.k.shape[2], call.q.shape[1]
+        size = self.layer_grid(call.factor)  # the frames stacked
+        if size[0] * size[1] != f * n_q or n_q != n_k:
+            raise TraceError(
+                f"layer {call.layer} saw {n_q} query and {n_k} key tokens per frame, but {f} frames of a "
+                f"{gen.latent_size} latent at factor {call.factor} have {size[0] * size[1] // f}: this model's "
+                "layout is not one daami2i understands"
+            )
+        n_img, n_halves = self.rows.shape
+        items = (self.rows[..., None] * f + torch.arange(f, device=self.rows.device)).flatten()  # (img, half, frame)
+        bias = call.bias[items] if call.bias is not None and call.bias.shape[0] > 1 else call.bias
+        store = gen.self_attention.get(call.factor)
+        if store is None:
+            sums = torch.zeros(n_img, f, n_q, n_k, device=self.device)
+            store = SelfAttentionStore(call.factor, size, sums, frames=f, blocks=True)
+            gen.self_attention[call.factor] = store
+        chunks = probs_chunks(call.q[items], call.k[items], call.scale, bias, self.chunk_bytes, self.scratch)
+        for start, stop, p in chunks:
+            p = p.view(n_img, n_halves, f, heads, stop - start, n_k).mean(dim=(1, 3))  # (n_img, F, rows, keys)
+            if self.pass_weight != 1.0:
+                p = p * self.pass_weight
+            if call.layer not in store.layers:
+                store.layers.append(call.layer)
+            store.sums[:, :, start:stop] += p.to(self.device)
+
+    def _temporal(self, call: AttentionCall, step: int) -> None:
+        """A motion module: every pixel's (F x F) attention across frames, head and half means."""
+        gen, f = self.gen, self.frames
+        h, w = self.layer_grid(call.factor)
+        h //= f  # one frame's rows at this resolution
+        pixels = h * w
+        self._frame_items(call, pixels)
+        if call.q.shape[2] != f or call.k.shape[2] != f:
+            raise TraceError(
+                f"temporal layer {call.layer} attended over {call.q.shape[2]} positions, not the {f} frames: this "
+                "model's layout is not one daami2i understands"
+            )
+        n_img, n_halves = self.rows.shape
+        heads = call.q.shape[1]
+        items = (self.rows[..., None] * pixels + torch.arange(pixels, device=self.rows.device)).flatten()
+        bias = call.bias[items] if call.bias is not None and call.bias.shape[0] > 1 else call.bias
+        store = gen.temporal.get(call.factor)
+        if store is None:
+            store = TemporalStore(call.factor, (h, w), torch.zeros(n_img, pixels, f, f, device=self.device))
+            gen.temporal[call.factor] = store
+        chunks = probs_chunks(call.q[items], call.k[items], call.scale, bias, self.chunk_bytes, self.scratch)
+        for start, stop, p in chunks:  # query frames [start, stop)
+            p = p.view(n_img, n_halves, pixels, heads, stop - start, f).mean(dim=(1, 3))  # (n_img, pixels, rows, F)
+            if self.pass_weight != 1.0:
+                p = p * self.pass_weight
+            if call.layer not in store.layers:
+                store.layers.append(call.layer)
+            store.sums[:, :, start:stop] += p.to(self.device)
 
     def _kept(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, k and bias of the kept batch rows only."""

@@ -21,7 +21,7 @@ from ..errors import QueryError, TraceError
 from ..heatmaps.frames import FrameLayout
 from ..heatmaps.maps import GlobalHeatMap
 from ..heatmaps.resample import cell_counts, cell_sum
-from ..heatmaps.selfattn import Direction, SelfAttentionLevel
+from ..heatmaps.selfattn import Direction, SelfAttentionLevel, TemporalLevel
 from ..heatmaps.words import CrossAttentionLayer, TokenStream, tokenize_prompt
 
 Size = tuple[int, int]
@@ -85,6 +85,9 @@ class SelfAttentionStore:
     pool: int = 1
     frames: int = 1
     tokens: Size | None = None  # (frames * h, w) token grid of a pooled store
+    # frame-batch video (AnimateDiff): frames never attend to each other; sums holds each frame's block,
+    # shape (n_images, frames, h/frames*w, h/frames*w), and ``size`` is the frames stacked
+    blocks: bool = False
     _cells: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _pooled(self, start: int, stop: int, mean: torch.Tensor) -> None:
@@ -137,6 +140,16 @@ class SelfAttentionStore:
         k = probs.shape[1]
         for j in range(k):
             target.add_(probs[:, j], alpha=1.0 / k)
+
+
+@dataclass
+class TemporalStore:
+    """Temporal self-attention of one resolution (AnimateDiff's motion modules), for every video."""
+
+    factor: int
+    size: Size  # (h, w) of one frame at this resolution
+    sums: torch.Tensor  # shape: (n_images, h*w, frames, frames) float32, [video, pixel, query frame, key frame]
+    layers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -193,12 +206,15 @@ class Generation:
     streams: list[dict[str, Any]] = field(default_factory=list)
     # video: how the stacked grid (frames * rows, columns) splits into frames; None for images
     frames: FrameLayout | None = None
+    # AnimateDiff: each pixel's attention across frames, per resolution factor
+    temporal: dict[int, TemporalStore] = field(default_factory=dict)
 
     def nbytes(self, kind: str = "all") -> int:
         """Bytes held by the stores of ``kind`` ("self", "cross", "cross_steps", "text" or "all")."""
         total = 0
         if kind in ("self", "all"):
             total += sum(s.sums.numel() * s.sums.element_size() for s in self.self_attention.values())
+            total += sum(s.sums.numel() * s.sums.element_size() for s in self.temporal.values())
             total += sum(
                 t.numel() * t.element_size() for s in self.self_attention.values() for t in (s.per_head or {}).values()
             )
@@ -316,6 +332,7 @@ class Generation:
                 normalize=normalize,
                 self_note=note,
                 frames=self.frames,
+                temporal_levels=self.temporal_levels(image_idx),
             )
         tokens = self.image_tokens[image_idx] if self.image_tokens else None
         text = self.image_prompts[image_idx] if self.image_prompts else None
@@ -335,7 +352,16 @@ class Generation:
             normalize=normalize,
             self_note=note,
             frames=self.frames,
+            temporal_levels=self.temporal_levels(image_idx),
         )
+
+    def temporal_levels(self, image_idx: int) -> list[TemporalLevel]:
+        """The temporal self-attention of one video, one level per captured resolution (AnimateDiff)."""
+        return [
+            TemporalLevel(st.size, st.sums[image_idx], len(st.layers))
+            for _f, st in sorted(self.temporal.items())
+            if st.layers
+        ]
 
     def _self_note(
         self, levels: list[SelfAttentionLevel], head_idx: int | None, layers: Iterable[str] | None
@@ -395,14 +421,16 @@ class Generation:
                     continue
                 sums, n = torch.stack(parts).sum(0), len(parts)
             if normalize:  # daam-i2i: G / (sum over keys of G + 1e-6), G = sums / n
-                if s.pool > 1:  # cell means: a query cell's mass is its row weighted by the key cells' sizes
+                if s.blocks:
+                    sums = sums / (sums.sum(-1, keepdim=True) / n + 1e-6)
+                elif s.pool > 1:  # cell means: a query cell's mass is its row weighted by the key cells' sizes
                     assert s.tokens is not None
                     counts = cell_counts(s.tokens, s.frames, s.pool, sums.device)
                     sums = sums / ((sums * counts).sum(1, keepdim=True) / n + 1e-6)
                 else:
                     sums = sums / (sums.sum(1, keepdim=True) / n + 1e-6)
             frames = self.frames.token_frames if self.frames else 1
-            out.append(SelfAttentionLevel(s.size, sums, n, frames, s.pool))
+            out.append(SelfAttentionLevel(s.size, sums, n, frames, s.pool, s.blocks))
         return out
 
     def cross_layers(

@@ -299,10 +299,13 @@ class Trace:
         self.grid_factor = min(s.factor for s in self_sites)
         self_selected = self._select("self", self_factors, self_layers) if self_attention else []
         self._cross_sites = self._select("cross", cross_factors, cross_layers) if cross_attention else []
+        # temporal self-attention (AnimateDiff's motion modules: each pixel across frames) is part of
+        # "image->image", at every resolution (one F x F matrix per pixel: small)
+        self._temporal_sites = [s for s in self.sites if s.kind == "temporal"] if self_attention else []
         self._self_names = {s.name for s in self_selected}
         self._cross_names = {s.name for s in self._cross_sites}
         # one entry per layer (a joint layer can serve both kinds)
-        self.selected = list({s.name: s for s in self_selected + self._cross_sites}.values())
+        self.selected = list({s.name: s for s in self_selected + self._cross_sites + self._temporal_sites}.values())
         if not self.selected:
             raise ConfigError("nothing to capture: both self_attention and cross_attention are off")
         self.text_relations = frozenset(wanted & {"text->image", "text->text"})
@@ -318,6 +321,11 @@ class Trace:
         if self_pool != "auto" and bad_pool:
             raise ConfigError(
                 f"self_pool must be 'auto' or a positive integer (cell side in tokens), got {self_pool!r}"
+            )
+        if self_pool not in ("auto", 1) and self.adapter.frame_batch:
+            raise ConfigError(
+                f"self_pool={self_pool}: {self.adapter.name}'s frames never attend to each other, so its "
+                "self-attention is kept as one block per frame, which is not pooled"
             )
         if self_pool not in ("auto", 1) and (self.keep_heads or self._self_factors not in ([], [1])):
             raise ConfigError(
@@ -739,6 +747,7 @@ class Trace:
             word_heads=self.adapter.word_heads_kept,
             self_pool=self._pool_for(gen.grid_size, frames, n),
             frames=frames,
+            frame_batch=self.adapter.frame_batch,
         )
         if self.max_store_mb is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
@@ -912,7 +921,13 @@ class Trace:
             pool = self._pool_for((h, w), frames, n_images)
             if pool > 1:  # a sum per cell
                 h, w = cells_of((h, w), frames, pool)
-            out["self"] += n_images * (h * w) ** 2 * 4
+            if adapter.frame_batch:  # one block per frame
+                out["self"] += n_images * frames * (h * w // frames) ** 2 * 4
+            else:
+                out["self"] += n_images * (h * w) ** 2 * 4
+        for f in sorted({s.factor for s in self._temporal_sites}):  # one frames x frames matrix per pixel
+            h, w = adapter.layer_grid(self.unet, latent_size, f)
+            out["self"] += n_images * (h * w // frames) * frames * frames * 4
         if self.keep_heads:  # and one per layer and kept head
             for site in self.sites:
                 if site.name in self._self_names:
@@ -941,8 +956,8 @@ class Trace:
         """The self-attention cell side for a token ``grid`` of ``frames`` stacked frames (see ``self_pool``)."""
         if self.self_pool != "auto":
             return int(self.self_pool)
-        if frames == 1 or self._self_factors != [1]:
-            return 1
+        if frames == 1 or self._self_factors != [1] or self.adapter.frame_batch:
+            return 1  # images, several resolutions, or frames kept as blocks of their own (AnimateDiff)
         for p in range(1, max(grid) + 1):  # the budget is per video: a batch of videos pools as one does
             h, w = cells_of(grid, frames, p)
             if (h * w) ** 2 * 4 <= _AUTO_POOL_BYTES:

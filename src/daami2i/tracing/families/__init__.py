@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import UnsupportedPipelineError
+from .animatediff import AnimateDiffAdapter
 from .base import AttentionSite, DenoiserCall, FamilyAdapter, PassTracker, RealRequest, RealRun, Stream, size_at
 from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
@@ -43,6 +44,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     LTXAdapter(),
     HunyuanVideoAdapter(),
+    AnimateDiffAdapter(),
 ]
 
 
@@ -64,6 +66,7 @@ def adapter_for(pipe: Any) -> tuple[Any, FamilyAdapter]:
 
 
 __all__ = [
+    "AnimateDiffAdapter",
     "ADAPTERS",
     "AttentionSite",
     "ChromaAdapter",

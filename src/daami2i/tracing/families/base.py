@@ -29,7 +29,9 @@ class AttentionSite:
 
     name: str  # module path, e.g. "up_blocks.3.attentions.0.transformer_blocks.0.attn1"
     module: Any  # the diffusers Attention module
-    kind: Literal["self", "cross", "joint"]  # joint: image and text keys in one softmax (SD3, Flux)
+    # joint: image and text keys in one softmax (SD3, Flux); temporal: each pixel's tokens across frames
+    # as queries and keys (AnimateDiff's motion modules)
+    kind: Literal["self", "cross", "joint", "temporal"]
     block: str  # "down" / "mid" / "up" (UNet), "double" / "single" (MMDiT)
     factor: int  # spatial downsampling factor of its resolution relative to the latent (1, 2, 4, ...)
     #: what weighs the keys when the layer is read from its ``to_q`` / ``to_k`` projections:
@@ -131,6 +133,9 @@ class FamilyAdapter:
     #: the pipeline has no ``do_classifier_free_guidance`` attribute: guidance is read from the
     #: ``do_classifier_free_guidance`` argument of its ``encode_prompt`` call (PixArt)
     guidance_from_encode_prompt: ClassVar[bool] = False
+    #: video whose spatial layers see each frame as a batch item (AnimateDiff: batch ``B * F``): their
+    #: self-attention is kept per frame, their word maps with the frames stacked
+    frame_batch: ClassVar[bool] = False
     #: the guidance batch is ``[cond; uncond]`` (Z-Image) rather than ``[uncond; cond]``
     cond_first: ClassVar[bool] = False
     #: the pipeline method whose arguments hold the prompts, called once per generation before the
