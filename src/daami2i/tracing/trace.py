@@ -200,7 +200,8 @@ class Trace:
             whole cells are exact cell means; see :mod:`daami2i.heatmaps.selfattn`). ``"auto"``
             (default) pools videos only, with the smallest ``p`` whose store fits 512 MiB per video
             (Wan 2.1 at 480x832, 81 frames: ``p = 2``, 256 MiB); images are never pooled unless asked.
-            Single-resolution (transformer) models only; not with ``keep_heads``.
+            Single-resolution (transformer) models only; not with ``keep_heads``, and not AnimateDiff,
+            whose frames never attend to each other (one block per frame is kept).
         low_memory, load_heads, save_heads, data_dir, track_all: daam-i2i's positional options.
             ``low_memory`` captures the first transformer of each UNet block only and
             ``track_all=True`` every resolution (``self_factors="all"``). ``load_heads`` /
