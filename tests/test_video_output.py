@@ -18,7 +18,14 @@ import pytest
 from PIL import Image
 
 from daami2i.errors import Daami2iError
-from daami2i.video import VideoError, as_frames, overlay_frames, track_instances, write_video
+from daami2i.video import (
+    VideoError,
+    as_frames,
+    overlay_frames,
+    save_experiment_frames,
+    track_instances,
+    write_video,
+)
 from daami2i.video_dataset import VideoDatasetError, export_video_dataset, load_video_dataset, rle_counts
 
 iio = pytest.importorskip("imageio.v3")
@@ -42,7 +49,14 @@ def test_mp4_decodes_to_the_frames_in_order(tmp_path: Path) -> None:
     path = write_video(frames, tmp_path / "v.mp4", fps=8)
     got = iio.imread(path, plugin="FFMPEG", index=None)  # (T, H, W, 3)
     assert got.shape == frames.shape
-    # H.264 / yuv420p is lossy: mean error a few levels, every frame its own colour, in order
+    # the encoder is deterministic: the same frames encode to the same video, bit for bit
+    assert np.array_equal(got, iio.imread(write_video(frames, tmp_path / "w.mp4", fps=8), plugin="FFMPEG", index=None))
+    # H.264 / yuv420p is lossy, so what it decodes to is bounded, not exact. The bounds follow from the
+    # format, not from a run: RGB -> 8-bit YCbCr -> RGB rounds each channel by at most ~2 levels, and
+    # yuv420p keeps one chroma sample per 2 x 2 pixels, so only the pixels next to a colour edge (here
+    # the box's 48 edge pixels of 1536, and the frame changes between solid colours) move further. A
+    # frame's centre, far from the box, keeps its colour to within the rounding (< 8 levels), so each
+    # frame is its own colour, in order.
     assert np.abs(got.astype(int) - frames).mean() < 4.0
     for t, colour in enumerate(COLOURS):
         centre = got[t, 20:30, 30:44].reshape(-1, 3).mean(0)
@@ -55,6 +69,11 @@ def test_mp4_odd_sizes_are_padded_or_refused(tmp_path: Path) -> None:
     path = write_video(frames, tmp_path / "odd.mp4")
     got = iio.imread(path, plugin="FFMPEG", index=None)
     assert got.shape == (len(COLOURS), 18, 24, 3)  # one repeated row and column
+    # exactly the encoding of the frames padded by hand (the last row and column repeated) ...
+    padded = np.concatenate([frames, frames[:, -1:]], axis=1)
+    padded = np.concatenate([padded, padded[:, :, -1:]], axis=2)
+    assert np.array_equal(got, iio.imread(write_video(padded, tmp_path / "even.mp4"), plugin="FFMPEG", index=None))
+    # ... which, solid colours with no edge inside a frame, decode to within the YCbCr rounding (~2 levels)
     assert np.abs(got[:, :17, :23].astype(int) - frames).mean() < 3.0
     with pytest.raises(VideoError, match="even height and width"):
         write_video(frames, tmp_path / "odd2.mp4", pad_odd=False)
@@ -88,7 +107,27 @@ def test_frame_inputs_pil_float_and_grey() -> None:
     assert as_frames(np.full((1, 2, 2, 3), 0.5))[0, 0, 0].tolist() == [128, 128, 128]
     import torch
 
-    assert as_frames(torch.ones(2, 3, 3)).shape == (2, 3, 3, 3)
+    grey = as_frames(torch.linspace(0, 1, 30).reshape(2, 3, 5))  # (T, H, W) grey: its last side is not 3 or 4
+    assert (
+        grey.shape == (2, 3, 5, 3) and grey[1, 2, 4].tolist() == [255, 255, 255] and grey[0, 0, 0].tolist() == [0] * 3
+    )
+
+
+def test_one_rgb_image_is_not_read_as_grey_frames() -> None:
+    """(H, W, 3) is one picture (as daami2i.heatmaps.maps.video_size_of reads it), not 3-pixel-wide grey frames."""
+    from daami2i.errors import QueryError
+    from daami2i.heatmaps.maps import video_size_of
+
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[..., 0] = 200
+    for arr in (image, image.astype(np.float32) / 255, np.zeros((4, 6, 4), np.uint8)):
+        with pytest.raises(VideoError, match=r"one image\? pass frames\[None\]"):
+            as_frames(arr)
+        with pytest.raises(QueryError):
+            video_size_of(arr)
+    got = as_frames(image[None])
+    assert got.shape == (1, 4, 6, 3) and np.array_equal(got[0], image)
+    assert video_size_of(image[None]) == (1, (4, 6))
 
 
 @pytest.mark.parametrize(
@@ -111,6 +150,82 @@ def test_bad_frames_and_paths_are_clear_errors(tmp_path: Path, frames: Any, path
 def test_video_error_is_a_daami2i_error_and_bad_fps(tmp_path: Path) -> None:
     with pytest.raises(Daami2iError, match="fps"):
         write_video(np.zeros((1, 2, 2, 3), np.uint8), tmp_path / "v.gif", fps=0)
+
+
+@pytest.mark.parametrize("quality", ["x", None, True, float("nan"), 11])
+def test_bad_quality_is_a_video_error(tmp_path: Path, quality: Any) -> None:
+    for name in ("v.mp4", "v.gif", "pngs"):
+        with pytest.raises(VideoError, match="quality must be a number in"):
+            write_video(np.zeros((1, 2, 2, 3), np.uint8), tmp_path / name, quality=quality)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_numpy_numbers_are_accepted_for_fps_and_quality(tmp_path: Path) -> None:
+    frames = solid_frames(16, 16)
+    gif = write_video(frames, tmp_path / "v.gif", fps=np.float32(10))
+    assert iio.immeta(gif, plugin="pillow", index=None)["duration"] == 100  # 1000 / 10 ms (GIF keeps 1/100 s)
+    mp4 = write_video(frames, tmp_path / "v.mp4", fps=np.int64(8), quality=np.float64(8))
+    assert iio.immeta(mp4, plugin="FFMPEG")["fps"] == 8.0
+    same = write_video(frames, tmp_path / "w.mp4", fps=8, quality=8.0)
+    assert np.array_equal(iio.imread(mp4, plugin="FFMPEG", index=None), iio.imread(same, plugin="FFMPEG", index=None))
+    for bad in (True, np.bool_(True), "8", None):
+        with pytest.raises(VideoError, match="fps"):
+            write_video(frames, tmp_path / "x.gif", fps=bad)
+
+
+def _pngs(folder: Path) -> tuple[list[str], np.ndarray]:
+    files = sorted(folder.glob("frame_*.png"))
+    return [p.name for p in files], np.stack([np.asarray(Image.open(p)) for p in files])
+
+
+def test_png_folder_overwrite_removes_the_frames_of_a_longer_video(tmp_path: Path) -> None:
+    folder = tmp_path / "pngs"
+    write_video(solid_frames(4, 4), folder)  # 8 frames
+    (folder / "notes.txt").write_text("kept")
+    short = solid_frames(4, 4, COLOURS[5:7])
+    write_video(short, folder)
+    names, got = _pngs(folder)
+    assert names == ["frame_00000.png", "frame_00001.png"] and np.array_equal(got, short)
+    assert (folder / "notes.txt").read_text() == "kept"  # only frame_*.png files are replaced
+    with pytest.raises(VideoError, match="overwrite=True"):
+        write_video(short, folder, overwrite=False)
+
+
+def test_png_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write_video(solid_frames(4, 4), outside)
+    os.symlink(outside, tmp_path / "link")
+    with pytest.raises(VideoError, match="symbolic link"):
+        write_video(solid_frames(4, 4, COLOURS[:2]), tmp_path / "link")
+    assert np.array_equal(_pngs(outside)[1], solid_frames(4, 4))  # untouched
+
+
+def test_a_frame_that_is_a_link_is_removed_not_followed(tmp_path: Path) -> None:
+    folder, victim = tmp_path / "pngs", tmp_path / "victim.png"
+    Image.new("RGB", (2, 2), (1, 2, 3)).save(victim)
+    folder.mkdir()
+    os.symlink(victim, folder / "frame_00000.png")
+    write_video(solid_frames(4, 4, COLOURS[:1]), folder)
+    assert not (folder / "frame_00000.png").is_symlink()
+    assert np.asarray(Image.open(victim))[0, 0].tolist() == [1, 2, 3]
+    assert np.array_equal(_pngs(folder)[1], solid_frames(4, 4, COLOURS[:1]))
+
+
+def test_experiment_frames_are_replaced_and_never_written_outside(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    save_experiment_frames(solid_frames(4, 4), exp)
+    save_experiment_frames(solid_frames(4, 4, COLOURS[2:5]), exp)
+    names, got = _pngs(exp / "video_frames")
+    assert len(names) == 3 and np.array_equal(got, solid_frames(4, 4, COLOURS[2:5]))
+    outside = tmp_path / "outside"
+    write_video(solid_frames(4, 4), outside)
+    shutil.rmtree(exp / "video_frames")
+    os.symlink(outside, exp / "video_frames")
+    with pytest.raises(VideoError, match="symbolic link"):
+        save_experiment_frames(solid_frames(4, 4, COLOURS[:1]), exp)
+    names, got = _pngs(outside)
+    assert len(names) == 8 and np.array_equal(got, solid_frames(4, 4))  # the outside frames are all still there
 
 
 def test_missing_extra_names_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +327,14 @@ def test_assignment_optimal_and_greedy() -> None:
     iou = np.array([[0.5, 0.4], [0.45, 0.0]])
     assert sorted(_assign(iou, 0.1, optimal=True)) == [(0, 1), (1, 0)]
     assert _assign(iou, 0.1, optimal=False) == [(0, 0)]
-    assert _assign(iou, 0.48, optimal=True) == []  # a link below the threshold is dropped, not reassigned
+    # at 0.48 only X-P may link: the assignment is over the links that reach the threshold, so X-P is
+    # kept (not lost to the X-Q + Y-P pairing that only the links below the threshold would make)
+    assert _assign(iou, 0.48, optimal=True) == [(0, 0)]
+    assert _assign(iou, 0.48, optimal=False) == [(0, 0)]
+    assert _assign(iou, 0.6, optimal=True) == [] and _assign(iou, 0.6, optimal=False) == []
+    # a 3 x 3 case: of the links >= 0.3, the best total is X-P + Y-R + Z-Q (0.9 + 0.3 + 0.8)
+    iou = np.array([[0.9, 0.29, 0.0], [0.29, 0.0, 0.3], [0.0, 0.8, 0.29]])
+    assert sorted(_assign(iou, 0.3, optimal=True)) == [(0, 0), (1, 2), (2, 1)]
 
 
 def test_tracks_bad_input() -> None:
@@ -373,3 +495,121 @@ def test_corrupt_frame_files(tmp_path: Path) -> None:
     (root / "ytvis.json").write_text("[1]")
     with pytest.raises(VideoDatasetError, match="not an object"):
         load_video_dataset(root)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk stating ``width`` x ``height`` (RGB, 8 bits), then IEND: a header
+    as a hostile file would carry, without the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("side", "match"), [(16000, "is 16000x16000 but the annotations say 24x32"), (60000, "too large")]
+)
+def test_a_frame_with_a_huge_header_is_a_clear_error(tmp_path: Path, side: int, match: str) -> None:
+    root = tmp_path / "vis"
+    make_export(root)
+    (root / "frames" / "crossing" / "00002.png").write_bytes(_png_header(side, side))
+    with pytest.raises(
+        VideoDatasetError, match=r"ytvis\.json, video 1, frame 2: 'frames/crossing/00002\.png'.*" + match
+    ):
+        load_video_dataset(root)
+    ds = load_video_dataset(root, check_images=False)
+    with pytest.raises(VideoDatasetError, match=r"video 1, frame 2: 'frames/crossing/00002\.png'"):
+        ds.frames(1)
+    assert np.array_equal(ds.frames(2), np.zeros((3, 16, 16, 3), np.uint8))  # the other video reads
+
+
+def test_a_frame_of_the_largest_legal_size_reads(tmp_path: Path) -> None:
+    """Pillow's default limit (89 M pixels) would refuse a 10000 x 10000 frame; the annotations allow
+    up to MAX_SIDE a side, so the loader reads the header under that limit: the stated size decides."""
+    from PIL import Image as PILImage
+
+    from daami2i.video_dataset import _safe_file
+
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "f.png").write_bytes(_png_header(10_000, 10_000))
+    limit = PILImage.MAX_IMAGE_PIXELS
+    _safe_file(root, "f.png", "frame 0", True, (10_000, 10_000))
+    assert PILImage.MAX_IMAGE_PIXELS == limit  # restored
+
+
+def test_frames_after_check_images_false_are_clear_errors(tmp_path: Path) -> None:
+    root = tmp_path / "vis"
+    make_export(root)
+    (root / "frames" / "crossing" / "00003.png").unlink()
+    ds = load_video_dataset(root, check_images=False)
+    with pytest.raises(
+        VideoDatasetError, match=r"video 1, frame 3: frame file 'frames/crossing/00003\.png' is missing"
+    ):
+        ds.frames(1)
+    Image.new("RGB", (5, 5)).save(root / "frames" / "crossing" / "00003.png")
+    with pytest.raises(VideoDatasetError, match="is 5x5 but the annotations say 24x32"):
+        ds.frames(1)
+    (root / "frames" / "crossing" / "00003.png").write_bytes(b"not an image")
+    with pytest.raises(VideoDatasetError, match="not a readable image"):
+        ds.frames(1)
+
+
+def test_rle_box_equals_pycocotools() -> None:
+    from pycocotools import mask as cm
+
+    from daami2i.video_dataset import _rle_box
+
+    rng = np.random.default_rng(5)
+    for k in range(40):
+        h, w = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        m = rng.random((h, w)) > (0.97 if k % 3 == 0 else rng.random())
+        rle = cm.encode(np.asfortranarray(m.astype(np.uint8)))
+        got = _rle_box(rle_counts(rle["counts"].decode()), h)
+        if not m.any():
+            assert got is None
+            continue
+        assert got == [float(v) for v in cm.toBbox(rle)], (m, got)
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "match"),
+    [
+        # a box inside the frame, but not its mask's (frame 0's square A is at x 2..6, y 2..6)
+        ("ytvis.json", lambda d: d["annotations"][0]["bboxes"].__setitem__(0, [2.0, 2.0, 5.0, 4.0]), "mask's box"),
+        ("instances.json", lambda d: d["annotations"][0].__setitem__("bbox", [1.0, 2.0, 5.0, 5.0]), "mask's box"),
+        ("instances.json", lambda d: d["categories"][0].__setitem__("name", 7), "name must be a non-empty string"),
+        ("ytvis.json", lambda d: d["categories"][0].__setitem__("name", 7), "different categories"),
+        ("instances.json", lambda d: d["annotations"][0].__setitem__("iscrowd", 2), "iscrowd must be 0 or 1"),
+        ("instances.json", lambda d: d["annotations"][0].__setitem__("iscrowd", True), "iscrowd must be 0 or 1"),
+        ("ytvis.json", lambda d: d["annotations"][0].__setitem__("iscrowd", "no"), "iscrowd must be 0 or 1"),
+        (
+            "ytvis.json",
+            lambda d: d["videos"][0]["file_names"].__setitem__(1, d["videos"][0]["file_names"][0]),
+            r"frame 1: its file 'frames/crossing/00000\.png' is also video 1, frame 0's",
+        ),
+        (
+            "ytvis.json",
+            lambda d: d["annotations"][0]["segmentations"][0].__setitem__("counts", "\x7f"),
+            r"ytvis\.json, annotation 1, frame 0: the mask's RLE counts string holds",
+        ),
+        (
+            "instances.json",
+            lambda d: d["annotations"][0]["segmentation"].__setitem__("counts", "P"),  # a continued number
+            r"instances\.json, annotation 1: the mask's RLE counts string is cut short",
+        ),
+    ],
+)
+def test_inconsistent_exports_are_refused(tmp_path: Path, name: str, edit: Any, match: str) -> None:
+    make_export(tmp_path / "vis")
+    load_video_dataset(tmp_path / "vis")  # valid as written
+    _corrupt(tmp_path / "vis", name, edit)
+    with pytest.raises(VideoDatasetError, match=match):
+        load_video_dataset(tmp_path / "vis", check_images=False)

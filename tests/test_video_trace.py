@@ -65,7 +65,10 @@ def test_png_folder_and_mp4_of_a_word_map_equal_the_overlays(traced: Any, tmp_pa
     mp4 = save_heat_map_video(fox, frames, tmp_path / "fox.mp4", fps=4)
     video = iio.imread(mp4, plugin="FFMPEG", index=None)
     assert video.shape == (9, 32, 48, 3)
-    assert np.abs(video.astype(int) - want).mean() < 6.0  # H.264 is lossy
+    # H.264 is lossy but deterministic: the MP4 is exactly the encoding of the overlays (written apart)
+    assert np.array_equal(
+        video, iio.imread(write_video(want, tmp_path / "want.mp4", fps=4), plugin="FFMPEG", index=None)
+    )
     assert iio.immeta(mp4, plugin="FFMPEG")["fps"] == 4.0
 
 
@@ -107,8 +110,15 @@ def test_objects_are_the_thresholded_expansion_split_into_tracks(traced: Any) ->
     merged = objects_from_heat_maps(ghm, frames, ["fox"], 0.4, merged=True)
     mask = ghm.compute_guided_heat_map(ghm.compute_word_heat_map("fox")).expand_as(frames, threshold=0.4).numpy()
     assert np.array_equal(np.logical_or.reduce([o["masks"] for o in merged]), mask > 0.5)
-    with pytest.raises(VideoDatasetError, match="threshold"):
+    with pytest.raises(VideoDatasetError, match=r"threshold must be a number in \[0, 1\)"):
         objects_from_heat_maps(ghm, frames, ["fox"], threshold=1)
+    # the threshold is read as expand_as reads it (check_fraction): NumPy numbers and 0 are cuts too
+    same = objects_from_heat_maps(ghm, frames, ["fox"], threshold=np.float32(0.5))
+    mask = ghm.compute_word_heat_map("fox").expand_as(frames, threshold=float(np.float32(0.5))).numpy() > 0.5
+    assert np.array_equal(np.logical_or.reduce([o["masks"] for o in same]), mask)
+    everything = objects_from_heat_maps(ghm, frames, ["fox"], threshold=0)
+    mask = ghm.compute_word_heat_map("fox").expand_as(frames, threshold=0.0).numpy() > 0.5
+    assert np.array_equal(np.logical_or.reduce([o["masks"] for o in everything]), mask)
     with pytest.raises(VideoDatasetError, match="words"):
         objects_from_heat_maps(ghm, frames, "fox")
     with pytest.raises(daami2i.QueryError):
@@ -177,6 +187,14 @@ def decode(path: Path) -> np.ndarray:
     return iio.imread(path, plugin="FFMPEG", index=None)
 
 
+def gif_quantised(frames: np.ndarray) -> np.ndarray:
+    """What a GIF of ``frames`` decodes to: each frame reduced to Pillow's adaptive palette of at most
+    256 colours (what Pillow's GIF writer does to an RGB frame), computed here without the writer."""
+    return np.stack(
+        [np.asarray(Image.fromarray(f).convert("P", palette=Image.Palette.ADAPTIVE).convert("RGB")) for f in frames]
+    )
+
+
 def test_cli_generate_writes_the_video_word_videos_and_experiment(generated: Any, tmp_path: Path) -> None:
     root = tmp_path
     out = generated[0] / "out"
@@ -222,7 +240,8 @@ def test_cli_show_on_a_video_experiment(generated: Any, tmp_path: Path) -> None:
     # the region query is the API's box in video frame 3 (both corners included: columns 0-1, rows 0-1)
     box = ghm.compute_bbox_heat_map(0, 0, 2, 2, half_open=True, frame=3)
     want = overlay_frames(frames, box.expand_as(frames).numpy())
-    assert np.abs(got.astype(int) - want).mean() < 8.0  # GIF: up to 256 colours a frame
+    # GIF keeps up to 256 colours a frame: each frame is Pillow's own adaptive palette of the overlay
+    assert np.array_equal(got, gif_quantised(want))
     res = CliRunner().invoke(app, ["show", str(exp_dir), "--pixel", "1,1", "--frame", "8", "--threshold", "0.5"])
     assert res.exit_code == 0, res.output
     assert (exp_dir / "show-pixel-1x1-frame8-mask0.5.png").is_file()
@@ -230,6 +249,25 @@ def test_cli_show_on_a_video_experiment(generated: Any, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--frame places" in res.output
     res = CliRunner().invoke(app, ["show", str(exp_dir), "--box", "0,0,1,1", "--frame", "9"])
     assert res.exit_code == 2 and "outside this video's 9 frames" in res.output
+
+
+def test_cli_show_on_a_video_checks_the_output_suffix(generated: Any, tmp_path: Path) -> None:
+    """The strip is written by Pillow: a suffix it cannot write (svg, which matplotlib writes) is a
+    usage error naming what works; one it writes (bmp, which matplotlib does not) is written exactly."""
+    from typer.testing import CliRunner
+
+    root, app = generated
+    exp_dir = root / "out" / "experiment"
+    res = CliRunner().invoke(app, ["show", str(exp_dir), "--word", "fox", "-o", str(tmp_path / "x.svg")])
+    assert res.exit_code == 2, res.output
+    assert "'.svg' is neither a video (.gif, .mp4" in res.output and ".png" in res.output and ".bmp" in res.output
+    assert not (tmp_path / "x.svg").exists()
+    res = CliRunner().invoke(app, ["show", str(exp_dir), "--word", "fox", "-o", str(tmp_path / "x.bmp")])
+    assert res.exit_code == 0, res.output
+    exp = daami2i.load_experiment(exp_dir)
+    frames = experiment_frames(exp)
+    want = overlay_frames(frames, exp.compute_global_heat_map().compute_word_heat_map("fox").expand_as(frames).numpy())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x.bmp")), strip(want))
 
 
 def test_cli_generate_video_options_are_checked_first(generated: Any, tmp_path: Path) -> None:
@@ -243,6 +281,45 @@ def test_cli_generate_video_options_are_checked_first(generated: Any, tmp_path: 
     res = CliRunner().invoke(app, [*base, "--height", "32"])
     assert res.exit_code == 2 and "both --height and --width" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_generate_pipeline_kind_options_are_checked_before_loading(
+    generated: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--num-frames on an image pipeline and --height without --width on a video pipeline are refused
+    from the class a local folder's model_index.json names (or the built-in model's), never loaded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import daami2i.cli as cli
+
+    root, app = generated
+    loaded: list[str] = []
+
+    def no_loading(model: str, device: Any) -> Any:
+        loaded.append(model)
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    image_model = tmp_path / "sd"
+    image_model.mkdir()
+    (image_model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    out = ["-o", str(tmp_path / "o")]
+    cases = [
+        (["-m", str(root / "model"), "--height", "32"], "a video pipeline needs both --height and --width"),
+        (["-m", str(root / "model"), "--width", "48"], "a video pipeline needs both --height and --width"),
+        (["-m", str(image_model), "--num-frames", "9"], "(StableDiffusionPipeline) is an image pipeline"),
+        (["-m", "tiny", "--num-frames", "9"], "--num-frames is for video pipelines; tiny (StableDiffusionPipeline)"),
+    ]
+    for args, match in cases:
+        res = CliRunner().invoke(app, ["generate", PROMPT, "--steps", "1", *args, *out])
+        assert res.exit_code == 2 and match in res.output, (args, res.output)
+    assert loaded == [] and not (tmp_path / "o").exists()
+    # a class that cannot be told without loading (a hub id, an unknown name) is checked once loaded
+    (image_model / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
+    res = CliRunner().invoke(app, ["generate", PROMPT, "-m", str(image_model), "--num-frames", "9", *out])
+    assert loaded == [str(image_model)] and res.exit_code == 1
 
 
 def test_cli_info_on_a_video_experiment(generated: Any) -> None:

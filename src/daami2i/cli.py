@@ -292,16 +292,54 @@ def _check_generate_options(
         )
 
 
-def _check_image_pipeline(pipe: Any, model: str, num_frames: int | None) -> bool:
-    """Whether ``pipe`` makes videos (its call takes ``num_frames``); ``--num-frames`` on an image
-    pipeline is a clear error before it runs."""
+def _pipeline_class_of(model: str) -> Any | None:
+    """The pipeline class ``model`` loads, where it is known without loading: the built-in models, or a
+    local folder's ``model_index.json`` (its ``_class_name``, a diffusers class); None for a hub id or
+    a folder whose class cannot be told (loading it then reports what is wrong)."""
+    import json
+
+    if model in ("shapes", "tiny"):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):  # an optional dependency of that class is missing
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _check_pipeline_options(
+    video: bool, what: str, num_frames: int | None, height: int | None, width: int | None
+) -> None:
+    """generate's options that depend on whether the pipeline (``what``: its class name) makes videos."""
+    if num_frames is not None and not video:
+        raise CliError(f"--num-frames is for video pipelines; {what} is an image pipeline", EXIT_USAGE)
+    if video and (height is None) != (width is None):
+        raise CliError("a video pipeline needs both --height and --width (or neither)", EXIT_USAGE)
+
+
+def _pipeline_is_video(
+    pipe_or_class: Any, model: str, num_frames: int | None, height: int | None, width: int | None
+) -> bool:
+    """Whether the pipeline (an instance, or the class ``_pipeline_class_of`` found) makes videos (its
+    call takes ``num_frames``), with the options that depend on it checked (exit code 2)."""
     from .video import is_video_pipeline
 
-    video = is_video_pipeline(pipe)
-    if num_frames is not None and not video:
-        raise CliError(
-            f"--num-frames is for video pipelines; {model} is an image pipeline ({type(pipe).__name__})", EXIT_USAGE
-        )
+    video = is_video_pipeline(pipe_or_class)
+    cls = pipe_or_class if isinstance(pipe_or_class, type) else type(pipe_or_class)
+    _check_pipeline_options(video, f"{model} ({cls.__name__})", num_frames, height, width)
     return video
 
 
@@ -325,21 +363,6 @@ def _video_suffix(video_format: str) -> str:
     if video_format == "auto":
         return video_suffix()
     return "" if video_format == "png" else f".{video_format}"
-
-
-def _video_call(pipe: Any, num_frames: int | None) -> dict[str, Any]:
-    """The video pipeline's extra call arguments: frames as an array; the frame count; a text length the
-    denoiser fixes (CogVideoX's ``max_text_seq_length``)."""
-    params = inspect.signature(type(pipe).__call__).parameters
-    out: dict[str, Any] = {"output_type": "np"} if "output_type" in params else {}
-    if num_frames is not None:
-        out["num_frames"] = num_frames
-    from .tracing.trace import denoiser_of
-
-    fixed = getattr(getattr(denoiser_of(pipe)[0], "config", None), "max_text_seq_length", None)
-    if isinstance(fixed, int) and "max_sequence_length" in params:
-        out["max_sequence_length"] = fixed
-    return out
 
 
 def _generate_video(
@@ -504,18 +527,24 @@ def generate(
     """Generate an image (or a video) while tracing; write it, one overlay per word, and the experiment.
 
     A video pipeline (Wan, CogVideoX) writes video.mp4 (GIF without ffmpeg), words/<word>.mp4 and
-    words.png (a row of frames per word). Every option is checked before the model is loaded; the run
-    is written into a temporary folder beside --out and moved into place at the end, so a failure
-    leaves --out as it was.
+    words.png (a row of frames per word). Every option is checked before the model is loaded, those
+    that depend on whether it makes videos (--num-frames, --height without --width) too where its
+    class is known without loading it (shapes, tiny, a local folder's model_index.json); for a hub id
+    they are checked once it is loaded, before it runs. The run is written into a temporary folder
+    beside --out and moved into place at the end, so a failure leaves --out as it was.
     """
     import torch
     from tqdm.auto import tqdm
 
     from . import trace
+    from .video import video_call
     from .viz import plot_overlay, plot_word_grid
 
     _check_generate_options(prompt, seed, height, width, guidance, steps)
     _check_video_options(num_frames, fps, video_format)
+    known = _pipeline_class_of(model)
+    if known is not None:
+        _pipeline_is_video(known, model, num_frames, height, width)
     out = out or Path("outputs") / _slug(prompt)
     _check_out_folder(out, overwrite)
     dev = _device(device)
@@ -524,18 +553,16 @@ def generate(
     guidance = guidance if guidance is not None else default_guidance
     with _staged(out, overwrite) as stage:
         pipe = _load_pipeline(model, dev)
-        video = _check_image_pipeline(pipe, model, num_frames)
+        video = _pipeline_is_video(pipe, model, num_frames, height, width)
         pipe.set_progress_bar_config(desc="sampling", disable=False, file=sys.stderr)
         if video:
-            if (height is None) != (width is None):
-                raise CliError("a video pipeline needs both --height and --width (or neither)", EXIT_USAGE)
             suffix = _video_suffix(video_format)
             call = {
                 "num_inference_steps": steps,
                 "guidance_scale": guidance,
                 "generator": torch.Generator(device="cpu").manual_seed(seed),
                 **({"height": height, "width": width} if height is not None else {}),
-                **_video_call(pipe, num_frames),
+                **video_call(pipe, num_frames),
             }
             words, names, n_frames = _generate_video(
                 pipe,
@@ -791,15 +818,48 @@ def _experiment_video(exp: Any, ghm: Any) -> Any:
     size (the maps are drawn over them)."""
     import numpy as np
 
-    from .video import experiment_frames, frame_size_of
+    from .video import experiment_frames, frame_pixels_of
 
     frames = experiment_frames(exp)
     if frames is not None:
         return frames
-    size = frame_size_of(ghm)
+    size = frame_pixels_of(ghm)
     if size is None:
         raise CliError(f"{exp.path} records neither its video frames nor their size: nothing to draw on")
     return np.full((ghm.frames.video_frames, *size, 3), 128, np.uint8)
+
+
+def _picture_suffixes() -> list[str]:
+    """The file suffixes Pillow can write an RGB picture to (``.png``, ``.jpg``, ``.webp`` ...)."""
+    from PIL import Image
+
+    Image.init()
+    return sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+
+
+def _video_output_file(out: str | None, folder: Path, name: str) -> tuple[Path, bool]:
+    """Where show writes a video experiment's map, and whether as a video: ``-o *.gif`` / ``*.mp4``
+    (every frame), else a picture (a strip of frames) that Pillow writes: ``folder / name`` by default,
+    inside ``out`` when it is a folder, ``out`` with ``.png`` added when it has no suffix, else ``out``
+    when Pillow writes its suffix; any other suffix is a usage error naming those that work."""
+    if out is None:
+        return folder / name, False
+    path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / name, False
+    if not path.suffix:
+        return path.with_name(path.name + ".png"), False
+    suffix = path.suffix.lower()
+    if suffix in (".gif", ".mp4"):
+        return path, True
+    pictures = _picture_suffixes()
+    if suffix not in pictures:
+        raise CliError(
+            f"-o {out}: {path.suffix!r} is neither a video (.gif, .mp4: every frame) nor a picture format Pillow "
+            f"writes for the strip of frames ({', '.join(pictures)}); use e.g. {path.with_suffix('.png')}",
+            EXIT_USAGE,
+        )
+    return path, False
 
 
 def _show_video(
@@ -810,13 +870,12 @@ def _show_video(
 
     from .video import heat_map_overlays, strip, strip_indices, write_video
 
+    target, moving = _video_output_file(out, folder, f"show-{label}.png")
     overlays = heat_map_overlays(hm, frames, threshold=threshold)  # (T, H, W, 3) uint8
-    suffix = Path(out).suffix.lower() if out is not None and not out.endswith(("/", os.sep)) else ""
-    if suffix in (".gif", ".mp4") and not Path(out or "").expanduser().is_dir():
-        target = write_video(overlays, Path(out or "").expanduser(), fps)
+    if moving:
+        target = write_video(overlays, target, fps)
         what = f"{len(overlays)} frames at {fps:g} fps"
     else:
-        target = _output_file(out, folder, f"show-{label}.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(strip(overlays)).save(target)
         what = f"frames {strip_indices(len(overlays))} of {len(overlays)}"

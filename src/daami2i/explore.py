@@ -334,6 +334,10 @@ def _side(value: Any, name: str) -> int | None:
     return side
 
 
+FRAMES_MAX = 10_000  # frames one generation may ask for (as daami2i generate --num-frames)
+FRAMES_DEFAULT = 17  # the explorer's frame count for a video pipeline: small, so a generation is quick
+
+
 def generate(
     pipe: Any,
     state: Session,
@@ -347,9 +351,11 @@ def generate(
 ) -> Session:
     """Run the pipeline under the trace; the session then holds the image and its heat maps. An empty
     ``height`` or ``width`` is the model's default. A video pipeline (its call takes ``num_frames``:
-    the pipeline's default where None) gives a video session, its frames saved in the experiment."""
+    the pipeline's default where None) gives a video session, its frames saved in the experiment;
+    it is called with the arguments ``daami2i generate`` gives it (:func:`daami2i.video.video_call`:
+    frames as an array, CogVideoX's fixed text length)."""
     from . import trace
-    from .video import is_video_pipeline, save_experiment_frames, video_frames_of
+    from .video import is_video_pipeline, save_experiment_frames, video_call, video_frames_of
 
     if not prompt or not prompt.strip():
         raise QueryError("type a prompt first")
@@ -365,9 +371,9 @@ def generate(
         size = {"height": h or default[0], "width": w or default[1]}  # type: ignore[index]
     video = is_video_pipeline(pipe)
     if video:
-        size["output_type"] = "np"
-        if num_frames is not None:
-            size["num_frames"] = _whole(num_frames, "frames", 1, 10_000)
+        size.update(video_call(pipe, None if num_frames is None else _whole(num_frames, "frames", 1, FRAMES_MAX)))
+    elif num_frames is not None:
+        raise QueryError("the frame count is for video pipelines: this model makes images")
     with trace(pipe, self_factors="all") as trc:
         out = pipe(
             prompt=prompt,
@@ -454,14 +460,14 @@ def open_experiment(path: Path) -> Session:
 
     exp = load_experiment(path)
     if exp.generation.frames is not None:  # a video: its saved frames, else grey frames of its size
-        from .video import VideoError, experiment_frames, frame_size_of
+        from .video import VideoError, experiment_frames, frame_pixels_of
 
         try:
             frames = experiment_frames(exp)
         except VideoError as exc:
             raise QueryError(str(exc)) from None
         if frames is None:
-            size = frame_size_of(exp.generation)
+            size = frame_pixels_of(exp.generation)
             if size is None:
                 raise QueryError(f"{path} records neither its video frames nor their size")
             frames = np.full((exp.generation.frames.video_frames, *size, 3), 128, np.uint8)
@@ -814,8 +820,10 @@ def opened_note(state: Session, name: str) -> str:
 
 
 def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any] | None = None) -> Any:
-    """The Gradio Blocks app (not launched). ``defaults`` may set ``prompt``, ``seed``, ``steps`` and
-    ``guidance``; an ``experiment`` folder opens at the start, its settings in the fields."""
+    """The Gradio Blocks app (not launched). ``defaults`` may set ``prompt``, ``seed``, ``steps``,
+    ``guidance`` and ``frames`` (a video pipeline's frame count, :data:`FRAMES_DEFAULT` unless set:
+    small, so that a generation on the explorer's pace is quick; the field is shown for a video
+    pipeline only); an ``experiment`` folder opens at the start, its settings in the fields."""
     try:
         import gradio as gr
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -826,6 +834,10 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
     d.setdefault("size", default_size(pipe))
     d.update({k: v for k, v in initial.settings.items() if k in d})
     d["height"], d["width"] = d["size"] if d["size"] else (None, None)
+    from .video import is_video_pipeline
+
+    makes_video = is_video_pipeline(pipe)  # the frame-count field is shown for a video pipeline only
+    d.setdefault("frames", len(initial.frames) if initial.frames is not None else FRAMES_DEFAULT)
     out_dir = Path(tempfile.mkdtemp(prefix="daami2i-explore-files-"))
 
     def guard(fn: Any) -> Any:
@@ -858,15 +870,16 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         return s.zip_path
 
     def frame_control(s: Session) -> Any:
-        """The frame slider: shown for a video (its frames), hidden for an image."""
+        """The frame slider: shown for a video of several frames (0 .. frames - 1), hidden for an image
+        and for a video of one frame (Gradio's slider needs a range; that frame is the one shown)."""
         n = len(s.frames) if s.frames is not None else 1
         return gr.Slider(
             0,
-            max(n - 1, 1),
+            max(n - 1, 1),  # (hidden when n is 1: no frame 1 to move to)
             value=s.frame if s.frames is not None else 0,
             step=1,
             label="video frame (clicks, boxes and polygons query this frame)",
-            visible=s.frames is not None,
+            visible=s.frames is not None and n > 1,
             elem_id="frame",
         )
 
@@ -912,6 +925,14 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
             guidance = gr.Number(value=d["guidance"], label="guidance", scale=1, min_width=80, elem_id="guidance")
             height = gr.Number(value=d["height"], label="height", scale=1, min_width=80, elem_id="height")
             width = gr.Number(value=d["width"], label="width", scale=1, min_width=80, elem_id="width")
+            frame_count = gr.Number(
+                value=d["frames"] if makes_video else None,
+                label="frames",
+                scale=1,
+                min_width=80,
+                elem_id="frames",
+                visible=makes_video,
+            )
             go = gr.Button(
                 "Generate", variant="primary", elem_id="generate", interactive=bool(str(d["prompt"]).strip())
             )
@@ -1016,11 +1037,12 @@ def build_app(pipe: Any, experiment: Path | None = None, defaults: dict[str, Any
         everything = [state, image, heat, *word_views, words, info, downloads, legend, tabs, marks, close, frame_slider]
         fields = [prompt, seed, steps, guidance, height, width]
 
-        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, h: Any, w: Any, fx: bool) -> Any:
-            s = generate(pipe, s, p, sd, st, g, h, w)  # checks the numbers as typed (an empty field is None)
+        def on_generate(s: Session, p: str, sd: Any, st: Any, g: Any, h: Any, w: Any, n: Any, fx: bool) -> Any:
+            # checks the numbers as typed (an empty field is None); the frame count is a video pipeline's only
+            s = generate(pipe, s, p, sd, st, g, h, w, num_frames=n if makes_video else None)
             return fresh(s, generated_note(s), fx)
 
-        gen_in = [state, prompt, seed, steps, guidance, height, width, fixed]
+        gen_in = [state, prompt, seed, steps, guidance, height, width, frame_count, fixed]
         for trigger in (go.click, prompt.submit):
             trigger(guard(on_generate), gen_in, everything, concurrency_limit=1, concurrency_id="generate")
         prompt.change(lambda p: gr.Button(interactive=bool(p and p.strip())), [prompt], [go], queue=False, **quick)

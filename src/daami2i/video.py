@@ -20,6 +20,7 @@ optimal assignment when scipy is installed). A PNG folder needs only Pillow.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Daami2iError
+from .errors import Daami2iError, UnsupportedPipelineError
 
 SUFFIXES = (".mp4", ".gif")
 MAX_SIDE = 16384  # pixels per side of a frame (ffmpeg's and Pillow's practical limit)
@@ -53,6 +54,11 @@ def _ffmpeg_plugin() -> None:
             "MP4 output needs imageio's ffmpeg plugin: pip install 'daami2i[video]' (imageio-ffmpeg, which ships "
             "its own ffmpeg binary)"
         ) from exc
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy, ints included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -97,7 +103,9 @@ def as_frames(frames: Any) -> np.ndarray:
 
     ``frames``: a list of PIL images / arrays / tensors, or an array (T, H, W, 3) (also 1 or 4
     channels, or (T, H, W) grey), uint8 or float in [0, 1]; alpha is dropped. An empty list, frames
-    of different sizes, or values out of range are a :class:`VideoError`.
+    of different sizes, or values out of range are a :class:`VideoError`; so is a 3-D array whose
+    last side is 3 or 4 (one RGB(A) image, not grey frames: pass ``image[None]``), as
+    :func:`daami2i.heatmaps.maps.video_size_of` refuses it.
 
     >>> as_frames(np.ones((2, 4, 6))).shape
     (2, 4, 6, 3)
@@ -109,6 +117,11 @@ def as_frames(frames: Any) -> np.ndarray:
         if arr.ndim not in (3, 4):
             raise VideoError(
                 f"frames have shape {arr.shape}: expected (frames, height, width[, channels]) or a list of images"
+            )
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # as daami2i.heatmaps.maps.video_size_of reads it
+            raise VideoError(
+                f"frames have shape {arr.shape}: that is one RGB(A) image (height, width, channels), not grey "
+                "frames (frames, height, width); one image? pass frames[None]"
             )
         items: Sequence[Any] = list(arr)
     else:
@@ -178,7 +191,11 @@ def write_video(
       (GIF stores hundredths of a second). Up to 256 colours per frame, exact for frames that have
       that few; Pillow merges consecutive identical frames into one shown for their summed duration.
     - a folder (a path without a suffix, ending in "/", or an existing folder): one PNG per frame,
-      ``frame_00000.png`` ..., exact; needs only Pillow.
+      ``frame_00000.png`` ..., exact; needs only Pillow. With ``overwrite`` every ``frame_*.png``
+      already there is removed first (none of an earlier, longer video stays behind); a folder that
+      is a symbolic link is refused.
+
+    ``fps`` and ``quality`` are real numbers (Python or NumPy, not bools).
 
     >>> import tempfile
     >>> out = write_video(np.zeros((2, 4, 4, 3), np.uint8), Path(tempfile.mkdtemp()) / "frames")
@@ -190,8 +207,10 @@ def write_video(
         raise VideoError("the video path is empty")
     target = Path(raw)
     kind = _kind(target, raw)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or not 0 < fps <= 240:
+    if not _is_real(fps) or not np.isfinite(float(fps)) or not 0 < float(fps) <= 240:
         raise VideoError(f"fps must be a number in (0, 240], got {fps!r}")
+    if not _is_real(quality) or not 0 <= float(quality) <= 10:  # (NaN fails the comparison)
+        raise VideoError(f"quality must be a number in [0, 10] (imageio's scale, 10 best), got {quality!r}")
     arr = as_frames(frames)  # (T, H, W, 3) uint8
     if kind != "folder" and target.exists() and not overwrite:
         raise VideoError(f"{target} exists (pass overwrite=True to replace it)")
@@ -200,11 +219,18 @@ def write_video(
     if kind == "folder":
         from PIL import Image
 
+        if target.is_symlink():
+            raise VideoError(f"{target} is a symbolic link: refused (write the frames into a real folder)")
         if target.exists() and not target.is_dir():
             raise VideoError(f"{target} is a file, not a folder for per-frame PNGs")
         target.mkdir(parents=True, exist_ok=True)
-        if not overwrite and any(target.glob("frame_*.png")):
+        old = sorted(target.glob("frame_*.png"))
+        if old and not overwrite:
             raise VideoError(f"{target} already holds frame_*.png files (pass overwrite=True to replace them)")
+        for file in old:  # a link is removed, never followed; an earlier video's extra frames go too
+            if file.is_dir() and not file.is_symlink():
+                raise VideoError(f"{file} is a folder, not a frame: refused (remove it, or choose another folder)")
+            file.unlink()
         for i, frame in enumerate(arr):
             Image.fromarray(frame).save(target / f"frame_{i:05d}.png")
         return target
@@ -214,8 +240,6 @@ def write_video(
         iio.imwrite(target, arr, plugin="pillow", extension=".gif", duration=duration, loop=0)
         return target
     _ffmpeg_plugin()
-    if not 0 <= float(quality) <= 10:
-        raise VideoError(f"quality must be in [0, 10] (imageio's scale, 10 best), got {quality!r}")
     _, h, w, _ = arr.shape
     if h % 2 or w % 2:
         if not pad_odd:
@@ -286,7 +310,7 @@ def overlay_frames(
         )
     if not np.isfinite(values).all():
         raise VideoError("the maps hold NaN or infinite values")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    if not _is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise VideoError(f"alpha must be in [0, 1], got {alpha!r}")
     if normalize:
         lo, hi = float(values.min()), float(values.max())
@@ -325,11 +349,17 @@ def _iou_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
 def _assign(iou: np.ndarray, threshold: float, optimal: bool | None) -> list[tuple[int, int]]:
     """Pairs (row, column) of ``iou`` matched one to one, each with IoU >= threshold (and > 0).
 
-    Optimal (maximum total IoU, scipy's ``linear_sum_assignment``) when scipy is installed or
-    ``optimal=True``; greedy (highest IoU first) when scipy is missing or ``optimal=False``.
+    Optimal (maximum total IoU over the links that reach the threshold, scipy's
+    ``linear_sum_assignment`` on the IoU with the links below the threshold set to 0) when scipy is
+    installed or ``optimal=True``; greedy (highest IoU first) when scipy is missing or ``optimal=False``.
+
+    >>> _assign(np.array([[0.5, 0.4], [0.45, 0.0]]), 0.48, optimal=None)
+    [(0, 0)]
     """
     if iou.size == 0:
         return []
+    # links below the threshold are removed before assigning, so they cannot displace a valid one
+    score = np.where(iou >= threshold, iou, 0.0)
     if optimal is not False:
         try:
             from scipy.optimize import linear_sum_assignment
@@ -337,9 +367,8 @@ def _assign(iou: np.ndarray, threshold: float, optimal: bool | None) -> list[tup
             if optimal:
                 raise VideoError("optimal assignment needs scipy: pip install scipy (or pass optimal=False)") from None
         else:
-            rows, cols = linear_sum_assignment(iou, maximize=True)
-            ok = [iou[r, c] >= threshold and iou[r, c] > 0 for r, c in zip(rows, cols, strict=True)]
-            return [(int(r), int(c)) for r, c, keep in zip(rows, cols, ok, strict=True) if keep]
+            rows, cols = linear_sum_assignment(score, maximize=True)
+            return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if score[r, c] > 0]
     pairs: list[tuple[int, int]] = []
     used_r: set[int] = set()
     used_c: set[int] = set()
@@ -417,21 +446,54 @@ FRAMES_FOLDER = "video_frames"  # an experiment's video frames, one PNG each (wr
 
 
 def is_video_pipeline(pipe: Any) -> bool:
-    """Whether ``pipe`` makes videos: its ``__call__`` takes ``num_frames`` (Wan, CogVideoX,
-    AnimateDiff, HunyuanVideo, LTX-Video all do; no image pipeline of diffusers does).
+    """Whether ``pipe`` (a pipeline, or a pipeline class) makes videos: its ``__call__`` takes
+    ``num_frames`` (Wan, CogVideoX, AnimateDiff, HunyuanVideo, LTX-Video all do; no image pipeline
+    of diffusers does).
 
     >>> is_video_pipeline(object())
     False
     """
     import inspect
 
-    call = type(pipe).__call__ if callable(pipe) else None
+    if isinstance(pipe, type):  # a class: its instances' call
+        call = pipe.__call__ if "__call__" in {k for c in pipe.__mro__[:-1] for k in vars(c)} else None
+    else:
+        call = type(pipe).__call__ if callable(pipe) else None
     if call is None:
         return False
     try:
         return "num_frames" in inspect.signature(call).parameters
     except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
         return False
+
+
+def video_call(pipe: Any, num_frames: int | None) -> dict[str, Any]:
+    """A video pipeline's extra call arguments, for ``daami2i generate`` and the explorer alike:
+    frames as an array (``output_type="np"``); ``num_frames`` (when not None); and the text length
+    the denoiser fixes (CogVideoX's ``transformer.config.max_text_seq_length``, as
+    ``max_sequence_length``).
+
+    >>> class Pipe:
+    ...     def __call__(self, prompt, num_frames=49, output_type="pil"): ...
+    >>> video_call(Pipe(), 9)
+    {'output_type': 'np', 'num_frames': 9}
+    """
+    import inspect
+
+    from .tracing.trace import denoiser_of
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    out: dict[str, Any] = {"output_type": "np"} if "output_type" in params else {}
+    if num_frames is not None:
+        out["num_frames"] = num_frames
+    try:
+        denoiser = denoiser_of(pipe)[0]
+    except UnsupportedPipelineError:  # no denoiser known (tracing it refuses the pipeline anyway)
+        denoiser = None
+    fixed = getattr(getattr(denoiser, "config", None), "max_text_seq_length", None)
+    if isinstance(fixed, int) and not isinstance(fixed, bool) and "max_sequence_length" in params:
+        out["max_sequence_length"] = fixed
+    return out
 
 
 def video_suffix() -> str:
@@ -613,9 +675,10 @@ def strip_indices(n: int, count: int = 8) -> list[int]:
     return [round(i * (n - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
 
 
-def frame_size_of(ghm: Any) -> tuple[int, int] | None:
+def frame_pixels_of(ghm: Any) -> tuple[int, int] | None:
     """(height, width) in pixels of one video frame of a video generation's heat map (its image size
-    is that of the token frames stacked), or None where the size is not known."""
+    is that of the token frames stacked), or None where the size is not known. (``ghm.frame_size``
+    is one frame's latent grid, in tokens.)"""
     size = getattr(ghm, "image_size", None)
     layout = getattr(ghm, "frames", None)
     if not size:
@@ -627,12 +690,9 @@ def frame_size_of(ghm: Any) -> tuple[int, int] | None:
 
 def save_experiment_frames(frames: Any, experiment: str | os.PathLike[str]) -> Path:
     """Write a video's frames into an experiment folder (``video_frames/frame_00000.png`` ..., exact),
-    where :func:`experiment_frames` finds them."""
-    folder = Path(experiment) / FRAMES_FOLDER
-    if folder.is_dir():
-        for old in folder.glob("frame_*.png"):
-            old.unlink()
-    return write_video(frames, folder)
+    where :func:`experiment_frames` finds them; the frames saved there before are replaced (a
+    ``video_frames`` that is a symbolic link is refused: nothing is written outside the experiment)."""
+    return write_video(frames, Path(experiment) / FRAMES_FOLDER, overwrite=True)
 
 
 def experiment_frames(exp: Any) -> np.ndarray | None:

@@ -31,12 +31,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -44,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from .datasets import DatasetWarning
-from .errors import Daami2iError
+from .errors import Daami2iError, QueryError
+from .heatmaps.regions import check_fraction
 from .video import MAX_SIDE, VideoError, as_frames
 
 FORMATS = ("jpg", "png")
@@ -54,6 +56,46 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 class VideoDatasetError(Daami2iError, ValueError):
     """A video dataset that cannot be written, or an export on disk that is damaged or unsafe."""
+
+
+@contextlib.contextmanager
+def _pillow_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to a frame of ``MAX_SIDE`` x ``MAX_SIDE`` pixels (the
+    largest the annotations may state) while frames are read, so a legal frame is not refused by
+    Pillow's default (89 M pixels) and the stated sizes decide; a header beyond twice that still
+    raises Pillow's ``DecompressionBombError`` (reported by the callers, naming the file). Pillow's
+    limit is one process-wide setting: it is restored on leaving."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    if old is not None:  # (None: the check is off already)
+        Image.MAX_IMAGE_PIXELS = max(old, MAX_SIDE * MAX_SIDE)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _read_frame(path: Path, name: str, where: str, size: tuple[int, int]) -> np.ndarray:
+    """The frame image ``path`` (``name`` in the annotations) as uint8 (H, W, 3), checked to be a
+    readable image of ``size`` (height, width)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise VideoDatasetError(f"{where}: frame file {name!r} is missing from {path.parent}")
+    try:
+        with _pillow_limit(), Image.open(path) as img:
+            w, h = img.size
+            arr = np.asarray(img.convert("RGB")) if (h, w) == size else None
+    except Image.DecompressionBombError as exc:
+        raise VideoDatasetError(f"{where}: {name!r} is refused: its header states an image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VideoDatasetError(f"{where}: {name!r} is not a readable image ({exc})") from None
+    if arr is None:
+        raise VideoDatasetError(f"{where}: {name!r} is {h}x{w} but the annotations say {size[0]}x{size[1]}")
+    return arr
 
 
 @dataclass
@@ -92,13 +134,20 @@ class VideoDataset:
         return out
 
     def frames(self, video_id: int) -> np.ndarray:
-        """The frames (T, H, W, 3) uint8 of one video, read from disk."""
-        from PIL import Image
-
+        """The frames (T, H, W, 3) uint8 of one video, read from disk; a frame file that is missing,
+        unreadable or not of the video's size is a :class:`VideoDatasetError` (the loader checks
+        them all up front unless ``check_images=False``)."""
         video = next((v for v in self.ytvis["videos"] if v["id"] == video_id), None)
         if video is None:
             raise VideoDatasetError(f"no video {video_id} in {self.root / 'ytvis.json'}")
-        return np.stack([np.asarray(Image.open(self.root / name).convert("RGB")) for name in video["file_names"]])
+        size = (video["height"], video["width"])
+        where = f"{self.root / 'ytvis.json'}, video {video_id}"
+        return np.stack(
+            [
+                _read_frame(self.root / name, name, f"{where}, frame {t}", size)
+                for t, name in enumerate(video["file_names"])
+            ]
+        )
 
 
 # -- export --------------------------------------------------------------------------------------------
@@ -353,8 +402,10 @@ def objects_from_heat_maps(
 
     if isinstance(words, str) or not isinstance(words, Sequence) or not words:
         raise VideoDatasetError(f"words must be a non-empty list of the prompt's words, got {words!r:.80}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < float(threshold) < 1:
-        raise VideoDatasetError(f"threshold must be a number strictly between 0 and 1, got {threshold!r}")
+    try:
+        cut = check_fraction(threshold)  # the range expand_as(threshold=...) takes
+    except QueryError as exc:
+        raise VideoDatasetError(str(exc)) from None
     try:
         rgb = as_frames(frames)  # (T, H, W, 3)
     except VideoError as exc:
@@ -365,7 +416,7 @@ def objects_from_heat_maps(
         heat = ghm.compute_word_heat_map(word)
         if merged:
             heat = ghm.compute_guided_heat_map(heat)
-        masks = expand_heat_map(heat, rgb, threshold=float(threshold)) > 0.5  # (T, H, W) bool
+        masks = expand_heat_map(heat, rgb, threshold=cut) > 0.5  # (T, H, W) bool
         labels = track_instances(masks, min_area=min_area, iou=iou, max_gap=max_gap)
         for label in range(1, int(labels.max()) + 1):
             out.append({"category": category, "masks": labels == label})
@@ -400,25 +451,27 @@ def video_from_trace(
 
 
 # -- reading an export back (untrusted) -----------------------------------------------------------------
-def rle_counts(counts: str) -> list[int]:
+def rle_counts(counts: str, where: str | None = None) -> list[int]:
     """The run lengths of a COCO compressed RLE string (pycocotools' ``counts``), decoded here so a
-    damaged string is an error instead of reaching pycocotools' C decoder.
+    damaged string is an error instead of reaching pycocotools' C decoder; ``where`` (the file and
+    entry) starts the error's message.
 
     >>> from pycocotools import mask as cm
     >>> m = np.zeros((4, 5), np.uint8); m[1:3, 1:4] = 1  # runs down the columns (Fortran order)
     >>> rle_counts(cm.encode(np.asfortranarray(m))["counts"].decode())
     [5, 2, 2, 2, 2, 2, 5]
     """
+    at = f"{where}: " if where else ""
     out: list[int] = []
     p = 0
     while p < len(counts):
         x, k, more = 0, 0, True
         while more:
             if p >= len(counts) or k >= 13:
-                raise VideoDatasetError("a mask's RLE counts string is cut short or holds a number too large")
+                raise VideoDatasetError(f"{at}the mask's RLE counts string is cut short or holds a number too large")
             c = ord(counts[p]) - 48
             if not 0 <= c < 64:
-                raise VideoDatasetError(f"a mask's RLE counts string holds the character {counts[p]!r}")
+                raise VideoDatasetError(f"{at}the mask's RLE counts string holds the character {counts[p]!r}")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
@@ -471,34 +524,72 @@ def _safe_file(root: Path, name: Any, where: str, check_images: bool, size: tupl
         raise VideoDatasetError(f"{where}: frame file {name!r} is missing from {root}")
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
+    try:  # the header only: its size (Pillow's bomb check at the largest legal frame, _pillow_limit)
+        with _pillow_limit(), Image.open(path) as img:
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise VideoDatasetError(f"{where}: {name!r} is refused: its header states an image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise VideoDatasetError(f"{where}: {name!r} is not a readable image ({exc})") from None
     if (h, w) != size:
         raise VideoDatasetError(f"{where}: {name!r} is {h}x{w} but the annotations say {size[0]}x{size[1]}")
 
 
-def _check_rle(seg: Any, size: tuple[int, int], where: str) -> int:
-    """A compressed RLE of ``size`` (height, width); returns its area."""
+def _check_rle(seg: Any, size: tuple[int, int], where: str) -> tuple[int, list[float] | None]:
+    """A compressed RLE of ``size`` (height, width); returns its area and its box ``[x, y, width,
+    height]`` (None for an empty mask)."""
     if not isinstance(seg, dict) or not isinstance(seg.get("counts"), str) or not isinstance(seg.get("size"), list):
         raise VideoDatasetError(f"{where}: a mask must be a compressed RLE {{'size': [h, w], 'counts': str}}")
     if seg["size"] != list(size):
         raise VideoDatasetError(f"{where}: the mask is {seg['size']} (height, width) but the frame is {list(size)}")
-    runs = rle_counts(seg["counts"])
+    runs = rle_counts(seg["counts"], where)
     if any(r < 0 for r in runs) or sum(runs) != size[0] * size[1]:
         raise VideoDatasetError(f"{where}: the mask's runs cover {sum(runs)} pixels, not {size[0]} x {size[1]}")
-    return sum(runs[1::2])
+    return sum(runs[1::2]), _rle_box(runs, size[0])
 
 
-def _check_box(box: Any, size: tuple[int, int], where: str) -> None:
+def _rle_box(runs: list[int], height: int) -> list[float] | None:
+    """The box ``[x, y, width, height]`` of the mask whose column-major runs are ``runs`` (background
+    first) in a frame ``height`` pixels tall, as :func:`_bbox` gives it for the decoded mask; None
+    when the mask is empty. A run that crosses a column's end covers the rows from its start down and
+    from the top to its end, so the rows reach the frame's first and last."""
+    x0 = y0 = math.inf
+    x1 = y1 = -math.inf
+    start = 0
+    for k, run in enumerate(runs):
+        if k % 2 and run > 0:
+            end = start + run - 1  # the run's last pixel (flat, column-major)
+            (ca, ra), (cb, rb) = divmod(start, height), divmod(end, height)
+            x0, x1 = min(x0, ca), max(x1, cb)
+            y0, y1 = (min(y0, 0), max(y1, height - 1)) if ca != cb else (min(y0, ra), max(y1, rb))
+        start += run
+    if x1 < 0:
+        return None
+    return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
+
+
+def _check_box(box: Any, size: tuple[int, int], where: str, drawn: list[float] | None) -> None:
+    """``box`` is ``[x, y, width, height]`` in the frame of ``size`` and is the mask's box ``drawn``."""
     ok = isinstance(box, list) and len(box) == 4
     ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
     if not ok or box[0] < 0 or box[1] < 0 or box[2] <= 0 or box[3] <= 0:
         raise VideoDatasetError(f"{where}: bbox {box!r:.80} is not [x, y, width, height] with positive sides")
     if box[0] + box[2] > size[1] + 1e-6 or box[1] + box[3] > size[0] + 1e-6:
         raise VideoDatasetError(f"{where}: bbox {box!r} reaches past the {size[0]}x{size[1]} frame")
+    if drawn is None or any(abs(float(a) - b) > 1e-6 for a, b in zip(box, drawn, strict=True)):
+        raise VideoDatasetError(f"{where}: bbox {box!r} is not its mask's box ({drawn})")
+
+
+def _check_crowd(value: Any, where: str) -> None:
+    if not _int(value, 0, 1):
+        raise VideoDatasetError(f"{where}: iscrowd must be 0 or 1, got {value!r:.80}")
+
+
+def _check_categories(cats: dict[int, dict[str, Any]], path: Path) -> None:
+    for cid, cat in cats.items():
+        name = cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise VideoDatasetError(f"{path}, category {cid}: its name must be a non-empty string, got {name!r:.80}")
 
 
 def _unique_ids(items: list[Any], what: str, path: Path) -> dict[int, dict[str, Any]]:
@@ -518,11 +609,13 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
     Checked: both files are JSON objects with their lists; ids are unique positive integers; every
     video's sizes are 1..16384 and its frames are ``frame_id`` 0..length-1, each once, in both
     files alike; every file name is a relative path that stays inside ``root`` (no '..', absolute
-    path or escaping link) and (``check_images``) names an existing image of the stated size; every
-    mask is a compressed RLE of its frame's size whose runs cover the frame exactly and whose area
-    is the stated one; boxes lie in the frame; every annotation's image, video, category and track
-    exist and agree. The first problem found is a :class:`VideoDatasetError` naming the file and
-    the entry.
+    path or escaping link), no two frames share a file, and (``check_images``) each names an
+    existing image of the stated size (Pillow's decompression-bomb limit raised to the largest
+    legal frame while the headers are read); every mask is a compressed RLE of its frame's size
+    whose runs cover the frame exactly and whose area is the stated one; every box is its mask's
+    box; categories are named by non-empty strings; ``iscrowd`` is 0 or 1; every annotation's
+    image, video, category and track exist and agree. The first problem found is a
+    :class:`VideoDatasetError` naming the file and the entry.
     """
     root = Path(root)
     if not root.is_dir():
@@ -532,6 +625,7 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
     if not isinstance(coco.get("images"), list):
         raise VideoDatasetError(f"{coco_path} has no 'images' list")
     cats = _unique_ids(coco["categories"], "category", coco_path)
+    _check_categories(cats, coco_path)
     if {c: v.get("name") for c, v in _unique_ids(ytvis["categories"], "category", ytvis_path).items()} != {
         c: v.get("name") for c, v in cats.items()
     }:
@@ -541,6 +635,7 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
     if set(videos) != set(coco_videos):
         raise VideoDatasetError(f"{coco_path} and {ytvis_path} list different videos")
     sizes: dict[int, tuple[int, int, int]] = {}
+    used: dict[str, str] = {}  # file name -> the frame that has it
     for vid, v in videos.items():
         where = f"{ytvis_path}, video {vid}"
         if not all(_int(v.get(k), 1, MAX_SIDE) for k in ("height", "width")) or not _int(v.get("length"), 1, 10**6):
@@ -553,6 +648,9 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
         sizes[vid] = (v["length"], v["height"], v["width"])
         for t, name in enumerate(names):
             _safe_file(root, name, f"{where}, frame {t}", check_images, (v["height"], v["width"]))
+            if name in used:
+                raise VideoDatasetError(f"{where}, frame {t}: its file {name!r:.80} is also {used[name]}'s")
+            used[name] = f"video {vid}, frame {t}"
     images = _unique_ids(coco["images"], "image", coco_path)
     frame_of: dict[tuple[int, int], dict[str, Any]] = {}
     for img in images.values():
@@ -590,15 +688,16 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
             raise VideoDatasetError(
                 f"{where}: segmentations, areas and bboxes must each list its video's {length} frames"
             )
+        _check_crowd(a.get("iscrowd"), where)
         for t, (seg, area, box) in enumerate(zip(segs, areas, boxes, strict=True)):
             if seg is None:
                 if area is not None or box is not None:
                     raise VideoDatasetError(f"{where}, frame {t}: no mask but an area or a box")
                 continue
-            drawn = _check_rle(seg, (h, w), f"{where}, frame {t}")
+            drawn, drawn_box = _check_rle(seg, (h, w), f"{where}, frame {t}")
             if area != drawn:
                 raise VideoDatasetError(f"{where}, frame {t}: area {area!r} but the mask has {drawn} pixels")
-            _check_box(box, (h, w), f"{where}, frame {t}")
+            _check_box(box, (h, w), f"{where}, frame {t}", drawn_box)
     seen: set[tuple[int, int]] = set()
     for ann in _unique_ids(coco["annotations"], "annotation", coco_path).values():
         where = f"{coco_path}, annotation {ann['id']}"
@@ -615,10 +714,11 @@ def load_video_dataset(root: str | os.PathLike[str], *, check_images: bool = Tru
             raise VideoDatasetError(f"{where}: its video_id differs from its image's, or its track has two masks there")
         seen.add((track["id"], image["frame_id"]))
         size = (image["height"], image["width"])
-        drawn = _check_rle(ann.get("segmentation"), size, where)
+        drawn, drawn_box = _check_rle(ann.get("segmentation"), size, where)
         if ann.get("area") != drawn or ann.get("segmentation") != track["segmentations"][image["frame_id"]]:
             raise VideoDatasetError(f"{where}: its mask or area differs from track {track['id']}'s in {ytvis_path}")
-        _check_box(ann.get("bbox"), size, where)
+        _check_box(ann.get("bbox"), size, where, drawn_box)
+        _check_crowd(ann.get("iscrowd"), where)
     if len(seen) != sum(s is not None for a in tracks.values() for s in a["segmentations"]):
         raise VideoDatasetError(f"{coco_path} lacks per-frame annotations that {ytvis_path}'s tracks have")
     return VideoDataset(root, coco, ytvis)
