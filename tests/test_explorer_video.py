@@ -212,3 +212,10 @@ def test_generate_on_cogvideox_uses_its_fixed_text_length() -> None:
 def test_an_image_session_refuses_the_slider() -> None:
     with pytest.raises(daami2i.QueryError, match="for videos"):
         E.set_frame(E.Session(), 0)
+
+
+def test_a_video_experiment_fills_the_form_with_one_frame_s_size(video_experiment: Any) -> None:
+    """The form shows the size of one frame (32 x 48) and the frame count, not the stacked token frames'."""
+    path, _ = video_experiment
+    settings = E.experiment_settings(daami2i.load_experiment(path))
+    assert settings["size"] == (32, 48) and settings["frames"] == 9

@@ -450,7 +450,10 @@ def experiment_settings(exp: Any) -> dict[str, Any]:
     if isinstance(info.get("guidance"), (int, float)) and not isinstance(info.get("guidance"), bool):
         out["guidance"] = float(info["guidance"])
     if gen.image_size:
-        out["size"] = tuple(int(v) for v in gen.image_size)  # (height, width)
+        h, w = (int(v) for v in gen.image_size)  # (height, width); a video's: its token frames stacked
+        out["size"] = (h // gen.frames.token_frames, w) if gen.frames is not None else (h, w)
+        if gen.frames is not None:
+            out["frames"] = gen.frames.video_frames
     return out
 
 
