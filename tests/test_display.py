@@ -147,3 +147,27 @@ def test_text_when_there_is_nothing_to_draw(traced, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # matplotlib not installed
     assert ghm.compute_word_heat_map("cat")._repr_png_() is None
     assert ghm._repr_png_() is None
+
+
+def test_video_maps_show_a_row_of_frames_on_one_scale():
+    """A video's word map shows up to 6 of its frames, each the map expanded over the whole video (one
+    colour scale); a video's global heat map a row per word; its experiment the same."""
+    import daami2i
+    from daami2i.testing import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    with daami2i.trace(pipe) as trc:
+        pipe("a red fox", num_frames=9, height=32, width=48, num_inference_steps=1, max_sequence_length=16)
+    ghm = trc.compute_global_heat_map()
+    fox = ghm.compute_word_heat_map("fox")
+    assert _decode(fox._repr_png_()).shape[2] >= 3
+    fig = display.figure_of(fox)
+    shown = display._shown_frames(9)
+    assert shown == [0, 2, 3, 5, 6, 8] and len(fig.axes) == len(shown)
+    video = fox.expand_as(display.canvas_size((2, 3))).numpy()
+    for ax, t in zip(fig.axes, shown, strict=True):
+        np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), video[t])
+        assert ax.images[0].get_clim() == (0.0, 1.0) and ax.get_title() == f"word 'fox', frame {t}"
+    grid = display.figure_of(ghm)
+    assert len(grid.axes) == len(ghm.words) * len(shown)
+    assert grid.axes[len(shown)].get_title() == "red, frame 0"

@@ -10,7 +10,9 @@ picture is drawn (``pip install 'daami2i[plot]'``); without it, or when there is
 * a heat map: the map itself (a map knows no image), bicubic on a 256-pixel canvas in the ``jet``
   colours of :func:`daami2i.viz.plot_overlay`, the region of a pixel / box / contour query outlined;
 * a global heat map: every word of the prompt, one panel each (:func:`daami2i.viz.plot_word_grid`);
-* an experiment: its first image and every word's map over it.
+* an experiment: its first image and every word's map over it;
+* a video's map, global heat map or experiment: a row of up to 6 frames per map, one colour scale
+  per video.
 
 To draw a map over its image, use :func:`daami2i.viz.plot_overlay` (or ``heat_map.plot_overlay(image)``).
 Every figure is made without pyplot; :func:`figure_of` returns it for those who want to change it.
@@ -83,6 +85,8 @@ def heat_map_figure(hm: HeatMap) -> Figure:
     (:func:`daami2i.viz.draw_region`)."""
     from .viz import draw_region, plot_overlay
 
+    if hm.frames is not None:  # a video's map: a row of its frames
+        return video_figure([(_title(hm), hm)])
     size = canvas_size(hm.size)
     fig = _figure(MAP_INCHES)
     ax = fig.add_subplot()
@@ -95,6 +99,42 @@ def heat_map_figure(hm: HeatMap) -> Figure:
     ax.axis("on")
     ax.set_xticks([])
     ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+VIDEO_FRAMES = 6  # frames a video's picture shows, evenly spaced, the first and the last included
+
+
+def _shown_frames(n: int, count: int = VIDEO_FRAMES) -> list[int]:
+    """Up to ``count`` evenly spaced video frames of ``n``.
+
+    >>> _shown_frames(17, 5)
+    [0, 4, 8, 12, 16]
+    """
+    if n <= count:
+        return list(range(n))
+    return [round(i * (n - 1) / (count - 1)) for i in range(count)]
+
+
+def video_figure(rows: list[tuple[str, HeatMap]], suptitle: str | None = None) -> Figure:
+    """Video maps, one row each (``(label, map)``), in up to :data:`VIDEO_FRAMES` of their frames: each
+    map expanded over its video (one colour scale for all its frames, ``jet`` as the image overlays)."""
+    layout = rows[0][1].frames
+    assert layout is not None
+    shown = _shown_frames(layout.video_frames)
+    size = canvas_size(rows[0][1].frame(0).size)
+    fig = _figure((PANEL_INCHES[0] * len(shown), PANEL_INCHES[1] * len(rows) + 0.3))
+    axes = np.atleast_2d(np.asarray(fig.subplots(len(rows), len(shown)), dtype=object))
+    for r, (label, hm) in enumerate(rows):
+        video = hm.expand_as(size).numpy()  # (video frames, H, W), normalised over the whole video
+        for c, t in enumerate(shown):
+            ax = axes[r, c]
+            ax.imshow(video[t], cmap="jet", vmin=0.0, vmax=1.0)
+            ax.set_title(f"{label}, frame {t}", fontsize=9)
+            ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -112,6 +152,9 @@ def global_heat_map_figure(ghm: GlobalHeatMap, image: Any = None) -> Figure:
     words = ghm.words
     if not words:
         raise Daami2iError("the prompt has no words to draw")
+    if ghm.frames is not None:  # a video: a row of frames per word
+        rows_ = [(w, ghm.compute_word_heat_map(w)) for w in words]
+        return video_figure(rows_, repr(ghm.prompt) if ghm.prompt else None)
     rows, cols = _grid(len(words))
     fig = _figure((PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows + 0.3))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
@@ -133,6 +176,8 @@ def experiment_figure(exp: Experiment, image_idx: int = 0) -> Figure:
     images = exp.images
     image = images[image_idx] if images else None
     ghm = exp.compute_global_heat_map(image_idx=image_idx)
+    if ghm.frames is not None:  # a video experiment: its words, a row of frames each
+        return global_heat_map_figure(ghm)
     try:
         words = ghm.words if ghm.cross_layers else []
     except Daami2iError:  # no prompt text
