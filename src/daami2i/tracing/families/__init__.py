@@ -18,6 +18,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter
 from .ltx import LTXAdapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
@@ -44,6 +45,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     LTXAdapter(),
     HunyuanVideoAdapter(),
+    HunyuanVideo15Adapter(),
     AnimateDiffAdapter(),
 ]
 
@@ -77,6 +79,7 @@ __all__ = [
     "FluxAdapter",
     "HiDreamAdapter",
     "HunyuanVideoAdapter",
+    "HunyuanVideo15Adapter",
     "LTXAdapter",
     "Lumina2Adapter",
     "PassTracker",

@@ -27,8 +27,9 @@ the token frames stacked top to bottom; the causal VAE gives ``4 (F - 1) + 1`` v
 from latent frame 0, 4 per later one).
 
 Not traced (clear errors): image-to-video (``HunyuanVideoImageToVideoPipeline``, SkyReels, a
-transformer with ``image_condition_type``), FramePack (``HunyuanVideoFramepackTransformer3DModel``),
-HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``) and real-video attribution.
+transformer with ``image_condition_type``), FramePack (``HunyuanVideoFramepackTransformer3DModel``)
+and real-video attribution. HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``, another class)
+has its own adapter (``hunyuanvideo15.py``).
 
 >>> from daami2i.testing.hunyuanvideo import prompt_template, tiny_hunyuanvideo_pipeline
 >>> import daami2i
@@ -73,7 +74,6 @@ _REFUSED = {
 #: transformer classes of the family that this adapter does not trace (yet)
 _OTHER_MODELS = {
     "HunyuanVideoFramepackTransformer3DModel": "HunyuanVideo FramePack",
-    "HunyuanVideo15Transformer3DModel": "HunyuanVideo 1.5",
 }
 
 
