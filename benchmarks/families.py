@@ -250,6 +250,18 @@ MODELS = [
         (129, 720, 1280), 50, 256,  # 33 latent frames of 90 x 160; the Llama text padded to 256 (masked)
     ),
     (
+        # HunyuanVideo 1.5 480p t2v: the class defaults (the published layout) with target_size 640, whose
+        # default size is 480 x 848; 121 frames are 31 latent frames of 30 x 53 (space by 16), patch 1
+        "hunyuanvideo15", "HunyuanVideo 1.5 (480p t2v)", "HunyuanVideo15Transformer3DModel",
+        dict(
+            in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+            num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+            text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+            rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v",
+        ),
+        (121, 480, 848), 50, 256 + 1000,  # the text keys kept: ByT5 256 + Qwen 1000 (729 image tokens dropped)
+    ),
+    (
         # SD 1.5 with the motion adapter v1-5-2 (16 frames of 512 x 512; a UNetMotionModel's default config)
         "animatediff", "AnimateDiff (SD 1.5 + motion v1-5-2)", "UNetMotionModel",
         dict(sample_size=64, cross_attention_dim=768, motion_max_seq_length=32, use_motion_mid_block=True),
@@ -258,8 +270,8 @@ MODELS = [
 ]  # fmt: skip
 
 
-#: VAEs that do not scale by 8: Sana's DC-AE and the LTX-Video VAE scale by 32
-VAE_SCALE = {"sana": 32, "ltx": 32}
+#: VAEs that do not scale by 8: Sana's DC-AE and the LTX-Video VAE scale by 32, HunyuanVideo 1.5's by 16
+VAE_SCALE = {"sana": 32, "ltx": 32, "hunyuanvideo15": 16}
 #: video VAEs' time compression where it is not 4 (AnimateDiff's 2-D VAE: none, so frames = latent frames)
 VAE_TEMPORAL: dict[str, int] = {"ltx": 8, "animatediff": 1}
 

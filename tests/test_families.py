@@ -19,6 +19,7 @@ from daami2i.testing import (
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hidream_pipeline,
+    tiny_hunyuanvideo15_pipeline,
     tiny_hunyuanvideo_pipeline,
     tiny_ltx_pipeline,
     tiny_lumina2_pipeline,
@@ -99,6 +100,8 @@ FAMILIES: dict[str, Family] = {
         explorer=False,
         frames=2,
     ),
+    # HunyuanVideo 1.5 (the guider's two calls per step; the tiny Qwen / ByT5 lengths); 5 frames: 2 latent frames
+    "hunyuanvideo15": Family((tiny_hunyuanvideo15_pipeline,), {"num_frames": 5}, explorer=False, frames=2),
 }
 NAMES = sorted(FAMILIES)
 
