@@ -128,3 +128,21 @@ def test_all_pixels_diffusion_equals_one_pixel_at_a_time_on_local_attention():
                 )[0]
                 assert close(one, mine), p
     assert near <= 1e-4 * cut, (near, cut)  # the reference decides (almost) every cut (measured: 0 of 2.3e6 left)
+
+
+def test_a_key_padding_mask_spread_over_queries_becomes_one_row():
+    """mask_bias keeps a boolean mask that is the same for every query row as one row (S floats, not
+    S x S), and a mask that differs by query in full; both give the same probabilities."""
+    from daami2i.storage.recorder import mask_bias, probs_chunks
+
+    keys = torch.tensor([True, True, False, True, False])
+    spread = keys.expand(1, 1, 5, 5).clone()
+    bias = mask_bias(spread, (2, 3, 5, 5))
+    assert bias.shape == (1, 1, 1, 5) and torch.equal(torch.isinf(bias[0, 0, 0]), ~keys)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().view(1, 1, 5, 5)
+    assert mask_bias(causal, (2, 3, 5, 5)).shape == (1, 1, 5, 5)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    full = torch.zeros(1, 1, 5, 5).masked_fill(~spread, float("-inf"))
+    ours = torch.cat([p.clone() for _, _, p in probs_chunks(q, k, 0.5, bias, 1 << 20)], dim=2)
+    torch.testing.assert_close(ours, torch.softmax(q @ k.transpose(-1, -2) * 0.5 + full, dim=-1))

@@ -412,3 +412,23 @@ def test_image_to_video_real_videos_and_bad_calls_are_refused_clearly(pipe):
         if hasattr(m, "processor")
     )
     assert daami2i.trace(tiny_hunyuanvideo15_pipeline()).adapter.name == "hunyuanvideo15"
+
+
+def test_cli_generate_writes_a_hunyuanvideo15_video(tmp_path):
+    """`daami2i generate` on HunyuanVideo 1.5, whose call takes no guidance_scale (its guider holds it):
+    --guidance sets the guider's scale, and the video, word videos and experiment are written."""
+    from typer.testing import CliRunner
+
+    from daami2i.cli import app
+    from daami2i.testing import tiny_hunyuanvideo15_pipeline
+
+    pipe = tiny_hunyuanvideo15_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["generate", "a red fox", "-m", str(tmp_path / "model"), "--steps", "1", "--height", "32", "--width", "48"]
+    res = CliRunner().invoke(
+        app, [*args, "--num-frames", "5", "--guidance", "3", "--video-format", "png", "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    exp = daami2i.load_experiment(out / "experiment")
+    assert exp.generation.frames.video_frames == 5 and "fox" in exp.compute_global_heat_map().words

@@ -365,6 +365,26 @@ def _video_suffix(video_format: str) -> str:
     return "" if video_format == "png" else f".{video_format}"
 
 
+def _video_guidance(pipe: Any, guidance: float, given: bool) -> dict[str, Any]:
+    """The guidance argument of a video pipeline's call: ``guidance_scale`` where its ``__call__`` takes
+    one; a pipeline whose guider holds the scale (HunyuanVideo 1.5) gets it set there when ``--guidance``
+    was given, else keeps its own."""
+    import inspect
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if "guidance_scale" in params:
+        return {"guidance_scale": guidance}
+    guider = getattr(pipe, "guider", None)
+    if given:
+        if guider is None or not hasattr(guider, "guidance_scale"):
+            raise CliError(f"{type(pipe).__name__} takes no guidance scale: leave --guidance out")
+        guider.guidance_scale = guidance
+    return {}
+
+
 def _generate_video(
     pipe: Any,
     stage: Path,
@@ -550,6 +570,7 @@ def generate(
     dev = _device(device)
     default_steps, default_guidance = MODEL_DEFAULTS.get(model, (20, 7.5))
     steps = steps if steps is not None else default_steps
+    given_guidance = guidance is not None
     guidance = guidance if guidance is not None else default_guidance
     with _staged(out, overwrite) as stage:
         pipe = _load_pipeline(model, dev)
@@ -559,7 +580,7 @@ def generate(
             suffix = _video_suffix(video_format)
             call = {
                 "num_inference_steps": steps,
-                "guidance_scale": guidance,
+                **_video_guidance(pipe, guidance, given_guidance),
                 "generator": torch.Generator(device="cpu").manual_seed(seed),
                 **({"height": height, "width": width} if height is not None else {}),
                 **video_call(pipe, num_frames),

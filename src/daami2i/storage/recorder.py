@@ -55,6 +55,10 @@ def mask_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> to
     if mask is None:
         return None
     if mask.dtype == torch.bool:
+        if mask.dim() >= 2 and mask.shape[-2] > 1 and bool((mask == mask[..., :1, :]).all()):
+            # a key-padding mask spread over every query row (HunyuanVideo 1.5's (1, 1, S, S)): one row
+            # of it, as a float bias, instead of S x S floats (10 GB at S = 51,275)
+            mask = mask[..., :1, :]
         bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
     else:
         bias = mask.float()
