@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,7 +118,7 @@ def _shown_frames(n: int, count: int = VIDEO_FRAMES) -> list[int]:
     return [round(i * (n - 1) / (count - 1)) for i in range(count)]
 
 
-def video_figure(rows: list[tuple[str, HeatMap]], suptitle: str | None = None) -> Figure:
+def video_figure(rows: Sequence[tuple[str, HeatMap]], suptitle: str | None = None) -> Figure:
     """Video maps, one row each (``(label, map)``), in up to :data:`VIDEO_FRAMES` of their frames: each
     map expanded over its video (one colour scale for all its frames, ``jet`` as the image overlays)."""
     layout = rows[0][1].frames

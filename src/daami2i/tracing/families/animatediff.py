@@ -16,11 +16,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ...errors import TraceError
 from ...heatmaps.frames import FrameLayout
-from .base import AttentionSite, DenoiserCall, FamilyAdapter, RealRequest, RealRun, Size, size_at, timestep_value
+from .base import (
+    AttentionSite,
+    DenoiserCall,
+    FamilyAdapter,
+    RealRequest,
+    RealRun,
+    Size,
+    size_at,
+    timestep_value,
+    video_sample,
+)
 from .unet import find_sites as unet_sites
 
 
@@ -56,13 +64,7 @@ class AnimateDiffAdapter(FamilyAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
-            raise TraceError(
-                "the UNetMotionModel was called without a (B, C, frames, H, W) latent "
-                f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
-            )
-        f, h, w = (int(v) for v in sample.shape[2:])
+        f, h, w = video_sample(call, "UNetMotionModel")
         deepest = 2 ** (len(denoiser.down_blocks) - 1)
         if h % deepest or w % deepest:
             raise TraceError(

@@ -267,6 +267,19 @@ def patch_geometry(denoiser: Any, call: DenoiserCall, model: str) -> tuple[Size,
     return (latent[0] // p, latent[1] // p), latent
 
 
+def video_sample(call: DenoiserCall, model: str, frames_axis: int = 2) -> tuple[int, int, int]:
+    """(frames, height, width) of a video denoiser's 5-D latent, with a clear error for anything else;
+    ``frames_axis`` 2 for (B, C, F, H, W), 1 for (B, F, C, H, W) (CogVideoX)."""
+    sample = call.sample
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+        layout = "(B, C, frames, H, W)" if frames_axis == 2 else "(B, frames, C, H, W)"
+        raise TraceError(
+            f"the {model} was called without a {layout} latent "
+            f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
+        )
+    return int(sample.shape[frames_axis]), int(sample.shape[-2]), int(sample.shape[-1])
+
+
 def size_at(latent: Size, factor: int) -> Size:
     """Spatial size after downsampling ``latent`` by ``factor`` (each stride-2 step rounds up)."""
     h, w = latent

@@ -50,8 +50,6 @@ import inspect
 import warnings
 from typing import Any
 
-import torch
-
 from ...errors import TraceError
 from ...heatmaps.frames import FrameLayout
 from .base import (
@@ -64,6 +62,7 @@ from .base import (
     Stream,
     timestep_value,
     transformer_of,
+    video_sample,
 )
 
 #: CogVideoX pipelines whose transformer call carries more than text and noise (not traced yet)
@@ -166,13 +165,7 @@ class CogVideoXAdapter(JointLayerOrder):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
-            raise TraceError(
-                "the CogVideoX transformer was called without a (B, frames, C, H, W) latent "
-                f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
-            )
-        f, _, h, w = (int(v) for v in sample.shape[1:])
+        f, h, w = video_sample(call, "CogVideoX transformer", frames_axis=1)
         p, pt = _patches(denoiser)
         if f % pt:
             raise TraceError(

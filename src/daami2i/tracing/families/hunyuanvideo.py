@@ -48,8 +48,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ...errors import TraceError
 from ...heatmaps.frames import FrameLayout
 from .base import (
@@ -62,6 +60,7 @@ from .base import (
     Size,
     Stream,
     timestep_value,
+    video_sample,
 )
 from .flux import _SameLatents
 
@@ -147,13 +146,7 @@ class HunyuanVideoAdapter(JointLayerOrder):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
-            raise TraceError(
-                "the HunyuanVideo transformer was called without a (B, C, frames, H, W) latent "
-                f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
-            )
-        f, h, w = (int(v) for v in sample.shape[2:])
+        f, h, w = video_sample(call, "HunyuanVideo transformer")
         p, pt = _patches(denoiser)
         if f % pt or h % p or w % p:
             raise TraceError(

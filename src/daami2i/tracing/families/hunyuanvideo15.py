@@ -56,7 +56,7 @@ import torch
 
 from ...errors import TraceError
 from ...storage.recorder import AttentionCall
-from .base import AttentionSite, DenoiserCall, Size, Stream, timestep_value
+from .base import AttentionSite, DenoiserCall, Size, Stream, timestep_value, video_sample
 from .hunyuanvideo import HunyuanVideoAdapter, _class_names, _patches
 
 #: pipelines around a HunyuanVideo 1.5 transformer that are not traced (yet), and why
@@ -197,13 +197,7 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
-            raise TraceError(
-                "the HunyuanVideo 1.5 transformer was called without a (B, C, frames, H, W) latent "
-                f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
-            )
-        f, h, w = (int(v) for v in sample.shape[2:])
+        f, h, w = video_sample(call, "HunyuanVideo 1.5 transformer")
         p, pt = _patches(denoiser)
         if f % pt or h % p or w % p:
             raise TraceError(

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ...errors import TraceError
 from ...heatmaps.frames import FrameLayout
 from .base import (
@@ -38,6 +36,7 @@ from .base import (
     Stream,
     timestep_value,
     transformer_of,
+    video_sample,
 )
 from .flux import _SameLatents
 
@@ -99,13 +98,7 @@ class WanAdapter(FamilyAdapter):
     def geometry(
         self, denoiser: Any, call: DenoiserCall, kwargs: dict[str, Any], grid_factor: int
     ) -> tuple[Size, Size]:
-        sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
-            raise TraceError(
-                "the Wan transformer was called without a (B, C, frames, H, W) latent "
-                f"(got {type(sample).__name__} of shape {tuple(getattr(sample, 'shape', ()))})"
-            )
-        f, h, w = (int(v) for v in sample.shape[2:])
+        f, h, w = video_sample(call, "Wan transformer")
         pt, ph, pw = (int(v) for v in denoiser.config.patch_size)
         latent = (f // pt * h, w)  # the latent frames stacked top to bottom
         return self.layer_grid(denoiser, latent, 1), latent
