@@ -132,8 +132,10 @@ def video_figure(rows: Sequence[tuple[str, HeatMap]], suptitle: str | None = Non
         for c, t in enumerate(shown):
             ax = axes[r, c]
             ax.imshow(video[t], cmap="jet", vmin=0.0, vmax=1.0)
-            ax.set_title(f"{label}, frame {t}", fontsize=9)
+            ax.set_title(f"frame {t}", fontsize=9)
             ax.axis("off")
+        # the row's label once, left of its first frame (titles of narrow panels would run together)
+        axes[r, 0].text(-0.06, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
