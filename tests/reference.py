@@ -41,6 +41,20 @@ class RecordingProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def traced_and_recorded(generate, recorder, trace):
+    """Three identical runs of ``generate()``: plain, under ``recorder`` (a context that yields the
+    book of recorded probabilities) and under ``trace`` (a daami2i trace); both must give the plain
+    output bit for bit. Returns (the trace, the book)."""
+    plain = generate()
+    with recorder as book:
+        recorded = generate()
+    with trace as trc:
+        traced = generate()
+    assert np.array_equal(plain, recorded), "the reference recorder changed the output"
+    assert np.array_equal(plain, traced), "tracing changed the output"
+    return trc, dict(book)
+
+
 @contextmanager
 def recording(unet, only=None, passthrough=False):
     """Install recorders on every attention layer (or the names in ``only``); yields
