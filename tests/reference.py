@@ -41,6 +41,22 @@ class RecordingProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+@contextmanager
+def recorders(mods, make):
+    """Install ``make(name, book, original)`` as the processor of every module of ``mods`` (name ->
+    attention module) and yield the book they fill ({name: [probs per call]}); the original
+    processors are back afterwards, also after an exception."""
+    book: dict = defaultdict(list)
+    originals = {n: m.processor for n, m in mods.items()}
+    for n, m in mods.items():
+        m.set_processor(make(n, book, originals[n]))
+    try:
+        yield book
+    finally:
+        for n, m in mods.items():
+            m.set_processor(originals[n])
+
+
 def traced_and_recorded(generate, recorder, trace):
     """Three identical runs of ``generate()``: plain, under ``recorder`` (a context that yields the
     book of recorded probabilities) and under ``trace`` (a daami2i trace); both must give the plain

@@ -7,7 +7,6 @@ prompt's, never the negative prompt's; the frame layout is checked against what 
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +23,7 @@ from reference import (
     dense_cross,
     dense_self,
     inside_polygon,
+    recorders,
     row_query,
     traced_and_recorded,
     triangle,
@@ -76,16 +76,9 @@ class CogRecorder:
 
 @contextmanager
 def recording(transformer):
-    book: dict = defaultdict(list)
     mods = {n: m for n, m in transformer.named_modules() if n.startswith("transformer_blocks.") and n.endswith("attn1")}
-    originals = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(CogRecorder(n, book, originals[n]))
-    try:
+    with recorders(mods, CogRecorder) as book:
         yield book
-    finally:
-        for n, m in mods.items():
-            m.set_processor(originals[n])
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ with it; the word labels are the ids the Llama encoder received, past the croppe
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +23,7 @@ from reference import (
     dense_cross,
     dense_self,
     inside_polygon,
+    recorders,
     row_query,
     traced_and_recorded,
     triangle,
@@ -83,16 +83,9 @@ class HunyuanRecorder:
 
 @contextmanager
 def recording(transformer):
-    book: dict = defaultdict(list)
     mods = {n: m for n, m in transformer.named_modules() if n in LAYERS}
-    originals = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(HunyuanRecorder(n, book, originals[n]))
-    try:
+    with recorders(mods, HunyuanRecorder) as book:
         yield book
-    finally:
-        for n, m in mods.items():
-            m.set_processor(originals[n])
 
 
 @pytest.fixture(scope="module")

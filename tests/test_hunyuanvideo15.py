@@ -9,7 +9,6 @@ Qwen encoder received, past the dropped template prefix."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +31,7 @@ from reference import (
     dense_cross,
     dense_self,
     inside_polygon,
+    recorders,
     row_query,
     traced_and_recorded,
     triangle,
@@ -88,20 +88,15 @@ class Recorder15:
 @contextmanager
 def recording(transformer):
     """{layer: [probs per call]} and, under "byt5", the valid ByT5 tokens of each transformer call."""
-    book: dict = defaultdict(list)
     mods = {n: m for n, m in transformer.named_modules() if n in LAYERS}
-    originals = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(Recorder15(n, book, originals[n]))
-    handle = transformer.register_forward_pre_hook(
-        lambda _m, _a, kw: book["byt5"].append(int(kw["encoder_attention_mask_2"].sum())), with_kwargs=True
-    )
-    try:
-        yield book
-    finally:
-        handle.remove()
-        for n, m in mods.items():
-            m.set_processor(originals[n])
+    with recorders(mods, Recorder15) as book:
+        handle = transformer.register_forward_pre_hook(
+            lambda _m, _a, kw: book["byt5"].append(int(kw["encoder_attention_mask_2"].sum())), with_kwargs=True
+        )
+        try:
+            yield book
+        finally:
+            handle.remove()
 
 
 @pytest.fixture(scope="module")

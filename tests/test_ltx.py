@@ -8,7 +8,6 @@ is checked against what the VAE decodes."""
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +23,7 @@ from reference import (
     dense_cross,
     dense_self,
     inside_polygon,
+    recorders,
     row_query,
     traced_and_recorded,
     triangle,
@@ -74,20 +74,13 @@ class LTXRecorder:
 
 @contextmanager
 def recording(transformer):
-    book: dict = defaultdict(list)
     mods = {
         n: m
         for n, m in transformer.named_modules()
         if n.startswith("transformer_blocks.") and n.endswith(("attn1", "attn2"))
     }
-    originals = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(LTXRecorder(n, book, originals[n]))
-    try:
+    with recorders(mods, LTXRecorder) as book:
         yield book
-    finally:
-        for n, m in mods.items():
-            m.set_processor(originals[n])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ conditional pass is the prompt's call, never the negative prompt's, nor averaged
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,6 +19,7 @@ from reference import (
     dense_cross,
     dense_self,
     inside_polygon,
+    recorders,
     row_query,
     traced_and_recorded,
     triangle,
@@ -63,18 +63,11 @@ class WanRecorder:
 
 @contextmanager
 def recording(transformer, second=None):
-    book: dict = defaultdict(list)
     mods = {n: m for n, m in transformer.named_modules() if n.startswith("blocks.") and n[-5:] in ("attn1", "attn2")}
     if second is not None:  # Wan 2.2's low-noise expert, its layers named as daami2i names them
         mods |= {f"transformer_2.{n}": m for n, m in second.named_modules() if n[-5:] in ("attn1", "attn2")}
-    originals = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(WanRecorder(n, book, originals[n]))
-    try:
+    with recorders(mods, WanRecorder) as book:
         yield book
-    finally:
-        for n, m in mods.items():
-            m.set_processor(originals[n])
 
 
 @pytest.fixture(scope="module")
